@@ -1,16 +1,21 @@
-"""Whisper audio encoder in Flax NNX.
+"""Whisper in Flax NNX: the audio encoder, the text decoder and greedy transcription.
 
-The same module serves Whisper (no pool) and Qwen2-Audio's audio tower (Whisper-large-v3 encoder
-followed by a stride-2 average pool before the final LayerNorm): `avg_pool=2` switches it on.
-Every shape comes from the config.
+The encoder also serves Qwen2-Audio's audio tower (Whisper-large-v3 encoder followed by a stride-2
+average pool before the final LayerNorm): `avg_pool=2` switches it on. Every shape comes from the
+config. Static-shape policy for decoding: batches are padded to a fixed batch size, the encoder
+sees 30 s of features, and the greedy loop is one jitted `lax.while_loop` over fixed buffers
+(`greedy_decode`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from affjax.layers import Conv1d, LayerNorm, attention, linear
@@ -125,3 +130,367 @@ class AudioEncoder(nnx.Module):
         x = self.embed(features)
         mask = self.key_mask(feature_lengths, x.shape[1], x.shape[0])
         return self.finish(self.run_layers(x, mask))
+
+
+# ==============================================================================================
+# Whisper: encoder + text decoder, greedy transcription
+
+
+@dataclasses.dataclass(frozen=True)
+class WhisperConfig:
+    """The whole Whisper model: the audio encoder plus the text decoder and its special ids."""
+    encoder: EncoderConfig = EncoderConfig()
+    vocab_size: int = 51864
+    decoder_layers: int = 4
+    decoder_heads: int = 6
+    decoder_ffn_dim: int = 1536
+    max_target_positions: int = 448
+    activation: str = "gelu"
+    eos_token_id: int = 50256
+    decoder_start_token_id: int = 50257
+
+    @property
+    def d_model(self) -> int:
+        return self.encoder.d_model
+
+    @property
+    def is_multilingual(self) -> bool:
+        """Transformers' rule: multilingual vocabularies have a language and task slot in the prompt."""
+        return self.vocab_size >= 51865
+
+    @classmethod
+    def from_hf(cls, c: dict) -> "WhisperConfig":
+        """From an HF `WhisperConfig` dict (`config.to_dict()` or `ct2_hf_config`)."""
+        if c.get("scale_embedding"):
+            raise ValueError("scale_embedding=True is not supported (no Whisper checkpoint uses it)")
+        eos = c["eos_token_id"]
+        return cls(
+            encoder=EncoderConfig.from_hf(c, avg_pool=0), vocab_size=c["vocab_size"],
+            decoder_layers=c["decoder_layers"], decoder_heads=c["decoder_attention_heads"],
+            decoder_ffn_dim=c["decoder_ffn_dim"], max_target_positions=c["max_target_positions"],
+            activation=c.get("activation_function", "gelu"),
+            eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
+            decoder_start_token_id=c["decoder_start_token_id"])
+
+
+class Attention(nnx.Module):
+    """Whisper multi-head attention projections: q, v and out have biases, k has none."""
+
+    def __init__(self, d: int, heads: int, *, dtype, rngs: nnx.Rngs):
+        self.heads = heads
+        self.q_proj = linear(d, d, bias=True, dtype=dtype, rngs=rngs)
+        self.k_proj = linear(d, d, bias=False, dtype=dtype, rngs=rngs)
+        self.v_proj = linear(d, d, bias=True, dtype=dtype, rngs=rngs)
+        self.out_proj = linear(d, d, bias=True, dtype=dtype, rngs=rngs)
+
+    def _split(self, y: jax.Array) -> jax.Array:
+        b, t, d = y.shape
+        return y.reshape(b, t, self.heads, d // self.heads)
+
+    def kv(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """['B T D'] -> k, v: ['B T H hd']."""
+        return self._split(self.k_proj(h)), self._split(self.v_proj(h))
+
+    def __call__(self, h: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                 key_bias: jax.Array | None = None) -> jax.Array:
+        b, t, d = h.shape
+        a = attention(self._split(self.q_proj(h)), k, v, mask, key_bias)
+        return self.out_proj(a.reshape(b, t, d))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: WhisperConfig, *, dtype, rngs: nnx.Rngs):
+        d = cfg.d_model
+        self.self_attn_layer_norm = LayerNorm(d, dtype=dtype)
+        self.self_attn = Attention(d, cfg.decoder_heads, dtype=dtype, rngs=rngs)
+        self.encoder_attn_layer_norm = LayerNorm(d, dtype=dtype)
+        self.encoder_attn = Attention(d, cfg.decoder_heads, dtype=dtype, rngs=rngs)
+        self.final_layer_norm = LayerNorm(d, dtype=dtype)
+        self.fc1 = linear(d, cfg.decoder_ffn_dim, bias=True, dtype=dtype, rngs=rngs)
+        self.fc2 = linear(cfg.decoder_ffn_dim, d, bias=True, dtype=dtype, rngs=rngs)
+        self.act = _act(cfg.activation)
+
+    def __call__(self, x, self_mask, cross_kv, cross_mask, cross_bias=None, cache=None, pos=None):
+        """x: ['B T D']; self_mask: Bool['B T Tk']; cross_kv: (k, v) ['B S H hd'];
+        cross_mask: Bool['B T S']; cache: (k, v) ['B Tmax H hd'] written at `pos`, or None (full pass).
+        Returns (x, cache)."""
+        h = self.self_attn_layer_norm(x)
+        k, v = self.self_attn.kv(h)
+        if cache is not None:
+            ck, cv = cache
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, pos, 0, 0))
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, pos, 0, 0))
+            cache = (k, v)
+        x = x + self.self_attn(h, k, v, self_mask)
+        h = self.encoder_attn_layer_norm(x)
+        x = x + self.encoder_attn(h, *cross_kv, cross_mask, cross_bias)
+        h = self.final_layer_norm(x)
+        return x + self.fc2(self.act(self.fc1(h))), cache
+
+
+class WhisperDecoder(nnx.Module):
+    """Text decoder: tokens ['B T'] + encoder output ['B S D'] -> float32 logits ['B T V'].
+
+    Token embedding tied to the output projection, learned positions, pre-LN layers (causal
+    self-attention, cross-attention, GELU MLP), final LayerNorm. Cross-attention takes a key-valid
+    mask Bool['B S'] and an optional additive key bias Float['B S'] (log group size for pooled
+    encoder outputs), so the encoder output may be shortened or pooled.
+    """
+
+    def __init__(self, cfg: WhisperConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d = cfg.d_model
+        self.embed_tokens = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, d), dtype) * 0.02)
+        self.embed_positions = nnx.Param(jnp.zeros((cfg.max_target_positions, d), dtype))
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.decoder_layers)])
+        self.layer_norm = LayerNorm(d, dtype=dtype)
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def embed(self, tokens: jax.Array, start) -> jax.Array:
+        """tokens ['B T'] at positions start .. start+T-1 (start: int or traced scalar)."""
+        t = tokens.shape[1]
+        pos = jax.lax.dynamic_slice_in_dim(self.embed_positions[...], start, t, axis=0)
+        return jnp.take(self.embed_tokens[...], tokens, axis=0) + pos[None]
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        x = self.layer_norm(x)
+        return jnp.einsum("btd,vd->btv", x, self.embed_tokens[...], preferred_element_type=jnp.float32)
+
+    def cross_kv(self, enc: jax.Array) -> tuple:
+        """Per-layer cross-attention (k, v) ['B S H hd'] of the encoder output, computed once."""
+        enc = enc.astype(self.embed_tokens.dtype)
+        return tuple(layer.encoder_attn.kv(enc) for layer in self.layers)
+
+    @staticmethod
+    def cross_mask(enc_valid: jax.Array | None, batch: int, tq: int, s: int) -> jax.Array:
+        if enc_valid is None:
+            return jnp.ones((batch, tq, s), bool)
+        return jnp.broadcast_to(enc_valid[:, None, :], (batch, tq, s))
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> tuple:
+        """Zeroed self-attention KV cache: per layer (k, v) ['B length H hd']."""
+        dtype = dtype or self.embed_tokens.dtype
+        hd = self.cfg.d_model // self.cfg.decoder_heads
+        z = lambda: jnp.zeros((batch, length, self.cfg.decoder_heads, hd), dtype)
+        return tuple((z(), z()) for _ in self.layers)
+
+    # -- forward modes --------------------------------------------------------------------------
+    def __call__(self, tokens: jax.Array, enc: jax.Array, enc_valid: jax.Array | None = None,
+                 enc_bias: jax.Array | None = None) -> jax.Array:
+        """Teacher-forced pass over the whole token sequence ['B T'] -> logits ['B T V']."""
+        b, t = tokens.shape
+        cross = self.cross_kv(enc)
+        cmask = self.cross_mask(enc_valid, b, t, enc.shape[1])
+        smask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (b, t, t))
+        x = self.embed(tokens, 0)
+        for layer, kv in zip(self.layers, cross):
+            x, _ = layer(x, smask, kv, cmask, enc_bias)
+        return self.logits(x)
+
+    def step(self, tokens: jax.Array, pos, cache: tuple, cross: tuple, enc_valid: jax.Array | None = None,
+             enc_bias: jax.Array | None = None) -> tuple[jax.Array, tuple]:
+        """Incremental decoding: tokens ['B T'] at positions pos .. pos+T-1 (same for every row),
+        attending to the cache's first pos entries and to themselves causally.
+        Returns (logits ['B T V'], updated cache)."""
+        b, t = tokens.shape
+        tmax = cache[0][0].shape[1]
+        s = cross[0][0].shape[1]
+        q_pos = pos + jnp.arange(t)
+        smask = jnp.broadcast_to((jnp.arange(tmax)[None, :] <= q_pos[:, None])[None], (b, t, tmax))
+        cmask = self.cross_mask(enc_valid, b, t, s)
+        x = self.embed(tokens, pos)
+        new_cache = []
+        for layer, kv, c in zip(self.layers, cross, cache):
+            x, c = layer(x, smask, kv, cmask, enc_bias, cache=c, pos=pos)
+            new_cache.append(c)
+        return self.logits(x), tuple(new_cache)
+
+
+class Whisper(nnx.Module):
+    """Whisper: `encoder` (AudioEncoder, no pool) + `decoder` (WhisperDecoder)."""
+
+    def __init__(self, cfg: WhisperConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        if cfg.encoder.avg_pool:
+            raise ValueError("Whisper's encoder has no average pool (avg_pool must be 0)")
+        self.cfg = cfg
+        self.encoder = AudioEncoder(cfg.encoder, dtype=dtype, rngs=rngs)
+        self.decoder = WhisperDecoder(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, features: jax.Array, tokens: jax.Array) -> jax.Array:
+        """mel features ['B n_mels F'] + tokens ['B T'] -> logits ['B T V'] (teacher forced)."""
+        return self.decoder(tokens, self.encoder(features))
+
+
+# ----------------------------------------------------------------------------------------------
+# Greedy decoding: one jitted lax.while_loop over fixed buffers
+
+
+@dataclasses.dataclass
+class GreedyState:
+    """Loop state of `greedy_decode` (a pytree): `n` tokens generated so far (same for all rows),
+    `tokens` ['B P+N'] (prompt, then generated tokens, eos-padded), `done` ['B'], `cache`."""
+    n: jax.Array
+    tokens: jax.Array
+    done: jax.Array
+    cache: tuple
+
+
+jax.tree_util.register_dataclass(GreedyState, data_fields=["n", "tokens", "done", "cache"], meta_fields=[])
+
+
+def greedy_decode(decoder: WhisperDecoder, enc: jax.Array, prompt: jax.Array, row_valid: jax.Array, *,
+                  max_new_tokens: int, enc_valid: jax.Array | None = None,
+                  enc_bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Greedy decoding (argmax; ties go to the lowest id) from `prompt` Int['P'] for every row.
+
+    enc: ['B S D']; row_valid: Bool['B'] (False: a padding row, finished from the start).
+    Stops when every row has emitted eos or after `max_new_tokens`; finished rows are padded with
+    eos, as transformers does. Returns (tokens Int['B P+max_new_tokens'], done Bool['B']).
+    """
+    cfg = decoder.cfg
+    b, p = enc.shape[0], prompt.shape[0]
+    total = p + max_new_tokens
+    if total > cfg.max_target_positions:
+        raise ValueError(f"prompt ({p}) + max_new_tokens ({max_new_tokens}) exceeds the decoder's "
+                         f"{cfg.max_target_positions} positions")
+    eos = jnp.int32(cfg.eos_token_id)
+    cross = decoder.cross_kv(enc)
+    tokens = jnp.full((b, total), eos, jnp.int32).at[:, :p].set(prompt.astype(jnp.int32)[None])
+    logits, cache = decoder.step(tokens[:, :p], 0, decoder.init_cache(b, total), cross, enc_valid, enc_bias)
+
+    def emit(state: GreedyState, logits_last) -> GreedyState:
+        nxt = jnp.where(state.done, eos, jnp.argmax(logits_last, axis=-1).astype(jnp.int32))
+        tokens = jax.lax.dynamic_update_slice(state.tokens, nxt[:, None], (0, p + state.n))
+        return GreedyState(state.n + 1, tokens, state.done | (nxt == eos), state.cache)
+
+    state = emit(GreedyState(jnp.int32(0), tokens, ~row_valid, cache), logits[:, -1])
+
+    def cond(s: GreedyState):
+        return (s.n < max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: GreedyState) -> GreedyState:
+        pos = p + s.n - 1  # the last emitted token
+        last = jax.lax.dynamic_slice_in_dim(s.tokens, pos, 1, axis=1)
+        lg, c = decoder.step(last, pos, s.cache, cross, enc_valid, enc_bias)
+        return emit(GreedyState(s.n, s.tokens, s.done, c), lg[:, 0])
+
+    state = jax.lax.while_loop(cond, body, state)
+    return state.tokens, state.done
+
+
+# Trace counters: tests check that fixed shapes compile each function once.
+TRACE_COUNTS = {"encode": 0, "greedy": 0}
+
+
+@jax.jit
+def _encode_jit(graphdef, params, features):
+    TRACE_COUNTS["encode"] += 1
+    return nnx.merge(graphdef, params)(features)
+
+
+@functools.partial(jax.jit, static_argnames=("max_new_tokens",))
+def _greedy_jit(graphdef, params, enc, prompt, row_valid, max_new_tokens):
+    TRACE_COUNTS["greedy"] += 1
+    return greedy_decode(nnx.merge(graphdef, params), enc, prompt, row_valid, max_new_tokens=max_new_tokens)
+
+
+def encode(model: Whisper, features) -> jax.Array:
+    """Jitted encoder: features ['B n_mels 3000'] -> ['B 1500 D'] (one compile per batch size)."""
+    graphdef, params = nnx.split(model.encoder)
+    return _encode_jit(graphdef, params, jnp.asarray(features, jnp.float32))
+
+
+def prompt_ids(tokenizer, cfg: WhisperConfig, *, language: str = "en", task: str = "transcribe") -> list[int]:
+    """`<|startoftranscript|><|en|><|transcribe|><|notimestamps|>` for multilingual models,
+    `<|startoftranscript|><|notimestamps|>` for English-only ones; ids read from the tokenizer."""
+    toks = ["<|startoftranscript|>"]
+    if cfg.is_multilingual:
+        toks += [f"<|{language}|>", f"<|{task}|>"]
+    toks.append("<|notimestamps|>")
+    ids = tokenizer.convert_tokens_to_ids(toks)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    bad = [t for t, i in zip(toks, ids) if i is None or (i == unk and t != tokenizer.unk_token)]
+    if bad:
+        raise ValueError(f"tokenizer lacks {bad}")
+    if ids[0] != cfg.decoder_start_token_id:
+        raise ValueError(f"tokenizer's <|startoftranscript|> is {ids[0]}, the model's is {cfg.decoder_start_token_id}")
+    return list(ids)
+
+
+@dataclasses.dataclass
+class Transcription:
+    tokens: list[list[int]]  # generated ids per item, without the prompt and the final eos
+    texts: list[str]         # decoded with skip_special_tokens, stripped
+    finished: list[bool]     # False where max_new_tokens cut the item short
+
+
+def transcribe(model: Whisper, processor, waveforms, *, max_new_tokens: int = 128, batch_size: int = 8,
+               language: str = "en", task: str = "transcribe", sampling_rate: int = 16000) -> Transcription:
+    """Greedy short-form transcription (no timestamps) of 16 kHz float waveforms.
+
+    Features come from the processor's WhisperFeatureExtractor (padded, or truncated, to 30 s).
+    Batches are padded to `batch_size` with silent dummy rows, so the encoder compiles once per
+    `batch_size` and the greedy loop once per (`batch_size`, prompt length, `max_new_tokens`).
+    """
+    fe, tok = processor.feature_extractor, processor.tokenizer
+    cfg = model.cfg
+    prompt = jnp.asarray(prompt_ids(tok, cfg, language=language, task=task), jnp.int32)
+    dec_graph, dec_params = nnx.split(model.decoder)
+    waves = [np.asarray(w, np.float32) for w in waveforms]
+    out_tokens, finished = [], []
+    for start in range(0, len(waves), batch_size):
+        chunk = waves[start:start + batch_size]
+        n = len(chunk)
+        feats = fe(chunk, sampling_rate=sampling_rate, return_tensors="np").input_features
+        if feats.shape[1] != cfg.encoder.num_mel_bins or feats.shape[2] != cfg.encoder.mel_frames:
+            raise ValueError(f"feature extractor gives {feats.shape[1:]}, the encoder expects "
+                             f"({cfg.encoder.num_mel_bins}, {cfg.encoder.mel_frames})")
+        feats = np.concatenate([feats, np.zeros((batch_size - n, *feats.shape[1:]), feats.dtype)])
+        enc = encode(model, feats)
+        valid = jnp.arange(batch_size) < n
+        toks, done = _greedy_jit(dec_graph, dec_params, enc, prompt, valid, max_new_tokens)
+        toks, done = np.asarray(toks), np.asarray(done)
+        for i in range(n):
+            gen = toks[i, prompt.shape[0]:].tolist()
+            if cfg.eos_token_id in gen:
+                gen = gen[:gen.index(cfg.eos_token_id)]
+            out_tokens.append(gen)
+            finished.append(bool(done[i]))
+    texts = [tok.decode(t, skip_special_tokens=True).strip() for t in out_tokens]
+    return Transcription(out_tokens, texts, finished)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading from a CTranslate2 folder
+
+
+def load_whisper_ct2(ct2_dir, dtype=jnp.float32, *, processor_dir=None):
+    """Build `Whisper` + `WhisperProcessor` from a CTranslate2 Whisper folder (model.bin,
+    config.json, tokenizer.json), without torch. float16 weights are widened to `dtype`.
+
+    Returns (model, processor, hf_config dict). The processor is also saved to `processor_dir`
+    when given (loadable with `WhisperProcessor.from_pretrained`).
+    """
+    import tempfile
+
+    from affjax.models.whisper.ct2 import ct2_hf_config, ct2_processor, ct2_to_hf_state_dict, read_ct2
+    from affjax.models.whisper.params import KEYS, TIED_KEYS
+    from affjax.weights import KeyTable, load_streaming
+
+    ct2_dir = Path(ct2_dir)
+    ct2_vars = read_ct2(ct2_dir / "model.bin")
+    hf_cfg = ct2_hf_config(ct2_dir, ct2_vars)
+    sd = ct2_to_hf_state_dict(ct2_vars, hf_cfg)
+    del ct2_vars
+    cfg = WhisperConfig.from_hf(hf_cfg)
+    abstract = nnx.eval_shape(lambda: Whisper(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    state = load_streaming(abstract, KeyTable(KEYS), ((k, lambda a=a: a) for k, a in sd.items()),
+                           dtype=dtype, ignore=lambda k: k in TIED_KEYS)
+    graphdef, _ = nnx.split(abstract)
+    model = nnx.merge(graphdef, state)
+    if processor_dir is not None:
+        processor = ct2_processor(ct2_dir, processor_dir, vocab_size=cfg.vocab_size)
+    else:
+        with tempfile.TemporaryDirectory(prefix="affjax-whisper-proc-") as td:
+            processor = ct2_processor(ct2_dir, td, vocab_size=cfg.vocab_size)
+    return model, processor, hf_cfg

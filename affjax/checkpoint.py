@@ -1,0 +1,499 @@
+"""Hugging Face checkpoint -> affjax checkpoint (orbax), and loading it back.
+
+`convert(src, dst)` reads a Hugging Face model directory (config.json plus `model.safetensors`,
+sharded `model-*.safetensors` with their index, or `pytorch_model.bin`), builds the matching NNX
+model abstractly (no memory), streams the tensors one at a time through the model's key table
+(`affjax.weights.load_streaming`), and writes::
+
+    dst/params/               orbax StandardCheckpointer tree (nnx pure dict of the parameters)
+    dst/affjax_config.json    {"model_type", "dtype", "hf_config", "converted_from", "affjax_version"}
+    dst/config.json, tokenizer / processor / chat-template / generation-config files, copied
+
+so that `dst` is self-contained (`AutoProcessor.from_pretrained(dst)` works when the source had a
+processor). Everything is written into a temporary directory beside `dst` and renamed at the end:
+on any error nothing is left at `dst`.
+
+`load(dst)` restores the parameters with abstract targets (any float dtype, optional sharding) and
+returns the NNX model, its config and the metadata.
+
+Model families are looked up by config.json's `model_type` in a registry; `register()` adds one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from affjax.weights import KeyTable, WeightError, load_streaming
+
+__all__ = [
+    "ConversionError", "ModelSpec", "MODELS", "register", "get_spec", "convert", "load",
+    "load_hf_model", "CONFIG_NAME", "PARAMS_DIR", "COPIED_FILES",
+]
+
+CONFIG_NAME = "affjax_config.json"
+PARAMS_DIR = "params"
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Tokenizer / processor / chat-template / generation files copied verbatim when present.
+COPIED_FILES = (
+    "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+    "special_tokens_map.json", "added_tokens.json",
+    "preprocessor_config.json", "processor_config.json",
+    "chat_template.json", "chat_template.jinja",
+)
+COPIED_DIRS = ("additional_chat_templates",)
+
+
+class ConversionError(ValueError):
+    """The source cannot be converted (bad layout, unreadable file, unsupported model, ...)."""
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How to build and fill one model family.
+
+    config_from_hf: config.json dict -> model config.
+    model_class:    model_class(cfg, dtype=..., rngs=nnx.Rngs) -> nnx.Module.
+    keys, aliases:  the KeyTable rows and key-prefix aliases (see affjax.weights.KeyTable).
+    ignore:         (canonical key, cfg) -> True for checkpoint tensors to skip silently
+                    (buffers such as rotary inv_freq, parts of the HF model not ported).
+    shared:         cfg -> {canonical key the model drops: canonical key it shares the weight of};
+                    a file tensor for a dropped key is accepted only if equal to the kept one
+                    (e.g. lm_head of a model with tied embeddings).
+    """
+
+    config_from_hf: Callable[[dict], Any]
+    model_class: Callable[..., Any]
+    keys: Sequence[tuple[str, str, str]]
+    aliases: Sequence[tuple[str, str]] = ()
+    ignore: Callable[[str, Any], bool] | None = None
+    shared: Callable[[Any], dict[str, str]] | None = None
+
+    def table(self) -> KeyTable:
+        return KeyTable(list(self.keys), list(self.aliases))
+
+    def abstract_model(self, cfg, dtype):
+        from flax import nnx
+
+        return nnx.eval_shape(lambda: self.model_class(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register(model_type: str, spec: ModelSpec, *, replace: bool = False) -> ModelSpec:
+    """Register a model family under config.json's `model_type`."""
+    if model_type in MODELS and not replace:
+        raise ValueError(f"model_type {model_type!r} is already registered")
+    MODELS[model_type] = spec
+    return spec
+
+
+def get_spec(model_type: str | None) -> ModelSpec:
+    if model_type not in MODELS:
+        raise ConversionError(f"unsupported model_type {model_type!r} in config.json; "
+                              f"supported: {', '.join(sorted(MODELS)) or '(none)'}")
+    return MODELS[model_type]
+
+
+def _register_builtin() -> None:
+    from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
+    from affjax.models.qwen2_audio.params import KEY_ALIASES, KEYS
+
+    register("qwen2_audio", ModelSpec(
+        config_from_hf=Qwen2AudioConfig.from_hf,
+        model_class=Qwen2Audio,
+        keys=KEYS,
+        aliases=KEY_ALIASES,
+        ignore=lambda key, cfg: key.endswith("rotary_emb.inv_freq"),
+        shared=lambda cfg: ({"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}
+                            if cfg.text.tie_embeddings else {}),
+    ))
+
+
+_register_builtin()
+
+
+# --------------------------------------------------------------------------------------------
+# reading Hugging Face weights, one tensor at a time
+
+Loader = Callable[[], np.ndarray]
+
+
+@dataclasses.dataclass
+class _Source:
+    files: list[Path]
+    keys: dict[str, tuple[Path, Loader]]  # key -> (file, loader)
+    close: Callable[[], None] = lambda: None
+
+    def __iter__(self) -> Iterator[tuple[str, Loader]]:
+        for key, (_, load) in self.keys.items():
+            yield key, load
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
+
+
+_RAW_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _raw_loader(path: Path, name: str) -> Loader:
+    """Reader for dtypes safetensors' numpy backend cannot give (bfloat16, float8): the raw bytes
+    at the header's offsets, viewed through ml_dtypes."""
+
+    def load():
+        import ml_dtypes
+
+        header, start = _safetensors_header(path)
+        info = header[name]
+        lo, hi = info["data_offsets"]
+        dtype = np.dtype(getattr(ml_dtypes, _RAW_DTYPES[info["dtype"]]))
+        with open(path, "rb") as f:
+            f.seek(start + lo)
+            buf = f.read(hi - lo)
+        if len(buf) != hi - lo:
+            raise ConversionError(f"{path.name}: truncated while reading {name}")
+        return np.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+    return load
+
+
+def _open_safetensors(files: list[Path]) -> _Source:
+    from safetensors import SafetensorError, safe_open
+
+    handles, keys = [], {}
+    try:
+        for path in files:
+            try:
+                h = safe_open(str(path), framework="numpy")
+                handles.append(h)
+                names = list(h.keys())
+                dtypes = {k: h.get_slice(k).get_dtype() for k in names}
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ConversionError(f"{path.name}: not a readable safetensors file "
+                                      f"(truncated or corrupt?): {e}") from None
+            for name in names:
+                if name in keys:
+                    raise ConversionError(f"tensor {name} appears in both {keys[name][0].name} and {path.name}")
+                if dtypes[name] in _RAW_DTYPES:
+                    load = _raw_loader(path, name)
+                else:
+                    def load(h=h, name=name, path=path):
+                        try:
+                            return h.get_tensor(name)
+                        except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
+                            raise ConversionError(f"{path.name}: cannot read tensor {name}: {e}") from None
+                keys[name] = (path, load)
+    except BaseException:
+        for h in handles:
+            h.__exit__(None, None, None)
+        raise
+
+    def close():
+        for h in handles:
+            h.__exit__(None, None, None)
+
+    return _Source(files, keys, close)
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _open_torch_bins(files: list[Path]) -> _Source:
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(f"{files[0].name}: reading PyTorch .bin weights needs torch installed "
+                              "(or convert the source to safetensors)") from None
+    keys = {}
+    for path in files:
+        try:
+            try:
+                sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy format
+        except Exception as e:  # noqa: BLE001
+            raise ConversionError(f"{path.name}: cannot read PyTorch weights (truncated or corrupt?): {e}") from None
+        for name in sd:
+            if name in keys:
+                raise ConversionError(f"tensor {name} appears in both {keys[name][0].name} and {path.name}")
+            keys[name] = (path, lambda sd=sd, name=name: _torch_to_numpy(sd[name]))
+    return _Source(files, keys)
+
+
+def _index_files(src: Path, index_name: str) -> list[Path]:
+    try:
+        weight_map = json.loads((src / index_name).read_text())["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConversionError(f"{index_name}: not a readable weight index: {e}") from None
+    files = [src / f for f in dict.fromkeys(weight_map.values())]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise ConversionError(f"{index_name} names shard(s) missing from the source: {', '.join(absent)}")
+    return files
+
+
+def open_weights(src: str | os.PathLike) -> _Source:
+    """The weight tensors of a Hugging Face directory as lazily loaded (key, loader) pairs."""
+    src = Path(src)
+    if (src / "model.safetensors.index.json").is_file():
+        return _open_safetensors(_index_files(src, "model.safetensors.index.json"))
+    if (src / "model.safetensors").is_file():
+        return _open_safetensors([src / "model.safetensors"])
+    shards = sorted(src.glob("model-*-of-*.safetensors"))
+    if shards:
+        return _open_safetensors(shards)
+    if (src / "pytorch_model.bin.index.json").is_file():
+        return _open_torch_bins(_index_files(src, "pytorch_model.bin.index.json"))
+    if (src / "pytorch_model.bin").is_file():
+        return _open_torch_bins([src / "pytorch_model.bin"])
+    raise ConversionError(f"no weights in {src.name or src}: expected model.safetensors, sharded "
+                          "model-*.safetensors (+ model.safetensors.index.json) or pytorch_model.bin")
+
+
+# --------------------------------------------------------------------------------------------
+# convert
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("affjax")
+    except Exception:  # noqa: BLE001
+        return "0+unknown"
+
+
+def _check_dtype(dtype) -> str:
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in DTYPES:
+        raise ConversionError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return name
+
+
+def _skip_shared(source: _Source, table: KeyTable, shared: dict[str, str]) -> set[str]:
+    """File keys for weights the model shares (tied): skipped when equal to the kept tensor."""
+    if not shared:
+        return set()
+    canon = {table.canonical(k): k for k in source.keys}
+    skip = set()
+    for dropped, kept in shared.items():
+        if dropped not in canon:
+            continue
+        if kept not in canon:
+            raise WeightError(f"checkpoint has {canon[dropped]} but not {kept}, which the config ties it to")
+        a = source.keys[canon[dropped]][1]()
+        b = source.keys[canon[kept]][1]()
+        if a.shape != b.shape or not np.array_equal(a, b):
+            raise WeightError(f"config ties {dropped} to {kept} (tie_word_embeddings) but the checkpoint's "
+                              f"{canon[dropped]} differs from {canon[kept]}")
+        skip.add(canon[dropped])
+    return skip
+
+
+def _prepare_dst(dst: Path, src: Path, overwrite: bool) -> None:
+    if dst.resolve() == src.resolve():
+        raise ConversionError("--dst must differ from --src")
+    if dst.exists() or dst.is_symlink():
+        if not dst.is_dir():
+            raise ConversionError(f"{dst} exists and is not a directory")
+        if any(dst.iterdir()) and not overwrite:
+            raise ConversionError(f"{dst} exists and is not empty (pass --overwrite to replace it)")
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "float32",
+            overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert a Hugging Face model directory `src` into an affjax checkpoint at `dst`.
+
+    dtype: parameter dtype written ("float32", "bfloat16", "float16"). Raises ConversionError or
+    WeightError (every missing / unused / mis-shaped tensor in one message); on any error nothing
+    is left at `dst` (an existing `dst` replaced under overwrite=True survives a failed run).
+    """
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    dtype = _check_dtype(dtype)
+    if not (src / "config.json").is_file():
+        raise ConversionError(f"{src}: no config.json (not a Hugging Face model directory)")
+    try:
+        hf_config = json.loads((src / "config.json").read_text())
+    except ValueError as e:
+        raise ConversionError(f"config.json: not valid JSON: {e}") from None
+    spec = get_spec(hf_config.get("model_type"))
+    _prepare_dst(dst, src, overwrite)
+    cfg = spec.config_from_hf(hf_config)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; dst gets ordinary permissions
+        source = open_weights(src)
+        try:
+            state, n_tensors = _fill(spec, cfg, source, dtype, progress)
+        finally:
+            source.close()
+        n_params, n_bytes = _save_params(state, tmp / PARAMS_DIR)
+        del state
+        for name in COPIED_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        for name in COPIED_DIRS:
+            if (src / name).is_dir():
+                shutil.copytree(src / name, tmp / name)
+        meta = {"model_type": hf_config["model_type"], "dtype": dtype, "hf_config": hf_config,
+                "converted_from": src.resolve().name, "affjax_version": _version()}
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        _publish(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    secs = time.perf_counter() - t0
+    if progress:
+        print(f"converted {src.name}: {n_tensors} tensors, {n_params:,} parameters, "
+              f"{n_bytes / 2**20:,.1f} MiB ({dtype}) in {secs:.1f} s -> {dst}", flush=True)
+    return dst
+
+
+def _fill(spec: ModelSpec, cfg, source: _Source, dtype: str, progress: bool):
+    import jax.numpy as jnp
+
+    table = spec.table()
+    skip = _skip_shared(source, table, spec.shared(cfg) if spec.shared else {})
+    ignore = (lambda k: k in skip or spec.ignore(table.canonical(k), cfg)) if spec.ignore else \
+        (lambda k: k in skip)
+    abstract = spec.abstract_model(cfg, jnp.dtype(dtype))
+    tensors: Any = iter(source)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(tensors, total=len(source.keys), unit="tensor", desc="converting")
+        tensors = bar
+    try:
+        state = load_streaming(abstract, table, tensors, dtype=jnp.dtype(dtype), ignore=ignore)
+    finally:
+        if bar is not None:
+            bar.close()
+    return state, len(source.keys)
+
+
+def _save_params(state, path: Path) -> tuple[int, int]:
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    pure = nnx.to_pure_dict(state)
+    leaves = jax.tree_util.tree_leaves(pure)
+    n_params = sum(int(np.prod(x.shape)) for x in leaves)
+    n_bytes = sum(int(x.nbytes) for x in leaves)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path.resolve(), pure)
+        ckptr.wait_until_finished()
+    return n_params, n_bytes
+
+
+def _publish(tmp: Path, dst: Path) -> None:
+    """Move the finished tmp dir to dst; an existing dst (empty, or under overwrite) is replaced."""
+    old = None
+    if dst.exists():
+        if any(dst.iterdir()):
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            os.replace(dst, old)
+        else:
+            dst.rmdir()
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# load
+
+
+def _sharding_tree(sharding, abstract_pure):
+    import jax
+
+    if sharding is None:
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree_util.tree_map(lambda _: dev, abstract_pure)
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree_util.tree_map(lambda _: sharding, abstract_pure)
+    if callable(sharding):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: sharding(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p), x), abstract_pure)
+    return sharding  # a tree matching the parameter tree
+
+
+def load(ckpt_dir: str | os.PathLike, *, dtype=None, sharding=None):
+    """Restore a converted checkpoint -> (model: nnx.Module, cfg, meta).
+
+    dtype: parameter (and compute) dtype of the model; default the dtype it was converted in, any
+    float dtype works (a float32 checkpoint loads as bfloat16). sharding: None (first device), one
+    jax.sharding.Sharding for every leaf, a function (path tuple, jax.ShapeDtypeStruct) -> Sharding,
+    or a tree of shardings shaped like `nnx.to_pure_dict(nnx.state(model))`.
+    """
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        meta = json.loads((ckpt_dir / CONFIG_NAME).read_text())
+    except OSError:
+        raise ConversionError(f"{ckpt_dir}: no {CONFIG_NAME} (not an affjax checkpoint)") from None
+    spec = get_spec(meta["model_type"])
+    cfg = spec.config_from_hf(meta["hf_config"])
+    dtype = jnp.dtype(dtype or meta["dtype"])
+    abstract = spec.abstract_model(cfg, dtype)
+    graphdef, state = nnx.split(abstract)
+    pure = nnx.to_pure_dict(state)
+    shardings = _sharding_tree(sharding, pure)
+    target = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
+                                          sharding=s),
+        pure, shardings)
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore((ckpt_dir / PARAMS_DIR).resolve(), target)
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state), cfg, meta
+
+
+def load_hf_model(src: str | os.PathLike, *, dtype: str = "float32"):
+    """Convert `src` into a temporary directory and load it (tests, quick use) -> (model, cfg, meta)."""
+    with tempfile.TemporaryDirectory(prefix="affjax-ckpt-") as d:
+        out = convert(src, Path(d) / "ckpt", dtype=dtype, progress=False)
+        return load(out)

@@ -1,0 +1,318 @@
+"""Compiled inference for Qwen2-Audio: prefill, greedy decoding and teacher-forced scoring, with
+optional Affinity Pooling stages between decoder layers.
+
+Layout of a prefill. Pooling stages at layers l_1 < l_2 < ... split the decoder into layer groups
+[0, l_1), [l_1, l_2), ..., [l_k, L). Each group runs on its own sequence length:
+- bucketed mode (default): every piece is its own jitted call; after a stage the host reads the
+  batch's largest pooled length and slices the packed buffer to the smallest bucket that holds it,
+  so each (piece, bucket, batch size) compiles once and thresholds are exact;
+- fixed-capacity mode: the whole prefill is one jitted call, each stage's buffer sized from the
+  retention cap (affjax.pooling.affinity.fixed_capacity_needed) with the overflow rule.
+Each layer group keeps its own KV cache (its prompt length + max_new_tokens slots); decoding writes
+slot n_g + step in group g. The greedy loop is one jitted lax.while_loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from affjax import shapes
+from affjax.layers import causal_mask, rope_cos_sin
+from affjax.models.qwen2_audio.inputs import Batch
+from affjax.pooling.affinity import fixed_capacity_needed, pool_stage
+from affjax.pooling.spec import PoolingConfig
+
+TRACES: collections.Counter = collections.Counter()  # traces (= compilations) per jitted piece
+
+
+def _traced(name: str):
+    TRACES[name] += 1
+
+
+@dataclasses.dataclass
+class Seq:
+    """The decoder's running sequence state (device arrays). N = current buffer length."""
+    x: jax.Array       # ['B N D']
+    valid: jax.Array   # Bool['B N']
+    pos: jax.Array     # Float32['B N'] position ids (policy-dependent after a stage)
+    size: jax.Array    # Float32['B N'] original tokens per slot
+    span: jax.Array    # Int32['B N']
+    slot_of: jax.Array  # Int32['B T0'] slot of each original token in this buffer (-1 = none)
+
+
+jax.tree_util.register_dataclass(Seq, data_fields=[f.name for f in dataclasses.fields(Seq)], meta_fields=[])
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure pieces (model = nnx.merge(graphdef, state) inside the jitted wrappers)
+
+
+def _embed(model, ids, valid, span, audio_index, features, feature_lengths) -> Seq:
+    audio = model.encode_audio(features, feature_lengths)
+    x = model.embed_inputs(ids, audio, audio_index)
+    b, t = ids.shape
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.float32), (b, t))
+    return Seq(x, valid, pos, jnp.ones((b, t), jnp.float32), span,
+               jnp.where(valid, jnp.arange(t, dtype=jnp.int32)[None], -1))
+
+
+def _run_group(model, seq: Seq, start: int, end: int, extra: int, proportional: bool, keep_cache: bool = True):
+    """Layers [start, end) on the packed sequence; returns the new Seq and the group's KV cache,
+    padded with `extra` free slots for decoding (none when keep_cache is False: scoring)."""
+    lm = model.language_model
+    cos, sin = rope_cos_sin(seq.pos, lm.cfg.head_dim, lm.cfg.rope_theta, seq.x.dtype)
+    mask = causal_mask(seq.valid)
+    bias = jnp.log(jnp.maximum(seq.size, 1.0)) if proportional else None
+    x, caches = seq.x, []
+    for layer in lm.layers[start:end]:
+        x, (k, v) = layer(x, cos, sin, mask, bias)
+        if keep_cache:
+            pad = ((0, 0), (0, extra), (0, 0), (0, 0))
+            caches.append((jnp.pad(k, pad), jnp.pad(v, pad)))
+    return dataclasses.replace(seq, x=x), caches
+
+
+def _pool(seq: Seq, stage, positions: str, capacity: int, retention):
+    out = pool_stage(seq.x, seq.span, seq.valid, seq.pos, seq.size, tau=stage.tau, window=stage.window,
+                     capacity=capacity, weighted=stage.weighted, positions=positions, retention=retention)
+    slot_of = jnp.where(seq.slot_of >= 0,
+                        jnp.take_along_axis(out.group_of, jnp.maximum(seq.slot_of, 0), axis=1), -1)
+    new = Seq(out.h, out.valid, out.pos, out.size, out.span, slot_of)
+    return new, {"audio_in": out.audio_in, "audio_out": out.audio_out, "forced": out.forced,
+                 "n_valid": out.n_valid}
+
+
+def _last_logits(model, seq: Seq, n_prompt):
+    """Logits of the last prompt token (float32 ['B V'])."""
+    slot = jnp.take_along_axis(seq.slot_of, jnp.maximum(n_prompt - 1, 0)[:, None], axis=1)[:, 0]
+    h = jnp.take_along_axis(seq.x, jnp.maximum(slot, 0)[:, None, None], axis=1)[:, 0]
+    return model.language_model.logits(h)
+
+
+def _cont_logprobs(model, seq: Seq, n_prompt, cont_ids, cont_valid):
+    """Log-probabilities ['B K'] of continuation token k, predicted at original token n_prompt-1+k."""
+    k = cont_ids.shape[1]
+    orig = jnp.minimum(n_prompt[:, None] - 1 + jnp.arange(k)[None], seq.slot_of.shape[1] - 1)
+    slot = jnp.maximum(jnp.take_along_axis(seq.slot_of, jnp.maximum(orig, 0), axis=1), 0)
+    h = jnp.take_along_axis(seq.x, slot[..., None], axis=1)
+    logits = model.language_model.logits(h)
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    tok = jnp.take_along_axis(lp, cont_ids[..., None], axis=-1)[..., 0]
+    return jnp.where(cont_valid, tok, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PrefillOut:
+    logits: jax.Array | None            # ['B V'] last prompt token (generate)
+    logprobs: jax.Array | None          # ['B K'] continuation log-probs (score)
+    caches: list                        # per layer (K, V)
+    group_len: list                     # per group: Int32['B'] valid prompt slots in its cache
+    group_pos0: list                    # per group: Float32['B'] position id of the first decoded token
+    group_bias: list                    # per group: Float32['B S_g'] key bias (proportional) or None
+    stats: list                         # per stage: dict of Int['B'] arrays
+
+
+class Engine:
+    """Holds the split model and the jitted pieces; shapes follow affjax.shapes."""
+
+    def __init__(self, model, *, pooling: PoolingConfig | None = None, pool_mode: str = "bucketed",
+                 capacity: float | None = None, eos_ids=(), pad_id: int = 0):
+        self.graphdef, self.state = nnx.split(model)
+        self.cfg = model.cfg
+        self.pooling = pooling or PoolingConfig(stages=())
+        if pool_mode not in ("bucketed", "fixed"):
+            raise ValueError(f"pool_mode must be 'bucketed' or 'fixed', got {pool_mode!r}")
+        if pool_mode == "fixed" and capacity is None and self.pooling.stages:
+            raise ValueError("fixed-capacity mode needs --capacity (a fraction of the audio tokens)")
+        self.pool_mode, self.capacity = pool_mode, capacity
+        self.eos_ids = tuple(int(e) for e in eos_ids)
+        self.pad_id = pad_id
+        L = self.cfg.text.layers
+        for st in self.pooling.stages:
+            if not 0 <= st.layer < L:
+                raise ValueError(f"pooling stage at layer {st.layer} outside 0..{L - 1}")
+        cuts = [st.layer for st in self.pooling.stages]
+        self.groups = list(zip([0] + cuts, cuts + [L]))  # group g: layers [start, end)
+        self._jit = {}
+
+    # -- jitted wrappers ------------------------------------------------------------------------
+    def _fn(self, name, fn, static=()):
+        if name not in self._jit:
+            def wrapped(state, *args, **kw):
+                _traced(name)
+                return fn(nnx.merge(self.graphdef, state), *args, **kw)
+            self._jit[name] = jax.jit(wrapped, static_argnames=static)
+        return self._jit[name]
+
+    def _device_batch(self, batch: Batch):
+        return (jnp.asarray(batch.ids), jnp.asarray(batch.valid), jnp.asarray(batch.span),
+                jnp.asarray(batch.audio_index), jnp.asarray(batch.features), jnp.asarray(batch.feature_lengths))
+
+    # -- prefill ----------------------------------------------------------------------------------
+    def prefill(self, batch: Batch, *, extra: int = 0, score: bool = False) -> PrefillOut:
+        """Run the prompt (and, for score, the continuation) through the model."""
+        if self.pool_mode == "fixed" and self.pooling.stages:
+            return self._prefill_fixed(batch, extra=extra, score=score)
+        embed = self._fn("embed", lambda m, *a: _embed(m, *a))
+        seq = embed(self.state, *self._device_batch(batch))
+        caches, group_len, group_pos0, group_bias, stats = [], [], [], [], []
+        n_prompt = jnp.asarray(batch.n_prompt)
+        prop = self.pooling.proportional
+        for g, (start, end) in enumerate(self.groups):
+            if g > 0:
+                stage = self.pooling.stages[g - 1]
+                seq, st = _pool_jit(seq, stage=stage, positions=self.pooling.positions,
+                                    capacity=seq.x.shape[1], retention=None)
+                n_max = int(jax.device_get(st["n_valid"]).max())
+                cap = shapes.bucket(max(n_max, 1))
+                seq = _slice_seq(seq, min(cap, seq.x.shape[1]))
+                stats.append(st)
+            run = self._fn("group", _run_group, static=("start", "end", "extra", "proportional", "keep_cache"))
+            seq, c = run(self.state, seq, start=start, end=end, extra=extra, proportional=prop and g > 0,
+                         keep_cache=not score)
+            caches += c
+            n_g = jnp.sum(seq.valid, axis=1).astype(jnp.int32)
+            group_len.append(n_g)
+            group_pos0.append(self._pos0(seq, n_prompt, n_g))
+            group_bias.append(_pad_bias(seq, extra) if prop and g > 0 else None)
+        return self._finish(seq, batch, caches, group_len, group_pos0, group_bias, stats, score)
+
+    def _pos0(self, seq: Seq, n_prompt, n_g):
+        if self.pooling.positions == "reindex":
+            return n_g.astype(jnp.float32)
+        return n_prompt.astype(jnp.float32)
+
+    def _finish(self, seq, batch, caches, group_len, group_pos0, group_bias, stats, score):
+        n_prompt = jnp.asarray(batch.n_prompt)
+        if score:
+            f = self._fn("score_head", _cont_logprobs)
+            lp = f(self.state, seq, n_prompt, jnp.asarray(batch.cont_ids), jnp.asarray(batch.cont_valid))
+            return PrefillOut(None, lp, caches, group_len, group_pos0, group_bias, stats)
+        f = self._fn("last_head", _last_logits)
+        return PrefillOut(f(self.state, seq, n_prompt), None, caches, group_len, group_pos0, group_bias, stats)
+
+    def _prefill_fixed(self, batch: Batch, *, extra: int, score: bool) -> PrefillOut:
+        """Fixed-capacity mode: one jitted prefill; buffers sized from the retention cap."""
+        r = float(self.capacity)
+        caps = []
+        span = batch.span
+        valid = batch.valid
+        for _ in self.pooling.stages:
+            # the same cap bounds every stage (later stages only merge more)
+            caps.append(int(shapes.bucket(int(fixed_capacity_needed(span, valid, r).max()))))
+        caps = tuple(min(c, batch.ids.shape[1]) for c in caps)
+        name = "prefill_fixed"
+        fn = self._fn(name, _prefill_fixed_body, static=("groups", "stages", "positions", "caps", "retention",
+                                                          "extra", "proportional", "score"))
+        out = fn(self.state, *self._device_batch(batch), jnp.asarray(batch.n_prompt),
+                 None if not score else jnp.asarray(batch.cont_ids),
+                 None if not score else jnp.asarray(batch.cont_valid),
+                 groups=tuple(self.groups), stages=tuple(self.pooling.stages), positions=self.pooling.positions,
+                 caps=caps, retention=r, extra=extra, proportional=self.pooling.proportional, score=score)
+        head, caches, group_len, group_pos0, group_bias, stats = out
+        return PrefillOut(None if score else head, head if score else None, caches, group_len, group_pos0,
+                          group_bias, stats)
+
+    # -- public jobs --------------------------------------------------------------------------------
+    def score(self, batch: Batch) -> tuple[np.ndarray, list]:
+        """Per-row sum of continuation log-probs (float64 on host) and per-stage stats."""
+        out = self.prefill(batch, score=True)
+        lp = np.asarray(jax.device_get(out.logprobs), np.float64)
+        return lp.sum(1), [jax.device_get(s) for s in out.stats]
+
+    def generate(self, batch: Batch, max_new_tokens: int) -> tuple[list[list[int]], list]:
+        out = self.prefill(batch, extra=max_new_tokens)
+        loop = self._fn("decode", _decode_loop, static=("groups", "max_new", "eos", "pad_id"))
+        row_ok = jnp.arange(batch.ids.shape[0]) < batch.rows
+        tokens, lengths = loop(self.state, out.logits, out.caches, out.group_len, out.group_pos0, out.group_bias,
+                               row_ok, groups=tuple(self.groups), max_new=max_new_tokens, eos=self.eos_ids,
+                               pad_id=self.pad_id)
+        tokens, lengths = jax.device_get((tokens, lengths))
+        return [tokens[b, : lengths[b]].tolist() for b in range(batch.rows)], [jax.device_get(s) for s in out.stats]
+
+
+@functools.partial(jax.jit, static_argnames=("stage", "positions", "capacity", "retention"))
+def _pool_jit(seq, *, stage, positions, capacity, retention):
+    _traced("pool")
+    return _pool(seq, stage, positions, capacity, retention)
+
+
+def _slice_seq(seq: Seq, n: int) -> Seq:
+    if n == seq.x.shape[1]:
+        return seq
+    return Seq(seq.x[:, :n], seq.valid[:, :n], seq.pos[:, :n], seq.size[:, :n], seq.span[:, :n], seq.slot_of)
+
+
+def _pad_bias(seq: Seq, extra: int):
+    bias = jnp.where(seq.valid, jnp.log(jnp.maximum(seq.size, 1.0)), 0.0)
+    return jnp.pad(bias, ((0, 0), (0, extra)))
+
+
+def _prefill_fixed_body(model, ids, valid, span, audio_index, features, feature_lengths, n_prompt, cont_ids,
+                        cont_valid, *, groups, stages, positions, caps, retention, extra, proportional, score):
+    seq = _embed(model, ids, valid, span, audio_index, features, feature_lengths)
+    caches, group_len, group_pos0, group_bias, stats = [], [], [], [], []
+    for g, (start, end) in enumerate(groups):
+        if g > 0:
+            seq, st = _pool(seq, stages[g - 1], positions, caps[g - 1], retention)
+            stats.append(st)
+        seq, c = _run_group(model, seq, start, end, extra, proportional and g > 0, keep_cache=not score)
+        caches += c
+        n_g = jnp.sum(seq.valid, axis=1).astype(jnp.int32)
+        group_len.append(n_g)
+        group_pos0.append(n_g.astype(jnp.float32) if positions == "reindex" else n_prompt.astype(jnp.float32))
+        group_bias.append(_pad_bias(seq, extra) if proportional and g > 0 else None)
+    head = _cont_logprobs(model, seq, n_prompt, cont_ids, cont_valid) if score else _last_logits(model, seq, n_prompt)
+    return head, caches, group_len, group_pos0, group_bias, stats
+
+
+def _decode_loop(model, first_logits, caches, group_len, group_pos0, group_bias, row_ok, *, groups, max_new,
+                 eos, pad_id):
+    """Greedy decoding as one lax.while_loop. Returns tokens ['B max_new'] and lengths ['B'] (EOS excluded)."""
+    lm = model.language_model
+    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+    b = first_logits.shape[0]
+    first = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)
+    tokens = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first)
+    done = ~row_ok | jnp.isin(first, eos_arr)
+    lengths = jnp.where(jnp.isin(first, eos_arr), 0, 1).astype(jnp.int32)
+
+    def cond(carry):
+        step, _, done, _, _ = carry
+        return (step + 1 < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        step, tokens, done, lengths, caches = carry
+        tok = jax.lax.dynamic_slice_in_dim(tokens, step, 1, axis=1)  # ['B 1']
+        x = lm.embed(tok)
+        new_caches, li = [], 0
+        for g, (start, end) in enumerate(groups):
+            write = (group_len[g] + step)[:, None]
+            pos = (group_pos0[g] + step)[:, None]
+            cos, sin = rope_cos_sin(pos, lm.cfg.head_dim, lm.cfg.rope_theta, x.dtype)
+            s_len = caches[li][0].shape[1] if end > start else 0
+            mask = (jnp.arange(s_len)[None, :] <= write)[:, None, :]
+            for layer in lm.layers[start:end]:
+                x, kv = layer(x, cos, sin, mask, group_bias[g], cache=caches[li], write=write)
+                new_caches.append(kv)
+                li += 1
+        nxt = jnp.argmax(lm.logits(x[:, 0]), axis=-1).astype(jnp.int32)
+        is_eos = jnp.isin(nxt, eos_arr)
+        nxt = jnp.where(done, pad_id, nxt)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], step + 1, axis=1)
+        lengths = lengths + (~done & ~is_eos).astype(jnp.int32)
+        return step + 1, tokens, done | is_eos, lengths, new_caches
+
+    _, tokens, _, lengths, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), tokens, done, lengths, caches))
+    return tokens, lengths

@@ -1,0 +1,111 @@
+"""Host-side input building for Qwen2-Audio: the Hugging Face processor makes the token ids and
+mel features (so token counts match transformers exactly), then items are padded into one
+static-shape batch (see affjax/shapes.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from affjax import shapes
+
+
+@dataclasses.dataclass
+class Encoded:
+    """One item after the processor: unpadded ids and its audio clips' features."""
+    ids: np.ndarray                 # Int['n'] prompt ids (audio placeholders expanded)
+    features: np.ndarray            # Float['a n_mels F']
+    feature_lengths: np.ndarray     # Int['a']
+    cont_ids: np.ndarray | None = None  # Int['k'] continuation ids (score)
+
+
+@dataclasses.dataclass
+class Batch:
+    """A padded batch. B = fixed batch size, T = sequence bucket, A = audio slots, K = continuation bucket."""
+    ids: np.ndarray            # Int32['B T']
+    valid: np.ndarray          # Bool['B T']
+    n_prompt: np.ndarray       # Int32['B'] unpooled prompt length (without continuation)
+    span: np.ndarray           # Int32['B T'] audio span id (0 = text)
+    audio_index: np.ndarray    # Int32['B T'] flat index a*F_out + k of the audio token for each placeholder
+    features: np.ndarray       # Float32['A n_mels F']
+    feature_lengths: np.ndarray  # Int32['A']
+    rows: int                  # real rows (the rest are padding)
+    cont_ids: np.ndarray | None = None    # Int32['B K']
+    cont_valid: np.ndarray | None = None  # Bool['B K']
+
+
+def encode(processor, prompt: str, audios: list[np.ndarray], continuation: str | None = None) -> Encoded:
+    """Run the HF processor on one item. Raises ValueError with the processor's reason on bad input."""
+    fe = processor.feature_extractor
+    if audios:
+        out = processor(text=[prompt], audio=list(audios), sampling_rate=fe.sampling_rate, return_tensors="np")
+        feats = out["input_features"].astype(np.float32)
+        flen = out["feature_attention_mask"].sum(-1).astype(np.int32)
+    else:
+        out = processor.tokenizer([prompt], return_tensors="np")
+        feats = np.zeros((0, fe.feature_size, fe.nb_max_frames), np.float32)
+        flen = np.zeros((0,), np.int32)
+    ids = out["input_ids"][0].astype(np.int32)
+    cont = None
+    if continuation is not None:
+        cont = np.asarray(processor.tokenizer(continuation, add_special_tokens=False)["input_ids"], np.int32)
+        if cont.size == 0:
+            raise ValueError("continuation tokenizes to zero tokens")
+    return Encoded(ids, feats, flen, cont)
+
+
+def collate(items: list[Encoded], *, batch_size: int, audio_token_id: int, out_frames_of,
+            pad_id: int = 0, seq_len: int | None = None, cont_len: int | None = None) -> Batch:
+    """Pad encoded items into one Batch. `out_frames_of(feature_lengths)` gives audio tokens per clip
+    (the encoder's output lengths); `seq_len`/`cont_len` force a bucket, else the smallest that fits."""
+    if not 0 < len(items) <= batch_size:
+        raise ValueError(f"need 1..{batch_size} items, got {len(items)}")
+    score = items[0].cont_ids is not None
+    lengths = [len(e.ids) + (len(e.cont_ids) if score else 0) for e in items]
+    T = seq_len or shapes.bucket(max(lengths))
+    n_audio = sum(len(e.feature_lengths) for e in items)
+    A = shapes.audio_slots(n_audio, batch_size)
+    n_mels, F = items[0].features.shape[1:]  # the processor pads every clip to the same frames
+    B = batch_size
+    ids = np.full((B, T), pad_id, np.int32)
+    valid = np.zeros((B, T), bool)
+    span = np.zeros((B, T), np.int32)
+    aidx = np.zeros((B, T), np.int32)
+    n_prompt = np.zeros((B,), np.int32)
+    feats = np.zeros((A, n_mels, F), np.float32)
+    flen = np.ones((A,), np.int32)
+    F_out = int(out_frames_of(np.asarray(F)))  # encoder output frames per clip slot
+    a = 0
+    for b, e in enumerate(items):
+        n = len(e.ids)
+        seq = e.ids if not score else np.concatenate([e.ids, e.cont_ids])
+        ids[b, :len(seq)] = seq
+        valid[b, :len(seq)] = True
+        n_prompt[b] = n
+        # placeholder runs, in order, belong to this item's clips in order
+        is_audio = e.ids == audio_token_id
+        starts = np.flatnonzero(is_audio & ~np.concatenate([[False], is_audio[:-1]]))
+        if len(starts) != len(e.feature_lengths):
+            raise ValueError(f"prompt has {len(starts)} audio placeholder runs but {len(e.feature_lengths)} clips")
+        for k, s0 in enumerate(starts):
+            run = s0
+            while run < n and is_audio[run]:
+                run += 1
+            want = int(out_frames_of(np.asarray(e.feature_lengths[k])))
+            if run - s0 != want:
+                raise ValueError(f"audio clip {k}: {run - s0} placeholder tokens but the encoder gives {want}")
+            feats[a] = e.features[k]
+            flen[a] = e.feature_lengths[k]
+            span[b, s0:run] = k + 1
+            aidx[b, s0:run] = a * F_out + np.arange(run - s0)
+            a += 1
+    batch = Batch(ids, valid, n_prompt, span, aidx, feats, flen, rows=len(items))
+    if score:
+        K = cont_len or shapes.bucket(max(len(e.cont_ids) for e in items), shapes.CONT_BUCKETS, "continuation")
+        batch.cont_ids = np.zeros((B, K), np.int32)
+        batch.cont_valid = np.zeros((B, K), bool)
+        for b, e in enumerate(items):
+            batch.cont_ids[b, :len(e.cont_ids)] = e.cont_ids
+            batch.cont_valid[b, :len(e.cont_ids)] = True
+    return batch
