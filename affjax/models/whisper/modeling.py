@@ -424,40 +424,62 @@ class Transcription:
     finished: list[bool]     # False where max_new_tokens cut the item short
 
 
+def greedy_tokens(model: Whisper, enc: jax.Array, n_valid: int, prompt, *,
+                  max_new_tokens: int = 128) -> tuple[list[list[int]], list[bool]]:
+    """Jitted greedy decoding from encoder outputs ['B S D'] whose first `n_valid` rows are real
+    (the rest are batch padding). Returns per real row the generated ids (no prompt, no final
+    eos) and whether it ended with eos."""
+    cfg = model.cfg
+    prompt = jnp.asarray(prompt, jnp.int32)
+    b = enc.shape[0]
+    graphdef, params = nnx.split(model.decoder)
+    toks, done = _greedy_jit(graphdef, params, enc, prompt, jnp.arange(b) < n_valid, max_new_tokens)
+    toks, done = np.asarray(toks), np.asarray(done)
+    out = []
+    for i in range(n_valid):
+        gen = toks[i, prompt.shape[0]:].tolist()
+        if cfg.eos_token_id in gen:
+            gen = gen[:gen.index(cfg.eos_token_id)]
+        out.append(gen)
+    return out, [bool(x) for x in done[:n_valid]]
+
+
+def whisper_features(processor, waveforms, batch_size: int, cfg: WhisperConfig,
+                     sampling_rate: int = 16000) -> np.ndarray:
+    """log-mel features ['batch_size n_mels 3000'] of up to `batch_size` waveforms, padded
+    (or truncated) to 30 s, plus all-zero dummy rows up to `batch_size`."""
+    n = len(waveforms)
+    if not 0 < n <= batch_size:
+        raise ValueError(f"need 1 to {batch_size} waveforms, got {n}")
+    feats = processor.feature_extractor([np.asarray(w, np.float32) for w in waveforms],
+                                        sampling_rate=sampling_rate, return_tensors="np").input_features
+    if feats.shape[1:] != (cfg.encoder.num_mel_bins, cfg.encoder.mel_frames):
+        raise ValueError(f"feature extractor gives {feats.shape[1:]}, the encoder expects "
+                         f"({cfg.encoder.num_mel_bins}, {cfg.encoder.mel_frames})")
+    return np.concatenate([feats, np.zeros((batch_size - n, *feats.shape[1:]), feats.dtype)])
+
+
 def transcribe(model: Whisper, processor, waveforms, *, max_new_tokens: int = 128, batch_size: int = 8,
                language: str = "en", task: str = "transcribe", sampling_rate: int = 16000) -> Transcription:
-    """Greedy short-form transcription (no timestamps) of 16 kHz float waveforms.
+    """Greedy short-form transcription (no timestamps) of float waveforms at `sampling_rate`.
 
     Features come from the processor's WhisperFeatureExtractor (padded, or truncated, to 30 s).
-    Batches are padded to `batch_size` with silent dummy rows, so the encoder compiles once per
-    `batch_size` and the greedy loop once per (`batch_size`, prompt length, `max_new_tokens`).
+    Batches are padded to `batch_size` with dummy rows (finished from the start), so the encoder
+    compiles once per `batch_size` and the greedy loop once per (`batch_size`, prompt length,
+    `max_new_tokens`). The prompt is `<|startoftranscript|><|en|><|transcribe|><|notimestamps|>`
+    (`<|startoftranscript|><|notimestamps|>` for English-only models).
     """
-    fe, tok = processor.feature_extractor, processor.tokenizer
-    cfg = model.cfg
-    prompt = jnp.asarray(prompt_ids(tok, cfg, language=language, task=task), jnp.int32)
-    dec_graph, dec_params = nnx.split(model.decoder)
-    waves = [np.asarray(w, np.float32) for w in waveforms]
-    out_tokens, finished = [], []
+    prompt = prompt_ids(processor.tokenizer, model.cfg, language=language, task=task)
+    waves = list(waveforms)
+    tokens, finished = [], []
     for start in range(0, len(waves), batch_size):
         chunk = waves[start:start + batch_size]
-        n = len(chunk)
-        feats = fe(chunk, sampling_rate=sampling_rate, return_tensors="np").input_features
-        if feats.shape[1] != cfg.encoder.num_mel_bins or feats.shape[2] != cfg.encoder.mel_frames:
-            raise ValueError(f"feature extractor gives {feats.shape[1:]}, the encoder expects "
-                             f"({cfg.encoder.num_mel_bins}, {cfg.encoder.mel_frames})")
-        feats = np.concatenate([feats, np.zeros((batch_size - n, *feats.shape[1:]), feats.dtype)])
-        enc = encode(model, feats)
-        valid = jnp.arange(batch_size) < n
-        toks, done = _greedy_jit(dec_graph, dec_params, enc, prompt, valid, max_new_tokens)
-        toks, done = np.asarray(toks), np.asarray(done)
-        for i in range(n):
-            gen = toks[i, prompt.shape[0]:].tolist()
-            if cfg.eos_token_id in gen:
-                gen = gen[:gen.index(cfg.eos_token_id)]
-            out_tokens.append(gen)
-            finished.append(bool(done[i]))
-    texts = [tok.decode(t, skip_special_tokens=True).strip() for t in out_tokens]
-    return Transcription(out_tokens, texts, finished)
+        enc = encode(model, whisper_features(processor, chunk, batch_size, model.cfg, sampling_rate))
+        t, f = greedy_tokens(model, enc, len(chunk), prompt, max_new_tokens=max_new_tokens)
+        tokens += t
+        finished += f
+    texts = [processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+    return Transcription(tokens, texts, finished)
 
 
 # ----------------------------------------------------------------------------------------------

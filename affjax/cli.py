@@ -1,0 +1,92 @@
+"""The `affjax` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_pooling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Affinity Pooling")
+    g.add_argument("--pooling", default=None,
+                   help="preset (none, input, dap-conservative, dap-aggressive) or stages "
+                        "'LAYER:tau=F,window=N[,weighted];...', e.g. '0:tau=0.8,window=1;29:tau=0.7,window=3'")
+    g.add_argument("--positions", default="first", choices=("first", "mean", "reindex"),
+                   help="position ids of merged tokens (default: first)")
+    g.add_argument("--proportional", action="store_true",
+                   help="add log(group size) to the attention logits of merged keys")
+    g.add_argument("--pool-mode", default="bucketed", choices=("bucketed", "fixed"),
+                   help="bucketed: exact thresholds, one compile per bucket; fixed: one compiled prefill "
+                        "with a retention cap (--capacity)")
+    g.add_argument("--capacity", type=float, default=None,
+                   help="fixed mode: slots per audio span as a fraction of its tokens (e.g. 0.5)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="converted checkpoint directory (checkpoints_convert/convert.py)")
+    p.add_argument("--manifest", required=True, help="JSONL: id, audio, prompt[, continuation]")
+    p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"),
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--no-compile-cache", action="store_true", help="disable JAX's persistent compilation cache")
+    p.add_argument("--no-progress", action="store_true")
+    _add_pooling(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="affjax", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("score", help="log-likelihood of each item's continuation")
+    _add_common(p)
+    p = sub.add_parser("generate", help="greedy decoding")
+    _add_common(p)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+
+    p = sub.add_parser("plan", help="parameter / KV-cache memory plan from a config.json (no weights needed)")
+    p.add_argument("--ckpt-config", required=True,
+                   help="an HF config.json, a checkpoint directory, or 'qwen2-audio-7b' for the real geometry")
+    p.add_argument("--batch", type=int, nargs="*", default=[1, 4, 8])
+    p.add_argument("--length", type=int, nargs="*", default=[1024, 2048, 4096])
+    p.add_argument("--topology", default=None, help="TPU topology, e.g. v5e-8, v4-8, v5p-8")
+
+    p = sub.add_parser("bench", help="prefill benchmark: affjax vs transformers (PyTorch eager) on one config")
+    p.add_argument("--batch", type=int, nargs="*", default=[1, 4])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--audio-seconds", type=float, default=30.0)
+    p.add_argument("--text-tokens", type=int, default=40)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
+
+    args = ap.parse_args(argv)
+
+    if args.cmd in ("score", "generate"):
+        from affjax.jobs import JobConfig, enable_compile_cache, run
+        if not args.no_compile_cache:
+            enable_compile_cache()
+        job = JobConfig(task=args.cmd, ckpt=args.ckpt, manifest=args.manifest, out=args.out,
+                        batch_size=args.batch_size, max_new_tokens=getattr(args, "max_new_tokens", 64),
+                        pooling=args.pooling, positions=args.positions, proportional=args.proportional,
+                        pool_mode=args.pool_mode, capacity=args.capacity, dtype=args.dtype,
+                        progress=not args.no_progress)
+        try:
+            summary = run(job)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(summary, indent=1))
+        return 0
+    if args.cmd == "plan":
+        from affjax.plan import main_plan
+        return main_plan(args)
+    if args.cmd == "bench":
+        from affjax.bench import main_bench
+        return main_bench(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Batch jobs over a JSONL manifest: `score` (teacher-forced log-likelihood of a continuation) and
+`generate` (greedy decoding), for Qwen2-Audio checkpoints.
+
+Rows come out in manifest order. A bad item (missing or corrupt audio, bad prompt, malformed line)
+becomes a row with `error` naming the cause; the job goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from affjax import shapes
+
+
+@dataclasses.dataclass
+class JobConfig:
+    task: str                      # "score" | "generate"
+    ckpt: str
+    manifest: str
+    out: str
+    batch_size: int = 4
+    max_new_tokens: int = 64
+    pooling: str | None = None
+    positions: str = "first"
+    proportional: bool = False
+    pool_mode: str = "bucketed"
+    capacity: float | None = None
+    dtype: str | None = None
+    progress: bool = True
+
+
+def enable_compile_cache(path: str | None = None) -> str:
+    """JAX's persistent compilation cache: warm runs skip XLA compilation."""
+    import jax
+    path = path or os.environ.get("AFFJAX_COMPILE_CACHE") or str(Path.home() / ".cache" / "affjax" / "jax-compile")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def load_for_inference(ckpt: str, dtype: str | None = None):
+    """(model, cfg, processor, eos_ids, pad_id) from a converted checkpoint directory."""
+    from transformers import AutoProcessor, GenerationConfig
+
+    from affjax.checkpoint import load
+
+    model, cfg, meta = load(ckpt, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(ckpt)
+    eos = []
+    try:
+        gc = GenerationConfig.from_pretrained(ckpt)
+        eos = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]
+    except OSError:
+        pass
+    tok = processor.tokenizer
+    if not eos or eos == [None]:
+        eos = [tok.eos_token_id]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return model, cfg, processor, [int(e) for e in eos if e is not None], int(pad)
+
+
+def _audio_paths(item: dict) -> list[str]:
+    a = item.get("audio")
+    if a is None:
+        return []
+    return [a] if isinstance(a, str) else list(a)
+
+
+def _prepare(row, processor, task: str):
+    """Manifest row -> Encoded, or raise ValueError naming the cause."""
+    from affjax.data.audio import load_audio
+    from affjax.models.qwen2_audio.inputs import encode
+
+    item = row.item
+    prompt = item.get("prompt")
+    if not isinstance(prompt, str):
+        raise ValueError("missing or non-string 'prompt'")
+    cont = None
+    if task == "score":
+        cont = item.get("continuation")
+        if not isinstance(cont, str):
+            raise ValueError("missing or non-string 'continuation'")
+    sr = processor.feature_extractor.sampling_rate
+    audios = [load_audio(p, sr=sr) for p in _audio_paths(item)]
+    try:
+        return encode(processor, prompt, audios, cont)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"processor rejected the item: {e}") from None
+
+
+def run(job: JobConfig, *, log=print) -> dict:
+    """Run a score/generate job; writes JSONL rows to job.out and returns the summary dict."""
+    from tqdm import tqdm
+
+    from affjax.data.manifest import read_manifest
+    from affjax.engine import TRACES, Engine
+    from affjax.models.qwen2_audio.inputs import collate
+    from affjax.pooling.spec import parse_pooling
+
+    if job.task not in ("score", "generate"):
+        raise ValueError(f"unknown task {job.task!r}")
+    t_start = time.perf_counter()
+    model, cfg, processor, eos_ids, pad_id = load_for_inference(job.ckpt, job.dtype)
+    pooling = parse_pooling(job.pooling, cfg.text.layers, positions=job.positions, proportional=job.proportional)
+    engine = Engine(model, pooling=pooling, pool_mode=job.pool_mode, capacity=job.capacity,
+                    eos_ids=eos_ids, pad_id=pad_id)
+    t_load = time.perf_counter() - t_start
+    required = ("id", "audio", "prompt") + (("continuation",) if job.task == "score" else ())
+    rows = read_manifest(job.manifest, required=required)
+    out_path = Path(job.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    results: dict[int, dict] = {}
+    stage_counts = []  # per item: [audio before, after stage 1, ...]
+    forced_total = 0
+    n_ok = n_err = 0
+    times = {"first_batch": None, "steady": 0.0, "steady_items": 0, "compile_batches": 0}
+    bar = tqdm(total=len(rows), unit="item", disable=not job.progress, desc=job.task)
+
+    def flush_batch(pending):
+        nonlocal n_ok, forced_total
+        if not pending:
+            return
+        traces_before = sum(TRACES.values())
+        t0 = time.perf_counter()
+        batch = collate([e for _, e in pending], batch_size=job.batch_size, audio_token_id=cfg.audio_token_id,
+                        out_frames_of=cfg.audio.output_lengths, pad_id=pad_id)
+        if job.task == "score":
+            lp, stats = engine.score(batch)
+        else:
+            toks, stats = engine.generate(batch, job.max_new_tokens)
+        dt = time.perf_counter() - t0
+        compiled = sum(TRACES.values()) > traces_before
+        if compiled:
+            times["compile_batches"] += 1
+            times["first_batch"] = times["first_batch"] or dt
+        else:
+            times["steady"] += dt
+            times["steady_items"] += len(pending)
+        for b, (row, enc) in enumerate(pending):
+            audio = [int((batch.span[b] > 0).sum())] + [int(s["audio_out"][b]) for s in stats]
+            rec = {"id": row.id}
+            if job.task == "score":
+                rec.update(logprob=float(lp[b]), num_tokens=int(len(enc.cont_ids)))
+            else:
+                rec.update(text=processor.tokenizer.decode(toks[b], skip_special_tokens=True), tokens=toks[b])
+            if pooling.stages:
+                rec["audio_tokens"] = audio
+                if job.pool_mode == "fixed":
+                    rec["forced_merges"] = [int(s["forced"][b]) for s in stats]
+                    forced_total += sum(rec["forced_merges"])
+                stage_counts.append(audio)
+            results[row.index] = rec
+            n_ok += 1
+        bar.update(len(pending))
+
+    pending = []
+    for row in rows:
+        if row.error is not None:
+            results[row.index] = {"id": row.id, "error": row.error}
+            n_err += 1
+            bar.update(1)
+            continue
+        try:
+            enc = _prepare(row, processor, job.task)
+            n = len(enc.ids) + (len(enc.cont_ids) if enc.cont_ids is not None else 0)
+            shapes.bucket(n)
+        except Exception as e:  # one bad item never stops the job
+            results[row.index] = {"id": row.id, "error": f"{type(e).__name__}: {e}"}
+            n_err += 1
+            bar.update(1)
+            continue
+        pending.append((row, enc))
+        if len(pending) == job.batch_size:
+            flush_batch(pending)
+            pending = []
+    flush_batch(pending)
+    bar.close()
+
+    with open(out_path, "w", encoding="utf-8") as f:
+        for idx in sorted(results):
+            f.write(json.dumps(results[idx], ensure_ascii=False) + "\n")
+
+    summary = {
+        "task": job.task, "items": len(rows), "ok": n_ok, "errors": n_err,
+        "load_seconds": round(t_load, 3), "total_seconds": round(time.perf_counter() - t_start, 3),
+        "first_batch_seconds_incl_compile": None if times["first_batch"] is None else round(times["first_batch"], 3),
+        "steady_items_per_second": (round(times["steady_items"] / times["steady"], 3) if times["steady"] else None),
+        "compiles": dict(TRACES),
+        "pooling": pooling.to_text() if pooling.stages else "none",
+    }
+    if pooling.stages and stage_counts:
+        arr = np.asarray(stage_counts, np.float64)
+        base = np.maximum(arr[:, :1], 1)
+        summary["retention_per_stage"] = [round(float((arr[:, k + 1:k + 2] / base).mean()), 4)
+                                          for k in range(arr.shape[1] - 1)]
+        summary["final_retention"] = round(float(arr[:, -1].sum() / max(arr[:, 0].sum(), 1)), 4)
+        if job.pool_mode == "fixed":
+            summary["forced_merges"] = forced_total
+    return summary

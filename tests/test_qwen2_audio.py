@@ -1,0 +1,163 @@
+"""Qwen2-Audio end to end against transformers (PyTorch, float32): tiny random checkpoints written
+with save_pretrained, converted with checkpoints_convert/convert.py, loaded by affjax.
+
+A padded batch of 4 items with audio of 1 s to 30 s and prompts of 300+ tokens (so RoPE is
+exercised far from position 0). Tolerances: encoder output and logits 1e-4 absolute, score
+log-probs 1e-3, greedy tokens identical for 32 new tokens.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from affjax.assets import AssetMissing  # noqa: E402
+
+SECONDS = (1.0, 7.5, 18.0, 30.0)
+CONTINUATIONS = (" The speaker says hello.", " twelve", " It is raining in the city tonight.", " yes")
+
+
+def _tok_or_skip():
+    from affjax.assets import qwen2_tokenizer_json
+    try:
+        qwen2_tokenizer_json()
+    except AssetMissing as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module", params=["gqa", "mha", "tied"])
+def ckpt(request, tmp_path_factory):
+    _tok_or_skip()
+    from affjax.checkpoint import convert
+    from affjax.testing import make_tiny_qwen2_audio
+    variant = request.param
+    kw = dict(gqa=dict(heads=4, kv_heads=2), mha=dict(heads=4, kv_heads=4),
+              tied=dict(heads=4, kv_heads=1, tie_word_embeddings=True))[variant]
+    src = make_tiny_qwen2_audio(tmp_path_factory.mktemp(f"hf_{variant}"), seed=1, **kw)
+    dst = tmp_path_factory.mktemp(f"ck_{variant}") / "ckpt"
+    convert(src, dst, progress=False)
+    return variant, src, dst
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+    from transformers import Qwen2AudioForConditionalGeneration
+    from affjax.jobs import load_for_inference
+    from affjax.testing import long_prompt, synth_speech_like
+    variant, src, dst = ckpt
+    model, cfg, processor, eos, pad = load_for_inference(str(dst))
+    hf = Qwen2AudioForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval()
+    items = [(long_prompt(290 + 17 * i, seed=i), synth_speech_like(s, seed=10 + i), CONTINUATIONS[i])
+             for i, s in enumerate(SECONDS)]
+    return variant, model, cfg, processor, eos, pad, hf, items
+
+
+def _hf_inputs(processor, prompt, wav, cont=None):
+    x = processor(text=[prompt], audio=[wav], sampling_rate=16000, return_tensors="pt")
+    if cont is not None:
+        c = processor.tokenizer(cont, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        x["input_ids"] = torch.cat([x["input_ids"], c], 1)
+        x["attention_mask"] = torch.ones_like(x["input_ids"])
+    return x
+
+
+def _batch(loaded, score: bool):
+    from affjax.models.qwen2_audio.inputs import collate, encode
+    _, model, cfg, processor, eos, pad, hf, items = loaded
+    enc = [encode(processor, p, [w], c if score else None) for p, w, c in items]
+    return collate(enc, batch_size=4, audio_token_id=cfg.audio_token_id, out_frames_of=cfg.audio.output_lengths,
+                   pad_id=pad)
+
+
+def test_prompts_are_long_and_audio_lengths_mixed(loaded):
+    batch = _batch(loaded, score=False)
+    assert batch.n_prompt.min() >= 300
+    counts = (batch.span > 0).sum(1)
+    assert len(set(counts.tolist())) == 4 and counts.max() == 750
+
+
+def test_encoder_output_matches(loaded):
+    _, model, cfg, processor, *_, hf, items = loaded
+    from transformers.masking_utils import create_bidirectional_mask
+    batch = _batch(loaded, score=False)
+    ours = np.asarray(model.audio_tower(jnp.asarray(batch.features), jnp.asarray(batch.feature_lengths)))
+    feats = torch.from_numpy(batch.features)
+    flen = torch.from_numpy(batch.feature_lengths).long()
+    tower = hf.model.audio_tower
+    after_conv, out_len = tower._get_feat_extract_output_lengths(flen)
+    mask2d = (torch.arange(cfg.audio.max_source_positions)[None] < after_conv[:, None]).long()
+    mask = create_bidirectional_mask(config=tower.config, inputs_embeds=torch.zeros(len(flen), mask2d.shape[1], 1),
+                                     attention_mask=mask2d)
+    with torch.no_grad():
+        ref = tower(feats, attention_mask=mask).last_hidden_state.numpy()
+    for a in range(len(SECONDS)):
+        n = int(out_len[a])
+        np.testing.assert_allclose(ours[a, :n], ref[a, :n], atol=1e-4, rtol=0)
+
+
+def test_logits_match_on_padded_batch(loaded):
+    """Logits at every 23rd position and the last of each row, against each item run alone."""
+    from affjax.engine import _embed, _run_group
+    _, model, cfg, processor, *_, hf, items = loaded
+    batch = _batch(loaded, score=False)
+    seq = _embed(model, *map(jnp.asarray, (batch.ids, batch.valid, batch.span, batch.audio_index,
+                                           batch.features, batch.feature_lengths)))
+    seq, _ = _run_group(model, seq, 0, cfg.text.layers, 0, False, keep_cache=False)
+    for b, (p, w, _) in enumerate(items):
+        n = int(batch.n_prompt[b])
+        at = np.unique(np.r_[np.arange(0, n, 23), n - 1])
+        ours = np.asarray(model.language_model.logits(seq.x[b, at]))
+        with torch.no_grad():
+            ref = hf(**_hf_inputs(processor, p, w)).logits[0, at].numpy()
+        np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_score_matches(loaded):
+    from affjax.engine import Engine
+    variant, model, cfg, processor, eos, pad, hf, items = loaded
+    lp, _ = Engine(model, eos_ids=eos, pad_id=pad).score(_batch(loaded, score=True))
+    for b, (p, w, c) in enumerate(items):
+        x = _hf_inputs(processor, p, w, c)
+        n = int(processor(text=[p], audio=[w], sampling_rate=16000, return_tensors="pt")["input_ids"].shape[1])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(**x).logits[0].double(), -1)
+        ids = x["input_ids"][0]
+        ref = sum(float(logp[t - 1, ids[t]]) for t in range(n, len(ids)))
+        assert abs(lp[b] - ref) < 1e-3, (b, lp[b], ref)
+
+
+def test_greedy_tokens_identical(loaded):
+    from affjax.engine import Engine
+    variant, model, cfg, processor, eos, pad, hf, items = loaded
+    if variant != "gqa":
+        pytest.skip("greedy decoding is checked on the GQA checkpoint (the slowest reference run)")
+    toks, _ = Engine(model, eos_ids=(), pad_id=pad).generate(_batch(loaded, score=False), 32)
+    for b, (p, w, _) in enumerate(items):
+        x = _hf_inputs(processor, p, w)
+        with torch.no_grad():
+            g = hf.generate(**x, max_new_tokens=32, min_new_tokens=32, do_sample=False, eos_token_id=None)
+        assert toks[b] == g[0, x["input_ids"].shape[1]:].tolist(), b
+
+
+def test_one_compile_per_bucket(loaded):
+    """12 items of different audio and prompt lengths, all in the 768 bucket: prefill and decode
+    compile once each, over 3 batches."""
+    from affjax.engine import TRACES, Engine
+    from affjax.models.qwen2_audio.inputs import collate, encode
+    from affjax.testing import long_prompt, synth_speech_like
+    variant, model, cfg, processor, eos, pad, hf, items = loaded
+    if variant != "gqa":
+        pytest.skip("compile counting runs once")
+    enc = [encode(processor, long_prompt(80 + 3 * i, seed=100 + i), [synth_speech_like(18 + 0.5 * i, seed=i)])
+           for i in range(12)]
+    lengths = [len(e.ids) for e in enc]
+    assert len(set(lengths)) == 12 and 512 < min(lengths) and max(lengths) <= 768, lengths
+    engine = Engine(model, eos_ids=eos, pad_id=pad)
+    TRACES.clear()
+    for k in range(3):
+        batch = collate(enc[4 * k:4 * k + 4], batch_size=4, audio_token_id=cfg.audio_token_id,
+                        out_frames_of=cfg.audio.output_lengths, pad_id=pad)
+        engine.generate(batch, 8)
+    assert TRACES == {"embed": 1, "group": 1, "last_head": 1, "decode": 1}, TRACES
