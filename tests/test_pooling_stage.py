@@ -280,11 +280,14 @@ def test_retention_one_equals_bucketed(tau, window):
 @pytest.mark.parametrize("tau,window,retention", [(1.1, 1, 0.3), (0.8, 2, 0.5), (0.5, 5, 0.25)])
 def test_retention_overflow_matches_reference(tau, window, retention):
     rng = np.random.default_rng(int(retention * 100) + window)
-    compared = 0
+    cases = []
     for structured in (True, False):
         items = random_items(rng, [N, int(rng.integers(1, N)), 17, 5], structured)
-        batch = make_batch(rng, items)
-        cap = int(fixed_capacity_needed(batch[1], batch[2], retention).max())
+        cases.append((items, make_batch(rng, items)))
+    # one static capacity for both batches: the largest any row needs
+    cap = max(int(fixed_capacity_needed(bt[1], bt[2], retention).max()) for _, bt in cases)
+    compared = 0
+    for items, batch in cases:
         out = run(batch, tau=tau, window=window, retention=retention, capacity=cap)
         assert np.all(out.n_valid <= cap)
         compared += compare_batch(items, out, capacity=cap, tau=tau, window=window,
@@ -317,6 +320,10 @@ def test_retention_slots_exact():
     np.testing.assert_array_equal(retention_slots([10, 7], 0.5), [5, 4])
     with pytest.raises(ValueError):
         retention_slots([3], 0.0)
+    # row 0: text, span 1 (T=10 -> 3), text, span 2 (T=1 -> 1), span 3 adjacent (T=3 -> 1), pad
+    span = np.array([[0] + [1] * 10 + [0, 2, 3, 3, 3, 9], [4] * 16 + [0]])
+    valid = np.arange(17)[None, :] < np.array([[16], [17]])
+    np.testing.assert_array_equal(fixed_capacity_needed(span, valid, 0.3), [2 + 3 + 1 + 1, 5 + 1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,16 +390,17 @@ def test_padding_and_neighbours_never_matter(data, tau, window, seed):
 
 @HYP
 @given(batches(), st.sampled_from([(0.95, 1), (0.8, 2), (0.5, 3)]),
-       st.sampled_from([(0.8, 1), (0.5, 3)]), st.booleans())
-def test_chained_stages(data, stage1, stage2, weighted):
+       st.sampled_from([(0.8, 1, False, "first"), (0.5, 3, True, "mean"), (0.7, 2, False, "mean")]))
+def test_chained_stages(data, stage1, stage2):
     items, batch = data
+    tau2, window2, weighted, positions = stage2
     first = run(batch, tau=stage1[0], window=stage1[1])
     second = run((first.h, first.span, first.valid, first.pos, first.size),
-                 tau=stage2[0], window=stage2[1], weighted=weighted, positions="mean")
+                 tau=tau2, window=window2, weighted=weighted, positions=positions)
     for b, item in enumerate(items):
         r1 = ref_stage(*item, tau=stage1[0], window=stage1[1])
-        r2 = ref_stage(r1["h"], r1["span"], r1["pos"], r1["size"], tau=stage2[0],
-                       window=stage2[1], weighted=weighted, positions="mean")
+        r2 = ref_stage(r1["h"], r1["span"], r1["pos"], r1["size"], tau=tau2, window=window2,
+                       weighted=weighted, positions=positions)
         if min(r1["margin"], r2["margin"]) < MARGIN:
             continue
         check_row(second, b, r2, len(r1["size"]))

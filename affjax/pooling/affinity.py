@@ -90,20 +90,17 @@ def fixed_capacity_needed(span, valid, retention: float) -> np.ndarray:
     """
     span = np.asarray(span)
     valid = np.asarray(valid, dtype=bool)
-    out = np.zeros(span.shape[0], dtype=np.int64)
-    for b in range(span.shape[0]):
-        row = span[b][valid[b]]
-        t = 0
-        while t < len(row):
-            e = t + 1
-            if row[t] > 0:
-                while e < len(row) and row[e] == row[t]:
-                    e += 1
-                out[b] += int(retention_slots(e - t, retention))
-            else:
-                out[b] += 1
-            t = e
-    return out
+    rows, n = span.shape
+    audio = valid & (span > 0)
+    prev_audio = np.zeros_like(audio)
+    prev_audio[:, 1:] = audio[:, :-1]
+    prev_span = np.zeros_like(span)
+    prev_span[:, 1:] = span[:, :-1]
+    run_start = audio & ~(prev_audio & (prev_span == span))
+    run_id = np.cumsum(run_start, axis=1) + np.arange(rows)[:, None] * (n + 1)
+    lengths = np.bincount(run_id[audio], minlength=rows * (n + 1)).reshape(rows, n + 1)
+    text = np.sum(valid & (span <= 0), axis=1)
+    return (text + retention_slots(lengths, retention).sum(axis=1)).astype(np.int64)
 
 
 def _shift(x: jax.Array, j: int, fill=0) -> jax.Array:

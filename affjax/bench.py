@@ -1,0 +1,194 @@
+"""`affjax bench`: warm prefill of affjax against transformers' PyTorch eager model, same config,
+same inputs, same machine, one run.
+
+Config (about 70 M parameters): audio d384 x 4 layers, text d512 x 8 layers, vocab 32k; input: one
+30 s clip (750 audio tokens) plus 40 text tokens per item. Prefill = audio encoder + projector +
+all decoder layers (building the KV cache) + the LM head on the last position, on both sides.
+Times are medians of --repeats warm runs; the first call (compilation) is reported apart. The
+machine's matmul peak (2048-square float32) is measured in the same run on both frameworks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+BENCH_CONFIG = {
+    "model_type": "qwen2_audio",
+    "audio_token_index": 31999,
+    "audio_config": {"model_type": "qwen2_audio_encoder", "num_mel_bins": 80, "d_model": 384, "encoder_layers": 4,
+                     "encoder_attention_heads": 6, "encoder_ffn_dim": 1536, "max_source_positions": 1500},
+    "text_config": {"model_type": "qwen2", "vocab_size": 32000, "hidden_size": 512, "num_hidden_layers": 8,
+                    "num_attention_heads": 8, "num_key_value_heads": 8, "intermediate_size": 1376,
+                    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False},
+}
+
+
+def prefill_flops(cfg, n_text: int, n_audio_tokens: int, n_frames: int) -> dict:
+    """Analytic FLOPs of one item's prefill (2 per multiply-add, full n x n attention square)."""
+    a, t = cfg.audio, cfg.text
+    d, f = a.d_model, n_frames // 2
+    conv = 2 * (n_frames * a.num_mel_bins * d * 3 + f * d * d * 3)
+    enc_layer = 2 * f * (4 * d * d + 2 * d * a.ffn_dim) + 2 * 2 * f * f * d
+    proj = 2 * n_audio_tokens * d * t.hidden
+    n = n_text + n_audio_tokens
+    return {"audio": conv + a.layers * enc_layer + proj,
+            "text": lm_prefill_flops(t, [n] * t.layers, items=1)}
+
+
+def lm_prefill_flops(t, tokens_per_layer, items: int = 1) -> int:
+    """The pooling spec's analytic count: q/k/v/o with real GQA widths, the full n x n attention
+    square, three SwiGLU matrices per layer at that layer's n, plus the LM head on one position."""
+    qo = 2 * t.hidden * t.heads * t.head_dim
+    kv = 2 * t.hidden * t.kv_heads * t.head_dim
+    mlp = 3 * t.hidden * t.intermediate
+    total = 0
+    for n in tokens_per_layer:
+        total += 2 * n * (qo + kv + mlp) + 2 * 2 * n * n * t.heads * t.head_dim
+    return total + items * 2 * t.hidden * t.vocab_size
+
+
+def _median_time(fn, repeats: int) -> tuple[float, float, list[float]]:
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return first, statistics.median(runs), runs
+
+
+def matmul_peak(repeats: int = 5, n: int = 2048) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import torch
+    flops = 2 * n ** 3
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+    f = jax.jit(lambda a: a @ a)
+    _, jt, _ = _median_time(lambda: f(x).block_until_ready(), repeats)
+    xt = torch.from_numpy(np.asarray(x))
+    _, tt, _ = _median_time(lambda: xt @ xt, repeats)
+    return {"xla_gflops": flops / jt / 1e9, "torch_gflops": flops / tt / 1e9}
+
+
+def build_models(seed: int = 0):
+    """Random transformers model and the same weights in affjax (no disk round trip)."""
+    import torch
+    from flax import nnx
+    from transformers import Qwen2AudioConfig as HFConfig
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
+    from affjax.models.qwen2_audio.params import KEY_ALIASES, KEYS
+    from affjax.weights import KeyTable, iter_state_dict, load_streaming
+
+    torch.manual_seed(seed)
+    hf_cfg = HFConfig(audio_config=BENCH_CONFIG["audio_config"], text_config=BENCH_CONFIG["text_config"],
+                      audio_token_index=BENCH_CONFIG["audio_token_index"])
+    hf = Qwen2AudioForConditionalGeneration(hf_cfg).eval()
+    cfg = Qwen2AudioConfig.from_hf(BENCH_CONFIG)
+    abstract = nnx.eval_shape(lambda: Qwen2Audio(cfg, rngs=nnx.Rngs(0)))
+    state = load_streaming(abstract, KeyTable(KEYS, KEY_ALIASES), iter_state_dict(hf.state_dict()))
+    return hf, nnx.merge(nnx.split(abstract)[0], state), cfg
+
+
+def bench_inputs(cfg, batch: int, audio_seconds: float, text_tokens: int, seed: int = 0):
+    """A batch of identical-shape items: text tokens around one audio placeholder run."""
+    from affjax.models.qwen2_audio.inputs import Encoded, collate
+    rng = np.random.default_rng(seed)
+    frames = min(int(audio_seconds * 100), cfg.audio.mel_frames)
+    n_audio = int(cfg.audio.output_lengths(frames))
+    items = []
+    for _ in range(batch):
+        head = rng.integers(0, 31000, text_tokens // 2)
+        tail = rng.integers(0, 31000, text_tokens - text_tokens // 2)
+        ids = np.concatenate([head, np.full(n_audio, cfg.audio_token_id), tail]).astype(np.int32)
+        feats = rng.standard_normal((1, cfg.audio.num_mel_bins, cfg.audio.mel_frames)).astype(np.float32)
+        items.append(Encoded(ids, feats, np.array([frames], np.int32)))
+    return collate(items, batch_size=batch, audio_token_id=cfg.audio_token_id, out_frames_of=cfg.audio.output_lengths,
+                   seq_len=len(items[0].ids))
+
+
+def run_bench(batches=(1, 4), repeats=5, audio_seconds=30.0, text_tokens=40, threads=2, torch_side=True) -> dict:
+    import jax
+    import torch
+
+    from affjax.engine import Engine
+
+    torch.set_num_threads(threads)
+    hf, model, cfg = build_models()
+    peak = matmul_peak(repeats)
+    engine = Engine(model)
+    results = {"config": "audio d384x4, text d512x8, vocab 32k", "params": int(sum(p.numel() for p in hf.parameters())),
+               "audio_seconds": audio_seconds, "text_tokens": text_tokens, "repeats": repeats,
+               "torch_threads": threads, "machine": platform.processor() or platform.machine(),
+               "cpu_count": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
+               "matmul_peak": peak, "rows": []}
+    for b in batches:
+        batch = bench_inputs(cfg, b, audio_seconds, text_tokens)
+        n_audio = int((batch.span[0] > 0).sum())
+        fl = prefill_flops(cfg, text_tokens, n_audio, cfg.audio.mel_frames)
+        flops = b * (fl["audio"] + fl["text"])
+
+        def ours():
+            out = engine.prefill(batch, extra=0)
+            jax.block_until_ready((out.logits, out.caches))
+
+        first, med, runs = _median_time(ours, repeats)
+        row = {"batch": b, "tokens_per_item": int(batch.valid[0].sum()), "gflop": flops / 1e9,
+               "affjax_first_call_s": first, "affjax_compile_s": first - med, "affjax_median_s": med,
+               "affjax_runs_s": runs, "affjax_gflops": flops / med / 1e9,
+               "affjax_pct_of_xla_peak": 100 * flops / med / 1e9 / peak["xla_gflops"]}
+        if torch_side:
+            feats = torch.from_numpy(batch.features)
+            fmask = torch.zeros(feats.shape[0], feats.shape[2], dtype=torch.long)
+            for i, n in enumerate(batch.feature_lengths):
+                fmask[i, :n] = 1
+            ids = torch.from_numpy(batch.ids).long()
+
+            def ref():
+                with torch.inference_mode():
+                    h = hf.model(input_ids=ids, input_features=feats, feature_attention_mask=fmask,
+                                 attention_mask=torch.ones_like(ids), use_cache=True).last_hidden_state
+                    hf.lm_head(h[:, -1])
+
+            tfirst, tmed, truns = _median_time(ref, repeats)
+            row.update(torch_median_s=tmed, torch_runs_s=truns, torch_gflops=flops / tmed / 1e9,
+                       torch_pct_of_torch_peak=100 * flops / tmed / 1e9 / peak["torch_gflops"],
+                       speedup_vs_torch=tmed / med)
+        results["rows"].append(row)
+    return results
+
+
+def format_bench(r: dict) -> str:
+    p = r["matmul_peak"]
+    lines = [f"prefill bench: {r['config']} ({r['params'] / 1e6:.1f} M params), {r['audio_seconds']:.0f} s audio "
+             f"+ {r['text_tokens']} text tokens, median of {r['repeats']}; jax {r['jax']}, torch {r['torch']} "
+             f"({r['torch_threads']} threads)",
+             f"matmul peak (2048^2 fp32): XLA {p['xla_gflops']:.0f} GFLOP/s, PyTorch {p['torch_gflops']:.0f} GFLOP/s",
+             "| batch | GFLOP | affjax s | affjax GFLOP/s (% XLA peak) | compile s | PyTorch s | PyTorch GFLOP/s | affjax speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        t = (f"{row['torch_median_s']:.3f} | {row['torch_gflops']:.0f} | {row['speedup_vs_torch']:.2f}x"
+             if "torch_median_s" in row else "- | - | -")
+        lines.append(f"| {row['batch']} | {row['gflop']:.1f} | {row['affjax_median_s']:.3f} | "
+                     f"{row['affjax_gflops']:.0f} ({row['affjax_pct_of_xla_peak']:.0f} %) | "
+                     f"{row['affjax_compile_s']:.1f} | {t} |")
+    return "\n".join(lines)
+
+
+def main_bench(args) -> int:
+    r = run_bench(tuple(args.batch), args.repeats, args.audio_seconds, args.text_tokens, args.threads,
+                  torch_side=not args.no_torch)
+    print(format_bench(r))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(r, f, indent=1)
+    return 0
