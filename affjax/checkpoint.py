@@ -5,7 +5,8 @@ sharded `model-*.safetensors` with their index, or `pytorch_model.bin`), builds 
 model abstractly (no memory), streams the tensors one at a time through the model's key table
 (`affjax.weights.load_streaming`), and writes::
 
-    dst/params/               orbax StandardCheckpointer tree (nnx pure dict of the parameters)
+    dst/params/               orbax checkpoint of `nnx.to_pure_dict` of the parameters (restore with
+                              `ocp.StandardCheckpointer().restore`, or `load` below)
     dst/affjax_config.json    {"model_type", "dtype", "hf_config", "converted_from", "affjax_version"}
     dst/config.json, tokenizer / processor / chat-template / generation-config files, copied
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import struct
@@ -140,7 +142,6 @@ Loader = Callable[[], np.ndarray]
 class _Source:
     files: list[Path]
     keys: dict[str, tuple[Path, Loader]]  # key -> (file, loader)
-    close: Callable[[], None] = lambda: None
 
     def __iter__(self) -> Iterator[tuple[str, Loader]]:
         for key, (_, load) in self.keys.items():
@@ -150,29 +151,40 @@ class _Source:
 def _safetensors_header(path: Path) -> tuple[dict, int]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)), 8 + n
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
 
 
-_RAW_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+def _np_dtype(name: str) -> np.dtype:
+    simple = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+              "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+    if name in simple:
+        return np.dtype(simple[name])
+    import ml_dtypes  # bfloat16 / float8: dtypes numpy itself lacks
+
+    extra = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+    if name not in extra:
+        raise ConversionError(f"unsupported safetensors dtype {name}")
+    return np.dtype(extra[name])
 
 
-def _raw_loader(path: Path, name: str) -> Loader:
-    """Reader for dtypes safetensors' numpy backend cannot give (bfloat16, float8): the raw bytes
-    at the header's offsets, viewed through ml_dtypes."""
+def _safetensors_loader(path: Path, name: str, info: dict, data_start: int) -> Loader:
+    """Read one tensor with a plain positioned read into a fresh array (no mmap: the file's pages
+    never count against this process, and only this one tensor is in memory)."""
 
     def load():
-        import ml_dtypes
-
-        header, start = _safetensors_header(path)
-        info = header[name]
         lo, hi = info["data_offsets"]
-        dtype = np.dtype(getattr(ml_dtypes, _RAW_DTYPES[info["dtype"]]))
+        arr = np.empty(info["shape"], dtype=_np_dtype(info["dtype"]))
+        if arr.nbytes != hi - lo:
+            raise ConversionError(f"{path.name}: tensor {name} has {hi - lo} bytes for shape "
+                                  f"{info['shape']} {info['dtype']}")
         with open(path, "rb") as f:
-            f.seek(start + lo)
-            buf = f.read(hi - lo)
-        if len(buf) != hi - lo:
-            raise ConversionError(f"{path.name}: truncated while reading {name}")
-        return np.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+            f.seek(data_start + lo)
+            got = f.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
+        if got != hi - lo:
+            raise ConversionError(f"{path.name}: truncated while reading tensor {name}")
+        return arr
 
     return load
 
@@ -180,39 +192,21 @@ def _raw_loader(path: Path, name: str) -> Loader:
 def _open_safetensors(files: list[Path]) -> _Source:
     from safetensors import SafetensorError, safe_open
 
-    handles, keys = [], {}
-    try:
-        for path in files:
-            try:
-                h = safe_open(str(path), framework="numpy")
-                handles.append(h)
-                names = list(h.keys())
-                dtypes = {k: h.get_slice(k).get_dtype() for k in names}
-            except (SafetensorError, OSError, ValueError) as e:
-                raise ConversionError(f"{path.name}: not a readable safetensors file "
-                                      f"(truncated or corrupt?): {e}") from None
-            for name in names:
-                if name in keys:
-                    raise ConversionError(f"tensor {name} appears in both {keys[name][0].name} and {path.name}")
-                if dtypes[name] in _RAW_DTYPES:
-                    load = _raw_loader(path, name)
-                else:
-                    def load(h=h, name=name, path=path):
-                        try:
-                            return h.get_tensor(name)
-                        except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
-                            raise ConversionError(f"{path.name}: cannot read tensor {name}: {e}") from None
-                keys[name] = (path, load)
-    except BaseException:
-        for h in handles:
-            h.__exit__(None, None, None)
-        raise
-
-    def close():
-        for h in handles:
-            h.__exit__(None, None, None)
-
-    return _Source(files, keys, close)
+    keys = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="numpy"):  # validates header and file coverage
+                pass
+            header, data_start = _safetensors_header(path)
+        except (SafetensorError, OSError, ValueError, struct.error) as e:
+            raise ConversionError(f"{path.name}: not a readable safetensors file "
+                                  f"(truncated or corrupt?): {e}") from None
+        for name, info in header.items():
+            if name in keys:
+                raise ConversionError(f"tensor {name} appears in both {keys[name][0].name} and {path.name}")
+            _np_dtype(info["dtype"])
+            keys[name] = (path, _safetensors_loader(path, name, info, data_start))
+    return _Source(files, keys)
 
 
 def _torch_to_numpy(t) -> np.ndarray:
@@ -308,7 +302,7 @@ def _skip_shared(source: _Source, table: KeyTable, shared: dict[str, str]) -> se
         if dropped not in canon:
             continue
         if kept not in canon:
-            raise WeightError(f"checkpoint has {canon[dropped]} but not {kept}, which the config ties it to")
+            continue  # reported with everything else: the kept weight missing, the dropped one unused
         a = source.keys[canon[dropped]][1]()
         b = source.keys[canon[kept]][1]()
         if a.shape != b.shape or not np.array_equal(a, b):
@@ -347,7 +341,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
         raise ConversionError(f"config.json: not valid JSON: {e}") from None
     spec = get_spec(hf_config.get("model_type"))
     _prepare_dst(dst, src, overwrite)
-    cfg = spec.config_from_hf(hf_config)
+    try:
+        cfg = spec.config_from_hf(hf_config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConversionError(f"config.json: cannot build a {hf_config['model_type']} model config: "
+                              f"{e if isinstance(e, ValueError) else repr(e)}") from None
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
@@ -355,11 +353,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; dst gets ordinary permissions
-        source = open_weights(src)
-        try:
-            state, n_tensors = _fill(spec, cfg, source, dtype, progress)
-        finally:
-            source.close()
+        state, n_tensors = _fill(spec, cfg, open_weights(src), dtype, progress)
         n_params, n_bytes = _save_params(state, tmp / PARAMS_DIR)
         del state
         for name in COPIED_FILES:
@@ -398,7 +392,7 @@ def _fill(spec: ModelSpec, cfg, source: _Source, dtype: str, progress: bool):
         bar = tqdm(tensors, total=len(source.keys), unit="tensor", desc="converting")
         tensors = bar
     try:
-        state = load_streaming(abstract, table, tensors, dtype=jnp.dtype(dtype), ignore=ignore)
+        state = load_streaming(abstract, table, tensors, dtype=jnp.dtype(dtype), ignore=ignore, as_numpy=True)
     finally:
         if bar is not None:
             bar.close()
@@ -406,6 +400,14 @@ def _fill(spec: ModelSpec, cfg, source: _Source, dtype: str, progress: bool):
 
 
 def _save_params(state, path: Path) -> tuple[int, int]:
+    """Write the (numpy) parameter tree with orbax, without whole-tree copies.
+
+    Orbax's defaults would roughly triple peak memory here: the numpy handler deep-copies every
+    host array before an async write, and the OCDBT driver buffers the whole tree until commit.
+    So: the numpy handler without the defensive copy (nothing else touches these arrays), the
+    plain per-array zarr layout instead of OCDBT, and chunks of at most 64 MiB so that encoding
+    holds only a few chunks at a time. `ocp.StandardCheckpointer().restore` reads this format.
+    """
     import jax
     import orbax.checkpoint as ocp
     from flax import nnx
@@ -414,9 +416,20 @@ def _save_params(state, path: Path) -> tuple[int, int]:
     leaves = jax.tree_util.tree_leaves(pure)
     n_params = sum(int(np.prod(x.shape)) for x in leaves)
     n_bytes = sum(int(x.nbytes) for x in leaves)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path.resolve(), pure)
-        ckptr.wait_until_finished()
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.ArrayHandler()),
+    )
+    save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=64 << 20), pure)
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=registry)
+    absl_log = logging.getLogger("absl")  # orbax warns that it skips merging OCDBT subdirs
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(path.resolve(), args=ocp.args.PyTreeSave(pure, save_args=save_args))
+    finally:
+        absl_log.setLevel(level)
     return n_params, n_bytes
 
 

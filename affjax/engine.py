@@ -31,6 +31,7 @@ from affjax.pooling.affinity import fixed_capacity_needed, pool_stage
 from affjax.pooling.spec import PoolingConfig
 
 TRACES: collections.Counter = collections.Counter()  # traces (= compilations) per jitted piece
+_JIT: dict = {}
 
 
 def _traced(name: str):
@@ -144,16 +145,18 @@ class Engine:
                 raise ValueError(f"pooling stage at layer {st.layer} outside 0..{L - 1}")
         cuts = [st.layer for st in self.pooling.stages]
         self.groups = list(zip([0] + cuts, cuts + [L]))  # group g: layers [start, end)
-        self._jit = {}
 
     # -- jitted wrappers ------------------------------------------------------------------------
     def _fn(self, name, fn, static=()):
-        if name not in self._jit:
-            def wrapped(state, *args, **kw):
+        """`fn(model, ...)` jitted over the parameter state; shared by every Engine of the same
+        model structure (the graphdef is a static argument), so settings never recompile it."""
+        key = (name, fn, tuple(static))
+        if key not in _JIT:
+            def wrapped(state, *args, graphdef, **kw):
                 _traced(name)
-                return fn(nnx.merge(self.graphdef, state), *args, **kw)
-            self._jit[name] = jax.jit(wrapped, static_argnames=static)
-        return self._jit[name]
+                return fn(nnx.merge(graphdef, state), *args, **kw)
+            _JIT[key] = jax.jit(wrapped, static_argnames=("graphdef",) + tuple(static))
+        return functools.partial(_JIT[key], graphdef=self.graphdef)
 
     def _device_batch(self, batch: Batch):
         return (jnp.asarray(batch.ids), jnp.asarray(batch.valid), jnp.asarray(batch.span),
@@ -164,7 +167,7 @@ class Engine:
         """Run the prompt (and, for score, the continuation) through the model."""
         if self.pool_mode == "fixed" and self.pooling.stages:
             return self._prefill_fixed(batch, extra=extra, score=score)
-        embed = self._fn("embed", lambda m, *a: _embed(m, *a))
+        embed = self._fn("embed", _embed)
         seq = embed(self.state, *self._device_batch(batch))
         caches, group_len, group_pos0, group_bias, stats = [], [], [], [], []
         n_prompt = jnp.asarray(batch.n_prompt)
@@ -178,10 +181,11 @@ class Engine:
                 cap = shapes.bucket(max(n_max, 1))
                 seq = _slice_seq(seq, min(cap, seq.x.shape[1]))
                 stats.append(st)
-            run = self._fn("group", _run_group, static=("start", "end", "extra", "proportional", "keep_cache"))
-            seq, c = run(self.state, seq, start=start, end=end, extra=extra, proportional=prop and g > 0,
-                         keep_cache=not score)
-            caches += c
+            if end > start:
+                run = self._fn("group", _run_group, static=("start", "end", "extra", "proportional", "keep_cache"))
+                seq, c = run(self.state, seq, start=start, end=end, extra=extra, proportional=prop and g > 0,
+                             keep_cache=not score)
+                caches += c
             n_g = jnp.sum(seq.valid, axis=1).astype(jnp.int32)
             group_len.append(n_g)
             group_pos0.append(self._pos0(seq, n_prompt, n_g))

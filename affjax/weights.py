@@ -62,16 +62,20 @@ def load_streaming(abstract_model: nnx.Module, table: KeyTable,
                    tensors: Iterable[tuple[str, Callable[[], np.ndarray]]], *,
                    dtype=None, sharding_for: Callable | None = None,
                    ignore: Callable[[str], bool] = lambda k: False,
-                   progress: Callable[[int], None] | None = None) -> nnx.State:
+                   progress: Callable[[int], None] | None = None,
+                   as_numpy: bool = False) -> nnx.State:
     """Fill the abstract model's parameters from (key, loader) pairs, one tensor in memory at a time.
 
     `tensors` yields (hf_key, load_fn); load_fn() returns the numpy array. Returns the concrete
     parameter State. Raises WeightError listing every missing, unused and mis-shaped key.
+    as_numpy: keep the filled leaves as host numpy arrays (C-contiguous, cast to the target dtype)
+    instead of jax arrays: no device copy, so the loaded tensor itself is kept when no cast or
+    transpose is needed (the converter writes these straight to disk).
     """
     _, abstract = nnx.split(abstract_model)
     flat = dict(nnx.to_flat_state(abstract))
     filled: dict[tuple, jax.Array] = {}
-    unused, bad_shape = [], []
+    unused, bad_shape, bad_paths = [], [], set()
     for n, (key, load) in enumerate(tensors):
         hit = table.lookup(key)
         if hit is None or hit[0] not in flat:
@@ -79,19 +83,30 @@ def load_streaming(abstract_model: nnx.Module, table: KeyTable,
                 unused.append(key if hit is None else f"{key} (-> {_describe(hit[0])}, not in this model)")
             continue
         path, transform = hit
+        if path in filled or path in bad_paths:
+            unused.append(f"{key} (-> {_describe(path)}, which an earlier tensor already filled)")
+            continue
         leaf = flat[path]
-        arr = TRANSFORMS[transform](np.asarray(load()))
+        raw = np.asarray(load())
+        arr = TRANSFORMS[transform](raw)
         if tuple(arr.shape) != tuple(leaf.shape):
-            bad_shape.append(f"{key}: checkpoint {tuple(arr.shape)} after '{transform}', "
+            after = "" if transform == "copy" else f", {tuple(arr.shape)} after '{transform}'"
+            bad_shape.append(f"{key}: checkpoint {tuple(raw.shape)}{after}, "
                              f"model {_describe(path)} expects {tuple(leaf.shape)}")
+            bad_paths.add(path)
             continue
         target_dtype = dtype or leaf.dtype
-        value = jnp.asarray(arr, dtype=target_dtype) if sharding_for is None else \
-            jax.device_put(arr.astype(jnp.dtype(target_dtype)), sharding_for(path))
+        if as_numpy:
+            value = np.ascontiguousarray(arr, dtype=jnp.dtype(target_dtype))
+        elif sharding_for is None:
+            value = jnp.asarray(arr, dtype=target_dtype)
+        else:
+            value = jax.device_put(arr.astype(jnp.dtype(target_dtype)), sharding_for(path))
+        del raw, arr
         filled[path] = value
         if progress:
             progress(n)
-    missing = [_describe(p) for p in flat if p not in filled]
+    missing = [_describe(p) for p in flat if p not in filled and p not in bad_paths]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing (model parameters with no tensor): " + ", ".join(missing))

@@ -155,6 +155,7 @@ def test_one_compile_per_bucket(loaded):
     lengths = [len(e.ids) for e in enc]
     assert len(set(lengths)) == 12 and 512 < min(lengths) and max(lengths) <= 768, lengths
     engine = Engine(model, eos_ids=eos, pad_id=pad)
+    jax.clear_caches()  # jitted pieces are shared across engines: start cold
     TRACES.clear()
     for k in range(3):
         batch = collate(enc[4 * k:4 * k + 4], batch_size=4, audio_token_id=cfg.audio_token_id,

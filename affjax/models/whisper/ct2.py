@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["CT2Error", "read_ct2", "ct2_to_hf_state_dict", "ct2_hf_config", "ct2_processor",
-           "ct2_special_ids", "CT2_DTYPES"]
+           "ct2_special_ids", "is_multilingual", "CT2_DTYPES"]
 
+# CTranslate2 ActivationType -> HF activation_function
+_CT2_ACTIVATIONS = {0: "relu", 1: "gelu_new", 2: "silu", 3: "gelu"}
 CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
 SUPPORTED_VERSIONS = (6,)
 
@@ -224,12 +226,14 @@ def ct2_to_hf_state_dict(ct2_vars: dict[str, np.ndarray], config: dict | None = 
 
 
 def _ignorable(name: str, v: dict) -> bool:
+    """Scalars (flags such as `decoder/scale_embeddings`, `encoder/num_heads`) and the output
+    projection, which is an alias of the tied token embedding."""
     a = v[name]
-    if a.ndim == 0 or a.size == 1:  # flags like */scale_embeddings, decoder/start_id, ...
+    if a.ndim == 0:
         return True
-    if name.startswith("decoder/projection/"):  # alias of the token embedding (tied)
-        return name.endswith("weight") and np.shares_memory(a, v["decoder/embeddings/weight"]) or \
-            (a.shape == v["decoder/embeddings/weight"].shape and np.array_equal(a, v["decoder/embeddings/weight"]))
+    if name == "decoder/projection/weight":
+        emb = v["decoder/embeddings/weight"]
+        return a is emb or (a.shape == emb.shape and np.array_equal(a, emb))
     return False
 
 
@@ -263,9 +267,6 @@ def ct2_special_ids(ct2_dir: str | os.PathLike) -> dict:
         "prev": added.get("<|startofprev|>"),
         "no_speech": added.get("<|nospeech|>", added.get("<|nocaptions|>")),
         "lang_to_id": langs,
-        # English-only models (tiny.en, ...) have no language/task slot in their prompt. Their
-        # vocabulary is one smaller: <|endoftext|> is 50256 instead of 50257.
-        "multilingual": added["<|endoftext|>"] == 50257,
         "suppress_tokens": [int(i) for i in cfg.get("suppress_ids", [])],
         "begin_suppress_tokens": [int(i) for i in cfg.get("suppress_ids_begin", [])],
         "alignment_heads": cfg.get("alignment_heads"),
@@ -291,9 +292,9 @@ def ct2_hf_config(ct2_dir: str | os.PathLike, ct2_vars: dict | None = None) -> d
             heads[part] = int(np.asarray(v["num_heads"]).reshape(-1)[0])
         else:  # Whisper's head size is always 64
             heads[part] = d_model // 64
-    sot_prompt = [ids["sot"]]
-    if ids["multilingual"]:
-        sot_prompt += [ids["lang_to_id"].get("en", ids["sot"] + 1), ids["transcribe"]]
+    act_code = int(v["decoder/activation"]) if "decoder/activation" in v else 3
+    if act_code not in _CT2_ACTIVATIONS:
+        raise CT2Error(f"unknown CTranslate2 activation code {act_code}")
     return {
         "model_type": "whisper",
         "vocab_size": int(vocab),
@@ -307,8 +308,8 @@ def ct2_hf_config(ct2_dir: str | os.PathLike, ct2_vars: dict | None = None) -> d
         "decoder_ffn_dim": int(dec_ffn),
         "max_source_positions": int(v["encoder/position_encodings/encodings"].shape[0]),
         "max_target_positions": int(v["decoder/position_encodings/encodings"].shape[0]),
-        "activation_function": "gelu",
-        "scale_embedding": False,
+        "activation_function": _CT2_ACTIVATIONS[act_code],
+        "scale_embedding": bool(int(v.get("decoder/scale_embeddings", np.int8(0)))),
         "tie_word_embeddings": True,
         "pad_token_id": ids["eos"],
         "bos_token_id": ids["eos"],
@@ -316,11 +317,13 @@ def ct2_hf_config(ct2_dir: str | os.PathLike, ct2_vars: dict | None = None) -> d
         "decoder_start_token_id": ids["sot"],
         "begin_suppress_tokens": None,
         "suppress_tokens": None,
-        # not WhisperConfig fields, but harmless extras that our code reads
-        "no_timestamps_token_id": ids["no_timestamps"],
-        "is_multilingual": ids["multilingual"],
-        "prompt_ids": sot_prompt + [ids["no_timestamps"]],
     }
+
+
+def is_multilingual(hf_config: dict) -> bool:
+    """Transformers' rule: multilingual Whisper vocabularies have 51865+ tokens (English-only: 51864)
+    and their prompt carries a language and a task token."""
+    return hf_config["vocab_size"] >= 51865
 
 
 def _timestamp_tokens(first_id: int, vocab: int) -> list[str]:
@@ -328,60 +331,56 @@ def _timestamp_tokens(first_id: int, vocab: int) -> list[str]:
 
 
 def ct2_processor(ct2_dir: str | os.PathLike, dst: str | os.PathLike, *, language: str = "en",
-                  task: str = "transcribe", vocab_size: int | None = None):
+                  task: str = "transcribe", hf_config: dict | None = None):
     """Write a `WhisperProcessor` (+ `generation_config.json`) for a CT2 folder to `dst`; returns it.
 
     The tokenizer is `WhisperTokenizerFast` over the folder's tokenizer.json with Whisper's special
-    tokens. CT2's tokenizer.json stops at `<|notimestamps|>`; the timestamp tokens `<|0.00|>` ..
-    `<|30.00|>` are added after it (not special, as on the hub) so that the tokenizer covers the
-    model's whole vocabulary. `generation_config.json` asks for greedy decoding without
-    timestamps; for multilingual models it forces `<|{language}|><|{task}|>`.
+    tokens registered (so `<|notimestamps|>` is the last special id, as transformers' timestamp
+    code expects). CT2's tokenizer.json stops at `<|notimestamps|>`; the timestamp tokens
+    `<|0.00|>` .. `<|30.00|>` are added after it (not special, as on the hub) so that the tokenizer
+    covers the model's whole vocabulary. `generation_config.json` asks for greedy decoding without
+    timestamps; for multilingual models it forces `<|{language}|><|{task}|>`. `hf_config` (from
+    `ct2_hf_config`) avoids reading model.bin again.
     """
-    from transformers import GenerationConfig, WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizerFast
     from tokenizers import AddedToken
+    from transformers import GenerationConfig, WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizerFast
 
     ct2_dir, dst = Path(ct2_dir), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     ids = ct2_special_ids(ct2_dir)
-    cfg = ct2_hf_config(ct2_dir) if vocab_size is None else None
-    vocab = vocab_size if vocab_size is not None else cfg["vocab_size"]
-    n_mels = cfg["num_mel_bins"] if cfg else None
-    if n_mels is None:
-        n_mels = int(read_ct2(ct2_dir / "model.bin")["encoder/conv1/weight"].shape[1])
+    cfg = hf_config if hf_config is not None else ct2_hf_config(ct2_dir)
+    vocab, multilingual = cfg["vocab_size"], is_multilingual(cfg)
 
-    added = _tokenizer_added(ct2_dir)
-    specials = [t for t, _ in sorted(added.items(), key=lambda kv: kv[1])]
     tok = WhisperTokenizerFast(
         tokenizer_file=str(ct2_dir / "tokenizer.json"),
         unk_token="<|endoftext|>", bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        add_prefix_space=False,
-        language=language if ids["multilingual"] else None,
-        task=task if ids["multilingual"] else None,
+        pad_token="<|endoftext|>", add_prefix_space=False,
+        language=language if multilingual else None, task=task if multilingual else None,
         predict_timestamps=False,
     )
-    extra = [t for t in specials if t not in ("<|endoftext|>",)]
-    tok.add_special_tokens({"additional_special_tokens": extra}, replace_additional_special_tokens=False) \
-        if _accepts_replace(tok) else tok.add_special_tokens({"additional_special_tokens": extra})
+    added = sorted(_tokenizer_added(ct2_dir).items(), key=lambda kv: kv[1])
+    tok.add_special_tokens({"extra_special_tokens": [t for t, _ in added if t != "<|endoftext|>"]},
+                           replace_extra_special_tokens=False)
     first_ts = ids["no_timestamps"] + 1
     if len(tok) == first_ts and vocab > first_ts:
         tok.add_tokens([AddedToken(t, lstrip=False, rstrip=False, normalized=False, special=False)
                         for t in _timestamp_tokens(first_ts, vocab)])
-    if len(tok) != vocab or tok.convert_tokens_to_ids("<|notimestamps|>") != ids["no_timestamps"]:
-        raise CT2Error(f"tokenizer built from {ct2_dir} has {len(tok)} tokens, model vocabulary is {vocab}")
+    if len(tok) != vocab or tok.all_special_ids[-1] != ids["no_timestamps"]:
+        raise CT2Error(f"tokenizer built from {ct2_dir} has {len(tok)} tokens (last special id "
+                       f"{tok.all_special_ids[-1]}); the model has {vocab}, <|notimestamps|> is {ids['no_timestamps']}")
 
-    fe = WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=16000, hop_length=160, chunk_length=30,
-                                 n_fft=400, padding_value=0.0, return_attention_mask=False)
+    fe = WhisperFeatureExtractor(feature_size=cfg["num_mel_bins"], sampling_rate=16000, hop_length=160,
+                                 chunk_length=30, n_fft=400, padding_value=0.0, return_attention_mask=False)
     proc = WhisperProcessor(feature_extractor=fe, tokenizer=tok)
     proc.save_pretrained(str(dst))
 
     gen = GenerationConfig(
         decoder_start_token_id=ids["sot"], bos_token_id=ids["eos"], eos_token_id=ids["eos"],
         pad_token_id=ids["eos"], no_timestamps_token_id=ids["no_timestamps"],
-        do_sample=False, num_beams=1, max_length=448, is_multilingual=ids["multilingual"],
+        do_sample=False, num_beams=1, max_length=cfg["max_target_positions"], is_multilingual=multilingual,
         return_timestamps=False,
     )
-    if ids["multilingual"]:
+    if multilingual:
         gen.lang_to_id = {f"<|{k}|>": i for k, i in ids["lang_to_id"].items()}
         gen.task_to_id = {"transcribe": ids["transcribe"], "translate": ids["translate"]}
         gen.language = language
@@ -392,12 +391,3 @@ def ct2_processor(ct2_dir: str | os.PathLike, dst: str | os.PathLike, *, languag
         gen.alignment_heads = ids["alignment_heads"]
     gen.save_pretrained(str(dst))
     return proc
-
-
-def _accepts_replace(tok) -> bool:
-    import inspect
-
-    try:
-        return "replace_additional_special_tokens" in inspect.signature(tok.add_special_tokens).parameters
-    except (TypeError, ValueError):
-        return False

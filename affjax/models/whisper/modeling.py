@@ -511,8 +511,8 @@ def load_whisper_ct2(ct2_dir, dtype=jnp.float32, *, processor_dir=None):
     graphdef, _ = nnx.split(abstract)
     model = nnx.merge(graphdef, state)
     if processor_dir is not None:
-        processor = ct2_processor(ct2_dir, processor_dir, vocab_size=cfg.vocab_size)
+        processor = ct2_processor(ct2_dir, processor_dir, hf_config=hf_cfg)
     else:
         with tempfile.TemporaryDirectory(prefix="affjax-whisper-proc-") as td:
-            processor = ct2_processor(ct2_dir, td, vocab_size=cfg.vocab_size)
+            processor = ct2_processor(ct2_dir, td, hf_config=hf_cfg)
     return model, processor, hf_cfg

@@ -1,0 +1,195 @@
+"""Memory plans from abstract shapes (affjax.plan): parameter counts of the real Qwen2-Audio-7B
+geometry against an analytic count and transformers, KV-cache arithmetic, TPU mesh picking, and
+tiny configs against really instantiated models."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from affjax.plan import (DTYPE_BYTES, GiB, QWEN2_AUDIO_7B_CONFIG, TOPOLOGIES, format_plan, param_counts,
+                         plan)
+
+TINY_AUDIO = {
+    "model_type": "qwen2_audio",
+    "audio_token_index": 95,
+    "audio_config": {"model_type": "qwen2_audio_encoder", "num_mel_bins": 16, "d_model": 32, "encoder_layers": 2,
+                     "encoder_attention_heads": 4, "encoder_ffn_dim": 48, "max_source_positions": 20},
+    "text_config": {"model_type": "qwen2", "vocab_size": 100, "hidden_size": 40, "num_hidden_layers": 3,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 72,
+                    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False},
+}
+TINY_LLAMA = {"model_type": "llama", "vocab_size": 90, "hidden_size": 24, "num_hidden_layers": 2,
+              "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 4, "intermediate_size": 40,
+              "rms_norm_eps": 1e-5, "rope_theta": 1e5, "tie_word_embeddings": True}
+
+
+def analytic_qwen2_audio_params(c: dict) -> dict[str, int]:
+    """Parameter count written out from the config's numbers alone."""
+    a, t = c["audio_config"], c["text_config"]
+    d, f, mel = a["d_model"], a["encoder_ffn_dim"], a["num_mel_bins"]
+    audio_layer = (4 * d * d + 3 * d      # q, k, v, out (k has no bias)
+                   + 2 * d * f + f + d    # fc1, fc2
+                   + 2 * 2 * d)           # two LayerNorms
+    audio = (mel * d * 3 + d + d * d * 3 + d     # conv1, conv2
+             + a["max_source_positions"] * d    # position table
+             + a["encoder_layers"] * audio_layer
+             + 2 * d)                           # final LayerNorm
+    h, i, v = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
+    hd = h // t["num_attention_heads"]
+    q, kv = t["num_attention_heads"] * hd, t["num_key_value_heads"] * hd
+    text_layer = (h * q + q + 2 * (h * kv + kv)   # q, k, v with biases
+                  + q * h                         # o
+                  + 3 * h * i                     # gate, up, down
+                  + 2 * h)                        # two RMSNorms
+    return {"audio_tower": audio, "projector": d * h + h,
+            "language_model": t["num_hidden_layers"] * text_layer + h,
+            "embeddings": v * h, "lm_head": 0 if t["tie_word_embeddings"] else v * h}
+
+
+@pytest.fixture(scope="module")
+def plan_7b():
+    return plan(QWEN2_AUDIO_7B_CONFIG, batch=1, seq_len=2048, topology="v5e-8")
+
+
+def test_7b_config_is_the_real_geometry():
+    from affjax.models.qwen2_audio.modeling import Qwen2AudioConfig
+
+    cfg = Qwen2AudioConfig.from_hf(copy.deepcopy(QWEN2_AUDIO_7B_CONFIG))
+    a, t = cfg.audio, cfg.text
+    assert (a.num_mel_bins, a.d_model, a.layers, a.heads, a.ffn_dim, a.max_source_positions, a.avg_pool) == \
+        (128, 1280, 32, 20, 5120, 1500, 2)
+    assert (t.vocab_size, t.hidden, t.layers, t.heads, t.kv_heads, t.head_dim, t.intermediate) == \
+        (156032, 4096, 32, 32, 32, 128, 11008)
+    assert (t.rope_theta, t.rms_eps, t.tie_embeddings, t.qkv_bias) == (10000.0, 1e-5, False, True)
+    assert cfg.audio_token_id == 151646
+    assert QWEN2_AUDIO_7B_CONFIG["text_config"]["max_position_embeddings"] == 8192
+    json.dumps(QWEN2_AUDIO_7B_CONFIG)  # config.json form
+
+
+def test_7b_param_count_from_abstract_shapes(plan_7b):
+    counts = plan_7b["params"]
+    want = analytic_qwen2_audio_params(QWEN2_AUDIO_7B_CONFIG)
+    for part, n in want.items():
+        assert counts[part] == n, part
+    assert counts["total"] == sum(want.values()) == 8_397_094_912
+    assert 8.3e9 < counts["total"] < 8.5e9  # "about 8.4 B parameters"
+    assert plan_7b["param_bytes"]["bfloat16"] == 2 * counts["total"]
+    assert plan_7b["param_bytes"]["float32"] == 4 * counts["total"]
+
+
+def test_7b_param_count_matches_transformers_on_meta_device():
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    with torch.device("meta"):  # shapes only, no memory
+        hf = transformers.Qwen2AudioForConditionalGeneration(
+            transformers.Qwen2AudioConfig(**copy.deepcopy(QWEN2_AUDIO_7B_CONFIG)))
+    counts = param_counts(QWEN2_AUDIO_7B_CONFIG)
+    assert sum(p.numel() for p in hf.parameters()) == counts["total"]
+    assert sum(p.numel() for p in hf.model.audio_tower.parameters()) == counts["audio_tower"]
+    assert sum(p.numel() for p in hf.lm_head.parameters()) == counts["lm_head"]
+
+
+def test_kv_cache_bytes_by_hand():
+    r = plan(QWEN2_AUDIO_7B_CONFIG, batch=3, seq_len=1000)
+    # K and V, 32 layers, 3 rows, 1000 positions, 32 KV heads of 128, 2 bytes
+    assert r["kv_cache"]["bytes"]["bfloat16"] == 2 * 32 * 3 * 1000 * 32 * 128 * 2 == 1_572_864_000
+    assert r["kv_cache"]["bytes"]["float32"] == 2 * r["kv_cache"]["bytes"]["bfloat16"]
+    assert r["kv_cache"]["per_token_bytes"]["bfloat16"] == 512 * 1024
+    # grouped-query attention: the cache scales with KV heads, not query heads
+    g = plan(TINY_LLAMA, batch=5, seq_len=77)
+    assert g["kv_cache"]["bytes"]["float32"] == 2 * 2 * 5 * 77 * 2 * 4 * 4
+    for d in r["dtypes"]:
+        assert r["total"][d] == r["param_bytes"][d] + r["kv_cache"]["bytes"][d] + r["activations"][d]["peak"]
+
+
+def test_activation_estimate_terms():
+    r = plan(TINY_LLAMA, batch=2, seq_len=64, dtypes=("float32",))
+    dec = r["activations"]["float32"]["decoder"]
+    # float32 logits + probabilities: 2 x B x H x T x T x 4, plus q, k, v, o
+    assert dec["attention"] == 2 * 2 * 6 * 64 * 64 * 4 + 2 * 64 * (2 * 6 + 2 * 2) * 4 * 4
+    assert dec["mlp"] == 3 * 2 * 64 * 40 * 4
+    assert r["assumptions"] and any("activations" in a for a in r["assumptions"])
+    longer = plan(TINY_LLAMA, batch=2, seq_len=128, dtypes=("float32",))["activations"]["float32"]["decoder"]
+    assert longer["attention"] > 3.5 * dec["attention"]  # quadratic in length
+
+
+def test_bf16_7b_needs_model_parallelism_on_v5e(plan_7b):
+    topo = plan_7b["topology"]
+    assert topo["chips"] == 8 and topo["hbm_per_chip"] == 16 * GiB
+    # 15.6 GiB of bfloat16 weights: past the 80% budget of one chip, and over 16 GiB with the cache
+    assert plan_7b["param_bytes"]["bfloat16"] > 0.8 * 16 * GiB
+    assert plan_7b["total"]["bfloat16"] > 16 * GiB
+    rows = {(m["dtype"], m["data"], m["model"]): m for m in topo["meshes"]}
+    assert not rows[("bfloat16", 8, 1)]["fits"]
+    pick = topo["choice"]["bfloat16"]
+    assert pick is not None and pick["model"] > 1 and pick["data"] * pick["model"] == 8
+    assert rows[("bfloat16", pick["data"], pick["model"])]["total"] <= 0.8 * 16 * GiB
+    # the smallest model axis that fits: every smaller one does not
+    assert all(not m["fits"] for m in topo["meshes"] if m["dtype"] == "bfloat16" and m["model"] < pick["model"])
+    assert topo["choice"]["float32"]["model"] >= pick["model"]
+
+
+def test_other_topologies():
+    assert set(TOPOLOGIES) == {"v4-8", "v5e-8", "v5p-8"}
+    v5p = plan(QWEN2_AUDIO_7B_CONFIG, batch=1, seq_len=2048, topology="v5p-8")["topology"]
+    assert v5p["choice"]["bfloat16"] == {"data": 4, "model": 1}  # 95 GiB chips hold it whole
+    v4 = plan(QWEN2_AUDIO_7B_CONFIG, batch=1, seq_len=2048, topology="v4-8")["topology"]
+    assert v4["choice"]["float32"]["model"] > 1  # 31 GiB of float32 weights on 32 GiB chips
+    with pytest.raises(ValueError, match="unknown topology"):
+        plan(QWEN2_AUDIO_7B_CONFIG, batch=1, seq_len=16, topology="v9-1")
+    # a model axis that does not divide the KV heads is never picked
+    tiny = plan(TINY_LLAMA, batch=1, seq_len=16, topology="v5e-8")["topology"]
+    assert tiny["choice"]["float32"] == {"data": 8, "model": 1}
+    bad = [m for m in tiny["meshes"] if m["model"] == 4]
+    assert bad and all(not m["fits"] and "does not divide" in m["note"] for m in bad)
+
+
+def test_tiny_configs_match_instantiated_models():
+    import jax
+    from flax import nnx
+
+    from affjax.models.qwen2.modeling import Qwen2ForCausalLM, TextConfig
+    from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
+
+    def real_count(model):
+        return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+    audio = param_counts(TINY_AUDIO)
+    assert audio["total"] == real_count(Qwen2Audio(Qwen2AudioConfig.from_hf(TINY_AUDIO), rngs=nnx.Rngs(0)))
+    want = analytic_qwen2_audio_params(TINY_AUDIO)
+    assert {k: audio[k] for k in want} == want
+    llama = param_counts(TINY_LLAMA)
+    assert llama["total"] == real_count(Qwen2ForCausalLM(TextConfig.from_hf(TINY_LLAMA), rngs=nnx.Rngs(0)))
+    assert llama["lm_head"] == 0 and llama["embeddings"] == 90 * 24
+
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    with torch.device("meta"):
+        hf_audio = transformers.Qwen2AudioForConditionalGeneration(transformers.Qwen2AudioConfig(**TINY_AUDIO))
+        cfg = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+        hf_llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    assert sum(p.numel() for p in hf_audio.parameters()) == audio["total"]
+    assert sum(p.numel() for p in hf_llama.parameters()) == llama["total"]  # tied head counted once
+
+
+def test_format_plan_and_cli(plan_7b, tmp_path, capsys):
+    text = format_plan(plan_7b)
+    assert "8,397,094,912" in text and "v5e-8" in text and "choice for bfloat16" in text
+    assert "assumptions:" in text and "KV cache" in text
+
+    from affjax.cli import main
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY_AUDIO))
+    assert main(["plan", "--ckpt-config", str(tmp_path), "--batch", "1", "2", "--length", "32", "64",
+                 "--topology", "v4-8"]) == 0
+    out = capsys.readouterr().out
+    assert f"{param_counts(TINY_AUDIO)['total']:,}" in out and "TPU v4-8" in out
+    assert len([ln for ln in out.splitlines() if ln.split()[:2] in (["1", "32"], ["2", "64"])]) == 2
+    assert main(["plan", "--ckpt-config", str(tmp_path / "missing")]) == 1
+    assert set(DTYPE_BYTES) >= {"float32", "bfloat16"}
