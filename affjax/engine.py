@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from affjax import shapes
-from affjax.layers import causal_mask, rope_cos_sin
+from affjax.layers import rope_cos_sin
 from affjax.models.qwen2_audio.inputs import Batch
 from affjax.pooling.affinity import fixed_capacity_needed, pool_stage
 from affjax.pooling.spec import PoolingConfig
@@ -70,11 +70,10 @@ def _run_group(model, seq: Seq, start: int, end: int, extra: int, proportional: 
     padded with `extra` free slots for decoding (none when keep_cache is False: scoring)."""
     lm = model.language_model
     cos, sin = rope_cos_sin(seq.pos, lm.cfg.head_dim, lm.cfg.rope_theta, seq.x.dtype)
-    mask = causal_mask(seq.valid)
     bias = jnp.log(jnp.maximum(seq.size, 1.0)) if proportional else None
     x, caches = seq.x, []
     for layer in lm.layers[start:end]:
-        x, (k, v) = layer(x, cos, sin, mask, bias)
+        x, (k, v) = layer(x, cos, sin, seq.valid, bias)
         if keep_cache:
             pad = ((0, 0), (0, extra), (0, 0), (0, 0))
             caches.append((jnp.pad(k, pad), jnp.pad(v, pad)))
@@ -306,9 +305,9 @@ def _decode_loop(model, first_logits, caches, group_len, group_pos0, group_bias,
             pos = (group_pos0[g] + step)[:, None]
             cos, sin = rope_cos_sin(pos, lm.cfg.head_dim, lm.cfg.rope_theta, x.dtype)
             s_len = caches[li][0].shape[1] if end > start else 0
-            mask = (jnp.arange(s_len)[None, :] <= write)[:, None, :]
+            key_valid = jnp.arange(s_len)[None, :] <= write
             for layer in lm.layers[start:end]:
-                x, kv = layer(x, cos, sin, mask, group_bias[g], cache=caches[li], write=write)
+                x, kv = layer(x, cos, sin, key_valid, group_bias[g], cache=caches[li], write=write)
                 new_caches.append(kv)
                 li += 1
         nxt = jnp.argmax(lm.logits(x[:, 0]), axis=-1).astype(jnp.int32)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from affjax.layers import RMSNorm, apply_rope, attention, causal_mask, linear, rope_cos_sin
+from affjax.layers import RMSNorm, apply_rope, attention, linear, rope_cos_sin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +60,10 @@ class Attention(nnx.Module):
         self.v_proj = linear(d, cfg.kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = linear(cfg.heads * hd, d, bias=False, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, key_bias=None, cache=None, write=None):
-        """x: ['B T D']; mask: Bool['B T S']; without a cache S = T and the new keys are returned;
-        with cache=(K, V) ['B S KVH hd'] the T new keys are written at slots write ['B T'] first."""
+    def __call__(self, x, cos, sin, key_valid, key_bias=None, cache=None, write=None):
+        """x: ['B T D']; key_valid: Bool['B S']. Without a cache S = T, attention is causal over the
+        packed sequence and the new keys are returned; with cache=(K, V) ['B S KVH hd'] the T new
+        keys are written at slots write ['B T'] first and every valid cache slot is visible."""
         b, t, _ = x.shape
         c = self.cfg
         q = apply_rope(self.q_proj(x).reshape(b, t, c.heads, c.head_dim), cos, sin)
@@ -72,7 +73,7 @@ class Attention(nnx.Module):
             rows = jnp.arange(b)[:, None]
             k = cache[0].at[rows, write].set(k.astype(cache[0].dtype))
             v = cache[1].at[rows, write].set(v.astype(cache[1].dtype))
-        out = attention(q, k, v, mask, key_bias)
+        out = attention(q, k, v, key_bias=key_bias, key_valid=key_valid, causal=cache is None)
         return self.o_proj(out.reshape(b, t, c.heads * c.head_dim)), (k, v)
 
 
@@ -93,8 +94,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden, eps=cfg.rms_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, key_bias=None, cache=None, write=None):
-        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, key_bias, cache, write)
+    def __call__(self, x, cos, sin, key_valid, key_bias=None, cache=None, write=None):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, key_bias, cache, write)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -121,9 +122,8 @@ class Qwen2ForCausalLM(nnx.Module):
         x = self.embed(ids)
         pos = jnp.arange(ids.shape[1], dtype=jnp.float32)[None].repeat(ids.shape[0], 0)
         cos, sin = rope_for(self.cfg, pos, x.dtype)
-        mask = causal_mask(valid)
         for layer in self.layers:
-            x, _ = layer(x, cos, sin, mask)
+            x, _ = layer(x, cos, sin, valid)
         return self.logits(x)
 
 

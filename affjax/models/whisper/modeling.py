@@ -77,11 +77,13 @@ class EncoderLayer(nnx.Module):
         self.fc2 = linear(cfg.ffn_dim, d, bias=True, dtype=dtype, rngs=rngs)
         self.act = _act(cfg.activation)
 
-    def __call__(self, x: jax.Array, mask: jax.Array, key_bias: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, key_valid: jax.Array | None, key_bias: jax.Array | None = None) -> jax.Array:
+        """x: ['B T D']; key_valid: Bool['B T'] or None (all keys); key_bias: Float['B T'] or None."""
         b, t, d = x.shape
         h = self.self_attn_layer_norm(x)
         split = lambda y: y.reshape(b, -1, self.heads, d // self.heads)
-        a = attention(split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h)), mask, key_bias)
+        a = attention(split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h)), key_bias=key_bias,
+                      key_valid=key_valid)
         x = x + self.out_proj(a.reshape(b, t, d))
         h = self.final_layer_norm(x)
         return x + self.fc2(self.act(self.fc1(h)))
@@ -107,16 +109,15 @@ class AudioEncoder(nnx.Module):
         x = jax.nn.gelu(self.conv2(x), approximate=False)
         return x + self.embed_positions[...][: x.shape[1]]
 
-    def key_mask(self, feature_lengths: jax.Array | None, frames: int, batch: int) -> jax.Array:
-        """Bool['B T T']: Qwen2-Audio masks keys past each clip's length; Whisper masks nothing."""
+    def key_valid(self, feature_lengths: jax.Array | None, frames: int) -> jax.Array | None:
+        """Bool['B T']: Qwen2-Audio masks keys past each clip's length; Whisper masks nothing (None)."""
         if feature_lengths is None:
-            return jnp.ones((batch, frames, frames), bool)
-        valid = jnp.arange(frames)[None, :] < ((feature_lengths - 1) // 2 + 1)[:, None]
-        return jnp.broadcast_to(valid[:, None, :], (batch, frames, frames))
+            return None
+        return jnp.arange(frames)[None, :] < ((feature_lengths - 1) // 2 + 1)[:, None]
 
-    def run_layers(self, x, mask, start: int = 0, end: int | None = None, key_bias=None):
+    def run_layers(self, x, key_valid, start: int = 0, end: int | None = None, key_bias=None):
         for layer in self.layers[start:end]:
-            x = layer(x, mask, key_bias)
+            x = layer(x, key_valid, key_bias)
         return x
 
     def finish(self, x: jax.Array) -> jax.Array:
@@ -128,8 +129,7 @@ class AudioEncoder(nnx.Module):
 
     def __call__(self, features: jax.Array, feature_lengths: jax.Array | None = None) -> jax.Array:
         x = self.embed(features)
-        mask = self.key_mask(feature_lengths, x.shape[1], x.shape[0])
-        return self.finish(self.run_layers(x, mask))
+        return self.finish(self.run_layers(x, self.key_valid(feature_lengths, x.shape[1])))
 
 
 # ==============================================================================================
