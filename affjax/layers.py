@@ -79,61 +79,55 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
               key_bias: jax.Array | None = None, *, key_valid: jax.Array | None = None,
-              causal: bool = False, scale: float | None = None, chunk: int = 128) -> jax.Array:
+              causal: bool = False, scale: float | None = None, block_elems: int = 1 << 20) -> jax.Array:
     """Grouped-query attention.
 
     q: ['B Tq H hd'], k/v: ['B Tk KVH hd']. Which keys a query sees is given either by
-    `mask` Bool['B Tq Tk'] (True = attend), or by `key_valid` Bool['B Tk'] plus `causal` (query i
-    sees key j <= i); the second form never builds a (Tq, Tk) mask and runs queries in chunks of
-    about `chunk`, so the score block stays in cache (on CPU this is 2-3x faster than one
-    (Tq, Tk) softmax over memory). key_bias: Float['B Tk'] added to every query's logit for that key
-    (log group size under `proportional` pooling). Returns ['B Tq H hd'].
+    `mask` Bool['B Tq Tk'] (True = attend; small inputs), or by `key_valid` Bool['B Tk'] plus
+    `causal` (query i sees key j <= i). The second form never builds a (Tq, Tk) mask and loops over
+    (row, kv head, query chunk) blocks so each score block stays in cache: on a CPU whose memory
+    bandwidth is low, one (B, H, Tq, Tk) softmax through memory costs more than the matmuls.
+    key_bias: Float['B Tk'] added to every query's logit for that key (log group size under
+    `proportional` pooling). Returns ['B Tq H hd'].
     """
     b, tq, h, hd = q.shape
-    kvh = k.shape[2]
+    tk, kvh = k.shape[1], k.shape[2]
     g = h // kvh
     scale = hd ** -0.5 if scale is None else scale
-    qg = (q * jnp.asarray(scale, q.dtype)).reshape(b, tq, kvh, g, hd)
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # ['B KVH Tk hd']
-    tk = k.shape[1]
-    add = jnp.zeros((b, tk), jnp.float32)
-    if key_bias is not None:
-        add = add + key_bias.astype(jnp.float32)
-    if mask is None and key_valid is not None:
+    q = q * jnp.asarray(scale, q.dtype)
+    add = jnp.zeros((b, tk), jnp.float32) if key_bias is None else key_bias.astype(jnp.float32)
+    if mask is not None:
+        s = jnp.einsum("bqkgd,bskd->bkgqs", q.reshape(b, tq, kvh, g, hd), k, preferred_element_type=jnp.float32)
+        s = jnp.where(mask[:, None, None], s + add[:, None, None, None, :], MASK_VALUE)
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", p, v, preferred_element_type=jnp.float32)
+        return out.reshape(b, tq, h, hd).astype(q.dtype)
+    if key_valid is not None:
         add = jnp.where(key_valid, add, MASK_VALUE)
+    c = _chunk_size(tq, max(1, block_elems // (tk * g)))
+    n_c = tq // c
+    qb = q.reshape(b, n_c, c, kvh, g, hd).transpose(0, 3, 1, 2, 4, 5)  # ['B KVH nC C G hd']
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # ['B KVH Tk hd']
 
-    def block(qb, q0):
-        """qb: ['B C KVH G hd'] queries q0 .. q0+C-1 -> ['B C KVH G hd']."""
-        c = qb.shape[1]
-        s = jnp.einsum("bckgd,bksd->bkgcs", qb, kt, preferred_element_type=jnp.float32)
-        s = s + add[:, None, None, None, :]
-        if mask is not None:
-            m = jax.lax.dynamic_slice_in_dim(mask, q0, c, axis=1)
-            s = jnp.where(m[:, None, None], s, MASK_VALUE)
-        elif causal:
-            keep = (q0 + jnp.arange(c))[:, None] >= jnp.arange(tk)[None, :]
-            s = jnp.where(keep, s, MASK_VALUE)
+    def block(i):
+        bi, ki, ci = i // (kvh * n_c), (i // n_c) % kvh, i % n_c
+        s = jnp.einsum("cgd,sd->gcs", qb[bi, ki, ci], kt[bi, ki], preferred_element_type=jnp.float32)
+        s = s + add[bi][None, None]
+        if causal:
+            keep = (ci * c + jnp.arange(c))[:, None] >= jnp.arange(tk)[None, :]
+            s = jnp.where(keep[None], s, MASK_VALUE)
         s = s - s.max(-1, keepdims=True)
         p = jnp.exp(s)
-        o = jnp.einsum("bkgcs,bksd->bckgd", p.astype(v.dtype), vt, preferred_element_type=jnp.float32)
-        return o / p.sum(-1).transpose(0, 3, 1, 2)[..., None]
+        o = jnp.einsum("gcs,sd->cgd", p.astype(v.dtype), vt[bi, ki], preferred_element_type=jnp.float32)
+        return o / p.sum(-1).T[..., None]
 
-    c = _chunk_size(tq, chunk)
-    if c == tq:
-        out = block(qg, 0)
-    else:
-        qc = qg.reshape(b, tq // c, c, kvh, g, hd).swapaxes(0, 1)
-        out = jax.lax.map(lambda a: block(*a), (qc, jnp.arange(tq // c) * c))
-        out = out.swapaxes(0, 1).reshape(b, tq, kvh, g, hd)
+    out = jax.lax.map(block, jnp.arange(b * kvh * n_c)) if b * kvh * n_c > 1 else block(jnp.int32(0))[None]
+    out = out.reshape(b, kvh, n_c, c, g, hd).transpose(0, 2, 3, 1, 4, 5)
     return out.reshape(b, tq, h, hd).astype(q.dtype)
 
 
-def _chunk_size(t: int, target: int) -> int:
-    """The divisor of t closest to target (t itself when t is small or has no useful divisor)."""
-    if t <= 2 * target:
+def _chunk_size(t: int, most: int) -> int:
+    """The largest divisor of t that is at most `most` (query rows per score block)."""
+    if t <= most:
         return t
-    best = t
-    for c in range(target // 2, 2 * target + 1):
-        if t % c == 0 and abs(c - target) < abs(best - target):
-            best = c
-    return best
+    return max(c for c in range(1, most + 1) if t % c == 0)
