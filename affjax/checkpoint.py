@@ -18,6 +18,12 @@ on any error nothing is left at `dst`.
 returns the NNX model, its config and the metadata.
 
 Model families are looked up by config.json's `model_type` in a registry; `register()` adds one.
+Registered: "qwen2_audio" and "whisper" (`WhisperForConditionalGeneration.save_pretrained` folders;
+the tied `proj_out.weight` is checked equal to the token embedding and dropped).
+
+A CTranslate2 (faster-whisper) Whisper folder (model.bin + config.json + tokenizer.json, no
+safetensors) is also accepted: its weights go through `ct2_to_hf_state_dict` and `ct2_hf_config`,
+and `dst` gets the HF config.json plus a processor and generation config from `ct2_processor`.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from affjax.weights import KeyTable, WeightError, load_streaming
 
 __all__ = [
     "ConversionError", "ModelSpec", "MODELS", "register", "get_spec", "convert", "load",
-    "load_hf_model", "CONFIG_NAME", "PARAMS_DIR", "COPIED_FILES",
+    "load_hf_model", "is_ct2_dir", "CONFIG_NAME", "PARAMS_DIR", "COPIED_FILES",
 ]
 
 CONFIG_NAME = "affjax_config.json"
@@ -126,6 +132,17 @@ def _register_builtin() -> None:
         ignore=lambda key, cfg: key.endswith("rotary_emb.inv_freq"),
         shared=lambda cfg: ({"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}
                             if cfg.text.tie_embeddings else {}),
+    ))
+
+    from affjax.models.whisper.modeling import Whisper, WhisperConfig
+    from affjax.models.whisper.params import KEYS as WHISPER_KEYS
+
+    register("whisper", ModelSpec(
+        config_from_hf=WhisperConfig.from_hf,
+        model_class=Whisper,
+        keys=WHISPER_KEYS,
+        # the output projection is the token embedding (Whisper always ties them)
+        shared=lambda cfg: {"proj_out.weight": "model.decoder.embed_tokens.weight"},
     ))
 
 
@@ -254,6 +271,31 @@ def _index_files(src: Path, index_name: str) -> list[Path]:
     return files
 
 
+def is_ct2_dir(src: str | os.PathLike) -> bool:
+    """A CTranslate2 (faster-whisper) folder: model.bin beside config.json and tokenizer.json, and no
+    Hugging Face weights."""
+    src = Path(src)
+    hf = any(src.glob("*.safetensors")) or any(src.glob("pytorch_model*.bin"))
+    return (src / "model.bin").is_file() and (src / "config.json").is_file() and not hf
+
+
+def _open_ct2(src: Path) -> tuple[dict, _Source]:
+    """A CTranslate2 Whisper folder as (HF config dict, in-memory HF-keyed source)."""
+    from affjax.models.whisper.ct2 import CT2Error, ct2_hf_config, ct2_to_hf_state_dict, read_ct2
+
+    if not (src / "tokenizer.json").is_file():
+        raise ConversionError(f"{src}: CTranslate2 folder without tokenizer.json")
+    try:
+        ct2_vars = read_ct2(src / "model.bin")
+        hf_config = ct2_hf_config(src, ct2_vars)
+        sd = ct2_to_hf_state_dict(ct2_vars, hf_config)
+    except (CT2Error, KeyError, ValueError, OSError) as e:
+        raise ConversionError(f"{src.name}: not a readable CTranslate2 Whisper folder: {e}") from None
+    hf_config["architectures"] = ["WhisperForConditionalGeneration"]
+    path = src / "model.bin"
+    return hf_config, _Source([path], {k: (path, lambda a=a: a) for k, a in sd.items()})
+
+
 def open_weights(src: str | os.PathLike) -> _Source:
     """The weight tensors of a Hugging Face directory as lazily loaded (key, loader) pairs."""
     src = Path(src)
@@ -333,12 +375,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     dtype = _check_dtype(dtype)
-    if not (src / "config.json").is_file():
-        raise ConversionError(f"{src}: no config.json (not a Hugging Face model directory)")
-    try:
-        hf_config = json.loads((src / "config.json").read_text())
-    except ValueError as e:
-        raise ConversionError(f"config.json: not valid JSON: {e}") from None
+    ct2 = is_ct2_dir(src)
+    if ct2:
+        hf_config, source = _open_ct2(src)
+    else:
+        if not (src / "config.json").is_file():
+            raise ConversionError(f"{src}: no config.json (not a Hugging Face model directory)")
+        try:
+            hf_config = json.loads((src / "config.json").read_text())
+        except ValueError as e:
+            raise ConversionError(f"config.json: not valid JSON: {e}") from None
+        source = None
     spec = get_spec(hf_config.get("model_type"))
     _prepare_dst(dst, src, overwrite)
     try:
@@ -353,17 +400,25 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; dst gets ordinary permissions
-        state, n_tensors = _fill(spec, cfg, open_weights(src), dtype, progress)
+        state, n_tensors = _fill(spec, cfg, source if source is not None else open_weights(src), dtype, progress)
+        del source
         n_params, n_bytes = _save_params(state, tmp / PARAMS_DIR)
         del state
-        for name in COPIED_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        for name in COPIED_DIRS:
-            if (src / name).is_dir():
-                shutil.copytree(src / name, tmp / name)
+        if ct2:  # CT2's config.json is not an HF one: write the HF config, processor, generation config
+            from affjax.models.whisper.ct2 import ct2_processor
+
+            ct2_processor(src, tmp, hf_config=hf_config)
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        else:
+            for name in COPIED_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, tmp / name)
+            for name in COPIED_DIRS:
+                if (src / name).is_dir():
+                    shutil.copytree(src / name, tmp / name)
         meta = {"model_type": hf_config["model_type"], "dtype": dtype, "hf_config": hf_config,
-                "converted_from": src.resolve().name, "affjax_version": _version()}
+                "converted_from": src.resolve().name, "source_format": "ctranslate2" if ct2 else "huggingface",
+                "affjax_version": _version()}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         _publish(tmp, dst)
     except BaseException:

@@ -1,6 +1,10 @@
-"""Convert a Hugging Face model directory into an affjax (orbax) checkpoint.
+"""Convert a Hugging Face model directory (or a CTranslate2 Whisper folder) into an affjax (orbax) checkpoint.
 
-    python checkpoints_convert/convert.py --src HF_DIR --dst CKPT_DIR [--dtype float32|bfloat16] [--overwrite]
+    python checkpoints_convert/convert.py --src HF_OR_CT2_DIR --dst CKPT_DIR [--dtype float32|bfloat16] [--overwrite]
+
+Model types: qwen2_audio and whisper (`WhisperForConditionalGeneration.save_pretrained` output).
+A CTranslate2 (faster-whisper) folder (model.bin + config.json + tokenizer.json) converts to a
+Whisper checkpoint with its processor and generation config.
 
 Runs from the repository root without installing. On any error prints `error: <message>` to
 stderr, exits 1, and leaves nothing at --dst.
@@ -20,7 +24,7 @@ except ImportError:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--src", required=True, help="Hugging Face model directory (config.json + weights)")
+    p.add_argument("--src", required=True, help="Hugging Face model directory (config.json + weights) or a CTranslate2 Whisper folder")
     p.add_argument("--dst", required=True, help="output checkpoint directory (must be absent or empty)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="parameter dtype to store (default float32)")

@@ -1,0 +1,248 @@
+"""Whisper checkpoints, pooled transcription and the `eval --task asr` job.
+
+Without assets: converting a tiny random `WhisperForConditionalGeneration.save_pretrained` folder.
+With the real assets (skipped with the install command when missing): the CT2 tiny.en folder
+through the converter; pooling that merges nothing reproduces the unpooled transcripts exactly;
+the static-shape pooled encoder output equals the sequential reference; base's WER on the five
+LibriVox clips, unpooled and at the default pooled setting; error rows; the CLI end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from affjax.assets import AssetMissing
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------------------------
+# No assets needed
+
+
+def test_convert_hf_whisper_dir(tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import WhisperConfig as HFConfig
+    from transformers import WhisperForConditionalGeneration
+
+    from affjax.checkpoint import convert, load
+    from affjax.models.whisper.modeling import Whisper
+
+    vocab = 100
+    hcfg = HFConfig(vocab_size=vocab, num_mel_bins=16, d_model=32, encoder_layers=2, decoder_layers=2,
+                    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                    max_source_positions=20, max_target_positions=16, pad_token_id=vocab - 3,
+                    bos_token_id=vocab - 3, eos_token_id=vocab - 3, decoder_start_token_id=vocab - 2,
+                    suppress_tokens=None, begin_suppress_tokens=None)
+    torch.manual_seed(0)
+    hf = WhisperForConditionalGeneration(hcfg).eval()
+    with torch.no_grad():  # non-trivial biases and norms; the embedding stays tied to proj_out
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    hf.save_pretrained(tmp_path / "hf")
+    dst = convert(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    model, cfg, meta = load(dst)
+    assert isinstance(model, Whisper) and meta["model_type"] == "whisper"
+    assert meta["source_format"] == "huggingface" and cfg.encoder.layers == 2
+
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((2, 16, 40)).astype(np.float32)
+    toks = rng.integers(0, vocab, (2, 7))
+    with torch.no_grad():
+        ref = hf(input_features=torch.from_numpy(feats), decoder_input_ids=torch.from_numpy(toks)).logits.numpy()
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(jax.jit(lambda m, f, t: m(f, t))(model, jnp.asarray(feats), jnp.asarray(toks)))
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+    # older checkpoints store the tied projection too: accepted when equal, refused when not
+    from safetensors.numpy import load_file, save_file
+
+    from affjax.weights import WeightError
+    sd = load_file(tmp_path / "hf" / "model.safetensors")
+    assert "proj_out.weight" not in sd
+    emb = sd["model.decoder.embed_tokens.weight"]
+    save_file({**sd, "proj_out.weight": emb.copy()}, tmp_path / "hf" / "model.safetensors")
+    convert(tmp_path / "hf", tmp_path / "ckpt2", progress=False)
+    save_file({**sd, "proj_out.weight": emb + 1}, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(WeightError, match="proj_out"):
+        convert(tmp_path / "hf", tmp_path / "ckpt3", progress=False)
+    assert not (tmp_path / "ckpt3").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Real weights and real speech
+
+
+@pytest.fixture(scope="module")
+def clips():
+    from affjax.assets import librivox_items
+    from affjax.data.audio import load_audio
+    try:
+        items = librivox_items()
+    except AssetMissing as e:
+        pytest.skip(str(e))
+    return items, [load_audio(it["audio"]) for it in items]
+
+
+def _ct2(name):
+    from affjax.assets import whisper_ct2_dir
+    try:
+        return whisper_ct2_dir(name)
+    except AssetMissing as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """tiny.en converted through checkpoints_convert's code path, placed where `--model` looks
+    (`$AFFJAX_CACHE/models/whisper-tiny.en`)."""
+    from affjax.checkpoint import convert
+    src = _ct2("tiny.en")
+    cache = tmp_path_factory.mktemp("affjax_cache")
+    return convert(src, cache / "models" / "whisper-tiny.en", progress=False), cache
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_ckpt, clips):
+    """(model, processor, unpooled tokens of the five clips) from the converted checkpoint."""
+    from affjax.eval_asr import _load_whisper
+    from affjax.models.whisper.modeling import transcribe
+    model, processor = _load_whisper(tiny_ckpt[0], None)
+    ref = transcribe(model, processor, clips[1], batch_size=5)
+    return model, processor, ref
+
+
+def test_convert_ct2_folder(tiny_ckpt):
+    from transformers import GenerationConfig, WhisperProcessor
+
+    from affjax.checkpoint import load
+    from affjax.models.whisper.ct2 import read_ct2
+    dst, _ = tiny_ckpt
+    model, cfg, meta = load(dst)
+    assert meta["source_format"] == "ctranslate2" and meta["hf_config"]["model_type"] == "whisper"
+    assert (cfg.encoder.layers, cfg.d_model, cfg.vocab_size) == (4, 384, 51864)
+    proc = WhisperProcessor.from_pretrained(str(dst))
+    assert len(proc.tokenizer) == cfg.vocab_size
+    assert GenerationConfig.from_pretrained(str(dst)).decoder_start_token_id == cfg.decoder_start_token_id
+    v = read_ct2(_ct2("tiny.en") / "model.bin")
+    np.testing.assert_array_equal(np.asarray(model.decoder.embed_tokens[...]),
+                                  v["decoder/embeddings/weight"].astype(np.float32))
+    q = np.split(v["encoder/layer_1/self_attention/linear_0/weight"], 3)[0].astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(model.encoder.layers[1].q_proj.kernel[...]), q.T)
+
+
+def test_pooling_that_merges_nothing_is_unpooled(tiny, clips):
+    """tau > 1 at every kind of stage (stem, deep, encoder output), proportional on: the same
+    tokens as the unpooled model, and every frame kept."""
+    from affjax.models.whisper import asr
+    model, processor, ref = tiny
+    pooling = asr.parse_whisper_pooling("0:tau=2,window=1;2:tau=1.5,window=2;4:tau=2,window=1", model.cfg, True)
+    out = asr.transcribe_pooled(model, processor, clips[1], pooling, batch_size=8)
+    assert out.tokens == ref.tokens and out.texts == ref.texts
+    assert all(a[1:] == [a[0]] * 3 for a in out.audio_tokens)
+    assert out.enc_len == [1500] * 5 and all(lt == [1500] * 4 for lt in out.layer_tokens)
+
+
+def test_pooled_encoder_output_matches_reference(tiny, clips):
+    """The static-shape stage on the real encoder output of one clip (inside a padded batch)
+    equals the sequential reference stage on that clip alone."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pooling_reference import ref_stage
+
+    from affjax.models.whisper import asr
+    from affjax.models.whisper.modeling import encode, whisper_features
+    model, processor, _ = tiny
+    wave = clips[1][1]
+    feats = whisper_features(processor, [wave], 2, model.cfg)
+    frames = asr.audio_frames(len(wave), model.cfg.encoder)
+    h = np.asarray(encode(model, feats))[0]
+    pooling = asr.parse_whisper_pooling("4:tau=0.9,window=2", model.cfg)
+    e = asr.pooled_encode(model, feats, np.array([frames, 0]), 1, pooling)
+    span = (np.arange(1500) < frames).astype(np.int32)
+    r = ref_stage(h, span, np.arange(1500, dtype=np.float32), np.ones(1500, np.float32), tau=0.9, window=2)
+    n = len(r["h"])
+    assert r["audio_out"] < r["audio_in"] == frames and n == int(e.enc_len[0])
+    assert list(e.audio_tokens[0]) == [frames, r["audio_out"]]
+    np.testing.assert_allclose(np.asarray(e.enc[0, :n]), r["h"], atol=1e-5, rtol=0)
+    assert not np.asarray(e.valid[0, n:]).any() and not np.asarray(e.valid[1]).any()
+
+
+def test_deep_stage_runs_with_fewer_encoder_flops(tiny, clips):
+    from affjax.models.whisper import asr
+    model, processor, _ = tiny
+    pooling = asr.parse_whisper_pooling("2:tau=0.95,window=1", model.cfg, proportional=True)
+    out = asr.transcribe_pooled(model, processor, clips[1][:2], pooling, batch_size=2)
+    assert all(a[1] < a[0] for a in out.audio_tokens) and all(out.texts)
+    full = asr.encoder_flops(model.cfg.encoder, [1500] * 4)
+    for lt, n in zip(out.layer_tokens, out.enc_len):
+        assert lt[:2] == [1500, 1500] and lt[2] == lt[3] == n < 1500
+        assert asr.encoder_flops(model.cfg.encoder, lt) < full
+
+
+def test_base_wer_unpooled_and_pooled(clips):
+    """The accuracy bench: Whisper base on the five LibriVox clips, unpooled and at the main
+    job's default pooled setting (encoder output, tau 0.95, window 1, proportional)."""
+    from affjax.eval_asr import corpus_wer, make_normalizer
+    from affjax.models.whisper import asr
+    from affjax.models.whisper.modeling import load_whisper_ct2
+    items, waves = clips
+    model, processor, _ = load_whisper_ct2(_ct2("base"))
+    norm, _ = make_normalizer(processor.tokenizer)
+    refs = [norm(it["text"]) for it in items]
+    wers = {}
+    for name, pooling in (("unpooled", None), ("pooled", asr.default_pooling(model.cfg))):
+        out = asr.transcribe_pooled(model, processor, waves, pooling, batch_size=5)
+        wers[name] = corpus_wer(refs, [norm(t) for t in out.texts])
+        if pooling is not None:
+            a = np.asarray(out.audio_tokens)
+            assert a[:, 1].sum() < 0.9 * a[:, 0].sum()
+    assert wers["unpooled"] <= 0.05 and wers["pooled"] <= 0.05, wers
+
+
+def test_eval_job_error_rows(tiny_ckpt, clips, tmp_path):
+    from affjax.eval_asr import EvalConfig, run_eval
+    items, _ = clips
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage" * 3)
+    lines = [json.dumps({"id": "good", "audio": str(items[4]["audio"]), "text": items[4]["text"]}),
+             json.dumps({"id": "missing", "audio": "nope.wav", "text": "x"}),
+             json.dumps({"id": "corrupt", "audio": "corrupt.wav", "text": "x"}),
+             "{not json",
+             json.dumps({"id": "noref", "audio": str(items[4]["audio"])})]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    s = run_eval(EvalConfig(ckpt=str(tiny_ckpt[0]), manifest=str(tmp_path / "m.jsonl"), out=str(tmp_path / "out"),
+                            pooling="4:tau=0.95,window=1", proportional=True, progress=False))
+    rows = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["good", "missing", "corrupt", "line-4", "noref"]
+    assert "not found" in rows[1]["error"] and "corrupt" in rows[2]["error"] and "JSON" in rows[3]["error"]
+    assert rows[0]["text"].startswith("He might even") and rows[4]["reference"] is None
+    assert rows[0]["audio_tokens"][1] < rows[0]["audio_tokens"][0]
+    assert (s["ok"], s["errors"], s["scored"]) == (2, 3, 1) and s["wer"] == 0.0
+    assert s["final_retention"] < 1 and s["decoder_flops_rel"] < 1 and s["encoder_flops_rel"] == 1
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["wer"] == 0.0
+
+
+def test_cli_eval_model_librivox(tiny_ckpt, clips, tmp_path):
+    """`affjax eval --model whisper-tiny.en --data librivox` end to end in a subprocess (the
+    converted model is found in $AFFJAX_CACHE): unpooled and the default pooled setting."""
+    env = dict(os.environ, AFFJAX_CACHE=str(tiny_ckpt[1]), OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "affjax.cli", "eval", "--model", "whisper-tiny.en", "--data", "librivox",
+           "--out", str(tmp_path / "run"), "--no-progress", "--no-compile-cache"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "converting" not in p.stdout and "WER" in p.stdout
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    unpooled, pooled = s["runs"]
+    assert unpooled["pooling"] == "none" and pooled["pooling"] == "4:tau=0.95,window=1" and pooled["proportional"]
+    assert unpooled["wer"] <= 0.10 and pooled["wer"] <= 0.10 and pooled["final_retention"] < 1
+    for sub in ("unpooled", "pooled"):
+        assert len((tmp_path / "run" / sub / "results.jsonl").read_text().splitlines()) == 5
