@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from affjax.flops import lm_prefill_flops  # noqa: F401  (one implementation, re-exported here)
+
 BENCH_CONFIG = {
     "model_type": "qwen2_audio",
     "audio_token_index": 31999,
@@ -39,18 +41,6 @@ def prefill_flops(cfg, n_text: int, n_audio_tokens: int, n_frames: int) -> dict:
     n = n_text + n_audio_tokens
     return {"audio": conv + a.layers * enc_layer + proj,
             "text": lm_prefill_flops(t, [n] * t.layers, items=1)}
-
-
-def lm_prefill_flops(t, tokens_per_layer, items: int = 1) -> int:
-    """The pooling spec's analytic count: q/k/v/o with real GQA widths, the full n x n attention
-    square, three SwiGLU matrices per layer at that layer's n, plus the LM head on one position."""
-    qo = 2 * t.hidden * t.heads * t.head_dim
-    kv = 2 * t.hidden * t.kv_heads * t.head_dim
-    mlp = 3 * t.hidden * t.intermediate
-    total = 0
-    for n in tokens_per_layer:
-        total += 2 * n * (qo + kv + mlp) + 2 * 2 * n * n * t.heads * t.head_dim
-    return total + items * 2 * t.hidden * t.vocab_size
 
 
 def _median_time(fn, repeats: int) -> tuple[float, float, list[float]]:

@@ -19,8 +19,21 @@ def _add_pooling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pool-mode", default="bucketed", choices=("bucketed", "fixed"),
                    help="bucketed: exact thresholds, one compile per bucket; fixed: one compiled prefill "
                         "with a retention cap (--capacity)")
-    g.add_argument("--capacity", type=float, default=None,
-                   help="fixed mode: slots per audio span as a fraction of its tokens (e.g. 0.5)")
+    g.add_argument("--capacity", type=_capacity, default=None,
+                   help="fixed mode: slots per audio span as a fraction of its tokens (e.g. 0.5), or one "
+                        "fraction per stage, each of the span's tokens entering that stage (e.g. 0.786,0.19)")
+    g.add_argument("--no-xla-cost", action="store_true",
+                   help="pooled runs: skip the XLA-measured FLOPs ratio (it compiles the unpooled programs "
+                        "of each batch shape once, for cost analysis only)")
+
+
+def _capacity(text: str):
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        vals = tuple(float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"capacity {text!r}: expected a number or numbers separated by ','")
+    return vals[0] if len(vals) == 1 else vals
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -61,7 +74,67 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
 
+    p = sub.add_parser("bench-pooling", help="prefill FLOPs / time to first token / memory: unpooled vs input, "
+                                              "deep and DAP pooling at the paper's retention (32-layer random model)")
+    p.add_argument("--batch", type=int, nargs="*", default=[1, 4])
+    p.add_argument("--repeats", type=int, default=5, help="warm runs per method (medians)")
+    p.add_argument("--audio-seconds", type=float, default=30.0)
+    p.add_argument("--text-tokens", type=int, default=40)
+    p.add_argument("--exact-length", action="store_true",
+                   help="sequence buffer = valid length (default: the job path's bucket)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+
+    p = sub.add_parser("eval", help="accuracy job: --task asr (Whisper: WER, retention, FLOPs; "
+                                    "with no --pooling, unpooled and the default pooled setting)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="converted checkpoint directory (checkpoints_convert/convert.py)")
+    src.add_argument("--model", choices=("whisper-base", "whisper-tiny.en"),
+                     help="an installed real model, converted once into $AFFJAX_CACHE/models (~/.cache/affjax)")
+    p.add_argument("--task", default="asr", choices=("asr",))
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--manifest", help="JSONL: id, audio, text (the reference)")
+    data.add_argument("--data", choices=("librivox",), help="a built-in data set (librivox: 5 read-speech clips)")
+    p.add_argument("--out", default=None, help="output directory (default runs/<model>-<data>)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"),
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--normalizer", default="english", choices=("english", "basic"),
+                   help="WER text normaliser (Whisper's English one by default)")
+    p.add_argument("--no-compile-cache", action="store_true", help="disable JAX's persistent compilation cache")
+    p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("Affinity Pooling (Whisper: LAYER = encoder layer, 0 .. L; L = the encoder output)")
+    g.add_argument("--pooling", default=None,
+                   help="stages 'LAYER:tau=F,window=N[,weighted];...' or a preset; 'none' = unpooled only. "
+                        "Default: run unpooled and the encoder output at tau 0.95, window 1, proportional")
+    g.add_argument("--proportional", action="store_true",
+                   help="add log(group size) to the attention logits of merged keys")
+    g.add_argument("--positions", default="first", choices=("first", "mean", "reindex"),
+                   help="position ids of merged tokens (ignored for Whisper: absolute positions before layer 1)")
+    g.add_argument("--drop-padding", action="store_true",
+                   help="diagnostic: remove the encoder frames past each clip (breaks Whisper, even unpooled)")
+
     args = ap.parse_args(argv)
+
+    if args.cmd == "eval":
+        from affjax.eval_asr import EvalConfig, format_summary, run_eval
+        from affjax.jobs import enable_compile_cache
+        if not args.no_compile_cache:
+            enable_compile_cache()
+        cfg = EvalConfig(ckpt=args.ckpt, model=args.model, task=args.task, manifest=args.manifest, data=args.data,
+                         out=args.out, batch_size=args.batch_size, pooling=args.pooling,
+                         proportional=args.proportional, positions=args.positions,
+                         max_new_tokens=args.max_new_tokens, dtype=args.dtype, normalizer=args.normalizer,
+                         drop_padding=args.drop_padding, progress=not args.no_progress)
+        try:
+            summary = run_eval(cfg)
+        except Exception as e:  # noqa: BLE001 - assets missing, bad checkpoint, bad settings
+            if not isinstance(e, (FileNotFoundError, ValueError)) and type(e).__name__ != "AssetMissing":
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(format_summary(summary))
+        return 0
 
     if args.cmd in ("score", "generate"):
         from affjax.jobs import JobConfig, enable_compile_cache, run
@@ -71,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                         batch_size=args.batch_size, max_new_tokens=getattr(args, "max_new_tokens", 64),
                         pooling=args.pooling, positions=args.positions, proportional=args.proportional,
                         pool_mode=args.pool_mode, capacity=args.capacity, dtype=args.dtype,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, xla_cost=not args.no_xla_cost)
         try:
             summary = run(job)
         except (FileNotFoundError, ValueError) as e:
@@ -85,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "bench":
         from affjax.bench import main_bench
         return main_bench(args)
+    if args.cmd == "bench-pooling":
+        from affjax.bench_pooling import main_bench_pooling
+        return main_bench_pooling(args)
     return 2
 
 

@@ -10,6 +10,11 @@ Layout of a prefill. Pooling stages at layers l_1 < l_2 < ... split the decoder 
   retention cap (affjax.pooling.affinity.fixed_capacity_needed) with the overflow rule.
 Each layer group keeps its own KV cache (its prompt length + max_new_tokens slots); decoding writes
 slot n_g + step in group g. The greedy loop is one jitted lax.while_loop.
+
+Fixed-capacity `capacity` is one retention for every stage, or a tuple with one per stage, each a
+fraction of the tokens a span has when it enters that stage. With `record` on, each prefill lists
+the compiled programs it ran (`programs`); `program_costs`, `unpooled_programs` and `prefill_cost`
+give XLA's cost analysis of them and of an unpooled prefill of the same batch (affjax.flops).
 """
 
 from __future__ import annotations
@@ -27,11 +32,15 @@ from flax import nnx
 from affjax import shapes
 from affjax.layers import rope_cos_sin
 from affjax.models.qwen2_audio.inputs import Batch
-from affjax.pooling.affinity import fixed_capacity_needed, pool_stage
+from affjax.pooling.affinity import fixed_capacity_needed, pool_stage, retention_slots
 from affjax.pooling.spec import PoolingConfig
 
 TRACES: collections.Counter = collections.Counter()  # traces (= compilations) per jitted piece
 _JIT: dict = {}
+_COSTS: dict = {}  # (program, abstract args) -> affjax.flops.xla_cost of its compiled form
+_STATIC: dict = {}  # jitted piece -> its static argument names
+_FRESH: dict = {}   # jitted piece -> a separate jit of the same function (cost analysis only)
+_PREFILL_PIECES = ("embed", "pool", "group", "score_head", "last_head", "prefill_fixed")
 
 
 def _traced(name: str):
@@ -50,6 +59,50 @@ class Seq:
 
 
 jax.tree_util.register_dataclass(Seq, data_fields=[f.name for f in dataclasses.fields(Seq)], meta_fields=[])
+
+
+@dataclasses.dataclass
+class Program:
+    """One compiled program of a prefill, as called: the jitted function with its arguments
+    (abstract: shapes and dtypes only) and static keywords. `label`: embed, pool@LAYER,
+    layers[START:END), last_head / score_head, or prefill_fixed. `fresh`: lower a separate jit of
+    the same function, for programs this process has not run (lowering the piece itself would
+    fill its trace cache, and a later real call would then compile without counting in TRACES)."""
+    label: str
+    fn: object
+    args: tuple
+    kwargs: dict
+    fresh: bool = False
+
+    def lower(self):
+        fn, args, kw = self.fn, self.args, dict(self.kwargs)
+        if isinstance(fn, functools.partial):
+            fn, args, kw = fn.func, tuple(fn.args) + args, {**fn.keywords, **kw}
+        return (_fresh_jit(fn) if self.fresh else fn).lower(*args, **kw)
+
+
+def _fresh_jit(jitted):
+    if jitted not in _FRESH:
+        inner = jitted.__wrapped__
+
+        @functools.wraps(inner)
+        def again(*args, **kw):
+            return inner(*args, **kw)
+        _FRESH[jitted] = jax.jit(again, static_argnames=_STATIC.get(jitted, ()))
+    return _FRESH[jitted]
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=bool(getattr(x, "weak_type", False)))
+                        if hasattr(x, "shape") else x, tree)
+
+
+def _label(name: str, kw: dict) -> str:
+    if name == "group":
+        return f"layers[{kw['start']}:{kw['end']})"
+    if name == "pool":
+        return f"pool@{kw['stage'].layer}"
+    return name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,7 +188,17 @@ class Engine:
             raise ValueError(f"pool_mode must be 'bucketed' or 'fixed', got {pool_mode!r}")
         if pool_mode == "fixed" and capacity is None and self.pooling.stages:
             raise ValueError("fixed-capacity mode needs --capacity (a fraction of the audio tokens)")
+        if isinstance(capacity, (tuple, list)):
+            # one retention per stage, each relative to the span lengths entering that stage
+            capacity = tuple(float(c) for c in capacity)
+            if len(capacity) != len(self.pooling.stages):
+                raise ValueError(f"--capacity gives {len(capacity)} retentions for {len(self.pooling.stages)} "
+                                 "pooling stages (give one, or one per stage)")
+            if not all(0.0 < c <= 1.0 for c in capacity):
+                raise ValueError(f"capacity retentions must lie in (0, 1], got {capacity}")
         self.pool_mode, self.capacity = pool_mode, capacity
+        self.record = False   # when True, each prefill lists its compiled programs in self.programs
+        self.programs: list[Program] = []
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = pad_id
         L = self.cfg.text.layers
@@ -155,7 +218,18 @@ class Engine:
                 _traced(name)
                 return fn(nnx.merge(graphdef, state), *args, **kw)
             _JIT[key] = jax.jit(wrapped, static_argnames=("graphdef",) + tuple(static))
-        return functools.partial(_JIT[key], graphdef=self.graphdef)
+            _STATIC[_JIT[key]] = ("graphdef",) + tuple(static)
+        return self._rec(name, functools.partial(_JIT[key], graphdef=self.graphdef))
+
+    def _rec(self, name, f):
+        """`f`, noting each call in self.programs while self.record is on (prefill pieces only)."""
+        if not self.record or name not in _PREFILL_PIECES:
+            return f
+
+        def call(*args, **kw):
+            self.programs.append(Program(_label(name, kw), f, _abstract(args), kw))
+            return f(*args, **kw)
+        return call
 
     def _device_batch(self, batch: Batch):
         return (jnp.asarray(batch.ids), jnp.asarray(batch.valid), jnp.asarray(batch.span),
@@ -164,6 +238,7 @@ class Engine:
     # -- prefill ----------------------------------------------------------------------------------
     def prefill(self, batch: Batch, *, extra: int = 0, score: bool = False) -> PrefillOut:
         """Run the prompt (and, for score, the continuation) through the model."""
+        self.programs = []
         if self.pool_mode == "fixed" and self.pooling.stages:
             return self._prefill_fixed(batch, extra=extra, score=score)
         embed = self._fn("embed", _embed)
@@ -174,7 +249,7 @@ class Engine:
         for g, (start, end) in enumerate(self.groups):
             if g > 0:
                 stage = self.pooling.stages[g - 1]
-                seq, st = _pool_jit(seq, stage=stage, positions=self.pooling.positions,
+                seq, st = self._rec("pool", _pool_jit)(seq, stage=stage, positions=self.pooling.positions,
                                     capacity=seq.x.shape[1], retention=None)
                 n_max = int(jax.device_get(st["n_valid"]).max())
                 cap = shapes.bucket(max(n_max, 1))
@@ -207,13 +282,18 @@ class Engine:
 
     def _prefill_fixed(self, batch: Batch, *, extra: int, score: bool) -> PrefillOut:
         """Fixed-capacity mode: one jitted prefill; buffers sized from the retention cap."""
-        r = float(self.capacity)
-        caps = []
         span = batch.span
         valid = batch.valid
-        for _ in self.pooling.stages:
-            # the same cap bounds every stage (later stages only merge more)
-            caps.append(int(shapes.bucket(int(fixed_capacity_needed(span, valid, r).max()))))
+        if isinstance(self.capacity, tuple):
+            # one retention per stage: stage k keeps ceil(r_k * T) of the T tokens each span has there
+            r = self.capacity
+            caps = [int(shapes.bucket(int(c))) for c in _chained_capacity(span, valid, r)]
+        else:
+            r = float(self.capacity)
+            caps = []
+            for _ in self.pooling.stages:
+                # the same cap bounds every stage (later stages only merge more)
+                caps.append(int(shapes.bucket(int(fixed_capacity_needed(span, valid, r).max()))))
         caps = tuple(min(c, batch.ids.shape[1]) for c in caps)
         name = "prefill_fixed"
         fn = self._fn(name, _prefill_fixed_body, static=("groups", "stages", "positions", "caps", "retention",
@@ -226,6 +306,76 @@ class Engine:
         head, caches, group_len, group_pos0, group_bias, stats = out
         return PrefillOut(None if score else head, head if score else None, caches, group_len, group_pos0,
                           group_bias, stats)
+
+    # -- compiled-program costs (affjax.flops) -------------------------------------------------------
+    def unpooled_programs(self, batch: Batch, *, extra: int = 0, score: bool = False) -> list[Program]:
+        """The programs an unpooled prefill of `batch` runs (embed, all layers, head), built from
+        shapes alone: nothing runs, and TRACES and the pieces' trace caches are left as they were."""
+        saved, rec = TRACES.copy(), self.record
+        self.record = False
+        try:
+            L = self.cfg.text.layers
+            state, dev = _abstract(self.state), _abstract(self._device_batch(batch))
+            embed = Program("embed", self._fn("embed", _embed), (state,) + dev, {}, fresh=True)
+            seq = _abstract(embed.lower().out_info)
+            gkw = dict(start=0, end=L, extra=extra, proportional=False, keep_cache=not score)
+            group = Program(f"layers[0:{L})", self._fn("group", _run_group, static=tuple(gkw)), (state, seq), gkw,
+                            fresh=True)
+            n_prompt = jax.ShapeDtypeStruct(batch.n_prompt.shape, jnp.int32)
+            if score:
+                cont = _abstract((jnp.asarray(batch.cont_ids), jnp.asarray(batch.cont_valid)))
+                head = Program("score_head", self._fn("score_head", _cont_logprobs), (state, seq, n_prompt) + cont,
+                               {}, fresh=True)
+            else:
+                head = Program("last_head", self._fn("last_head", _last_logits), (state, seq, n_prompt), {},
+                               fresh=True)
+            return [embed, group, head]
+        finally:
+            self.record = rec
+            TRACES.clear()
+            TRACES.update(saved)
+
+    def program_costs(self, programs: list[Program]) -> dict[str, dict]:
+        """{label: affjax.flops.xla_cost(...)} of each program, compiled at its recorded shapes with
+        its static arguments (cached per shape; TRACES is left as it was). A label seen twice gets
+        a #k suffix."""
+        from affjax.flops import xla_cost
+        out: dict[str, dict] = {}
+        saved = TRACES.copy()
+        try:
+            for p in programs:
+                leaves, tree = jax.tree.flatten(p.args)
+                fn = (p.fn.func, tuple(sorted(p.fn.keywords.items()))) if isinstance(p.fn, functools.partial) else p.fn
+                key = (fn, p.fresh, tree,
+                       tuple((l.shape, str(l.dtype)) for l in leaves), tuple(sorted(p.kwargs.items(), key=str)))
+                if key not in _COSTS:
+                    _COSTS[key] = xla_cost(p.lower().compile())
+                label, k = p.label, 2
+                while label in out:
+                    label, k = f"{p.label}#{k}", k + 1
+                out[label] = _COSTS[key]
+        finally:
+            TRACES.clear()
+            TRACES.update(saved)
+        return out
+
+    def prefill_cost(self, batch: Batch, *, extra: int = 0, score: bool = False, unpooled: bool = False) -> dict:
+        """{program label: FLOPs} of this batch's prefill, from XLA's cost analysis of the programs
+        compiled at the same shapes and static arguments as a real prefill (bucketed mode: embed,
+        each pool stage and layer group, the head; fixed mode: one prefill_fixed program). A pooled
+        bucketed prefill is run once to learn its data-dependent buckets; `unpooled=True` gives the
+        unpooled prefill of the same batch without running anything."""
+        if unpooled:
+            programs = self.unpooled_programs(batch, extra=extra, score=score)
+        else:
+            rec, self.record = self.record, True
+            try:
+                out = self.prefill(batch, extra=extra, score=score)
+                jax.block_until_ready(out.logits if out.logits is not None else out.logprobs)
+            finally:
+                self.record = rec
+            programs = self.programs
+        return {k: v["flops"] for k, v in self.program_costs(programs).items()}
 
     # -- public jobs --------------------------------------------------------------------------------
     def score(self, batch: Batch) -> tuple[np.ndarray, list]:
@@ -251,6 +401,19 @@ def _pool_jit(seq, *, stage, positions, capacity, retention):
     return _pool(seq, stage, positions, capacity, retention)
 
 
+def _chained_capacity(span, valid, retentions) -> list[int]:
+    """Host bound on each stage's valid length when stage k keeps at most max(1, ceil(r_k * T)) of
+    the T tokens each audio span has when it enters stage k (largest over the batch's rows)."""
+    span, valid = np.asarray(span), np.asarray(valid, bool)
+    text = np.sum(valid & (span <= 0), axis=1)
+    lengths = [np.bincount(span[b][valid[b] & (span[b] > 0)]) for b in range(span.shape[0])]
+    out = []
+    for r in retentions:
+        lengths = [retention_slots(n, r) for n in lengths]
+        out.append(max(int(text[b]) + int(n.sum()) for b, n in enumerate(lengths)))
+    return out
+
+
 def _slice_seq(seq: Seq, n: int) -> Seq:
     if n == seq.x.shape[1]:
         return seq
@@ -268,7 +431,8 @@ def _prefill_fixed_body(model, ids, valid, span, audio_index, features, feature_
     caches, group_len, group_pos0, group_bias, stats = [], [], [], [], []
     for g, (start, end) in enumerate(groups):
         if g > 0:
-            seq, st = _pool(seq, stages[g - 1], positions, caps[g - 1], retention)
+            r = retention[g - 1] if isinstance(retention, tuple) else retention
+            seq, st = _pool(seq, stages[g - 1], positions, caps[g - 1], r)
             stats.append(st)
         seq, c = _run_group(model, seq, start, end, extra, proportional and g > 0, keep_cache=not score)
         caches += c

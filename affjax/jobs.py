@@ -32,9 +32,11 @@ class JobConfig:
     positions: str = "first"
     proportional: bool = False
     pool_mode: str = "bucketed"
-    capacity: float | None = None
+    capacity: float | tuple[float, ...] | None = None  # one retention, or one per stage
     dtype: str | None = None
     progress: bool = True
+    xla_cost: bool = True          # pooled runs: XLA-measured LM prefill FLOPs vs unpooled (compiles the
+                                   # unpooled programs of each batch shape once for cost analysis)
 
 
 def enable_compile_cache(path: str | None = None) -> str:
@@ -113,6 +115,7 @@ def run(job: JobConfig, *, log=print) -> dict:
     pooling = parse_pooling(job.pooling, cfg.text.layers, positions=job.positions, proportional=job.proportional)
     engine = Engine(model, pooling=pooling, pool_mode=job.pool_mode, capacity=job.capacity,
                     eos_ids=eos_ids, pad_id=pad_id)
+    engine.record = bool(pooling.stages)  # programs of each prefill, for the XLA FLOPs ratio
     t_load = time.perf_counter() - t_start
     required = ("id", "audio", "prompt") + (("continuation",) if job.task == "score" else ())
     rows = read_manifest(job.manifest, required=required)
@@ -122,6 +125,8 @@ def run(job: JobConfig, *, log=print) -> dict:
     results: dict[int, dict] = {}
     stage_counts = []  # per item: [audio before, after stage 1, ...]
     forced_total = 0
+    flop_counts = []  # per item: valid tokens [unpooled, after stage 1, ...] (analytic FLOPs)
+    xla_lm = {"pooled": 0.0, "unpooled": 0.0}
     n_ok = n_err = 0
     times = {"first_batch": None, "steady": 0.0, "steady_items": 0, "compile_batches": 0}
     bar = tqdm(total=len(rows), unit="item", disable=not job.progress, desc=job.task)
@@ -155,12 +160,15 @@ def run(job: JobConfig, *, log=print) -> dict:
                 rec.update(text=processor.tokenizer.decode(toks[b], skip_special_tokens=True), tokens=toks[b])
             if pooling.stages:
                 rec["audio_tokens"] = audio
+                flop_counts.append([int(batch.valid[b].sum())] + [int(s["n_valid"][b]) for s in stats])
                 if job.pool_mode == "fixed":
                     rec["forced_merges"] = [int(s["forced"][b]) for s in stats]
                     forced_total += sum(rec["forced_merges"])
                 stage_counts.append(audio)
             results[row.index] = rec
             n_ok += 1
+        if pooling.stages and job.xla_cost:
+            _add_xla_lm_flops(engine, batch, job, xla_lm)
         bar.update(len(pending))
 
     pending = []
@@ -206,4 +214,36 @@ def run(job: JobConfig, *, log=print) -> dict:
         summary["final_retention"] = round(float(arr[:, -1].sum() / max(arr[:, 0].sum(), 1)), 4)
         if job.pool_mode == "fixed":
             summary["forced_merges"] = forced_total
+        summary.update(_flops_summary(cfg.text, pooling.stages, flop_counts, xla_lm if job.xla_cost else None))
     return summary
+
+
+def _add_xla_lm_flops(engine, batch, job: JobConfig, acc: dict) -> None:
+    """Add this batch's LM prefill FLOPs, from XLA's cost analysis, pooled (the programs the engine
+    just ran) and unpooled (the same batch through an unpooled prefill), the audio encoder +
+    embedding program left out of both."""
+    from affjax.flops import lm_xla_flops
+    score = job.task == "score"
+    unpooled = engine.program_costs(engine.unpooled_programs(batch, extra=0 if score else job.max_new_tokens,
+                                                             score=score))
+    pooled = engine.program_costs(engine.programs)
+    embed = unpooled["embed"]["flops"]
+    acc["pooled"] += lm_xla_flops(pooled, embed)
+    acc["unpooled"] += lm_xla_flops(unpooled, embed)
+
+
+def _flops_summary(text_cfg, stages, counts, xla_lm) -> dict:
+    """Pooled vs unpooled LM prefill FLOPs of the run's batches (spec section 5)."""
+    from affjax.flops import analytic_lm_flops, tokens_per_layer
+    if not counts:
+        return {}
+    L = text_cfg.layers
+    pooled = analytic_lm_flops(text_cfg, [tokens_per_layer(L, stages, c) for c in counts])
+    unpooled = analytic_lm_flops(text_cfg, [[c[0]] * L for c in counts])
+    out = {"lm_prefill_flops_ratio_analytic": round(pooled / unpooled, 4)}
+    detail = {"analytic_pooled": pooled, "analytic_unpooled": unpooled}
+    if xla_lm is not None and xla_lm["unpooled"] > 0:
+        out["lm_prefill_flops_ratio_xla"] = round(xla_lm["pooled"] / xla_lm["unpooled"], 4)
+        detail.update(xla_pooled=xla_lm["pooled"], xla_unpooled=xla_lm["unpooled"])
+    out["lm_prefill_flops"] = detail
+    return out

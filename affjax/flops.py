@@ -1,0 +1,199 @@
+"""Prefill FLOPs of the language model, counted the two ways the pooling spec asks for (section 5).
+
+Analytic (`lm_prefill_flops`, `analytic_lm_flops`, `pooled_vs_unpooled`): 2 FLOPs per multiply-add
+over every matrix product of each decoder layer (q/k/v/o projections with their real GQA widths,
+attention scores and attention-weighted values over the full n x n square, no causal halving, the
+three SwiGLU matrices) plus the LM head on one position per item, with n = the VALID tokens present
+at that layer: the unpooled length before the first stage, then each stage's pooled length.
+
+XLA-measured (`xla_cost`): the FLOPs of the compiled programs a prefill ran, from XLA's own cost
+analysis (`compiled.cost_analysis()`), per program, at the programs' real (padded) shapes. The two
+counts differ on purpose:
+- XLA sees buffers, not valid tokens: a sequence bucket (1024 for 790 tokens), a fixed-capacity
+  buffer (`shapes.bucket` of the retention cap) and dummy batch rows all cost FLOPs there;
+- XLA also counts element-wise work (norms, RoPE, softmax, masks, pooling similarities), which the
+  analytic count leaves out, and the audio encoder lives in the `embed` program (the LM-only XLA
+  number subtracts it).
+XLA's cost analysis counts the body of a `while` loop ONCE, whatever its trip count; chunked
+attention (`jax.lax.map` over query blocks) is such a loop. `xla_cost` therefore re-analyses every
+loop body on its own and multiplies it by the loop's known trip count (`flops`); the uncorrected
+figure is kept as `flops_xla_raw`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+# ----------------------------------------------------------------------------------------------
+# Analytic count (spec section 5)
+
+
+def lm_prefill_flops(t, tokens_per_layer, items: int = 1) -> int:
+    """The pooling spec's analytic count: q/k/v/o with real GQA widths, the full n x n attention
+    square, three SwiGLU matrices per layer at that layer's n, plus the LM head on one position per
+    item. `t`: a TextConfig; `tokens_per_layer`: n for each decoder layer, summed over `items`."""
+    qo = 2 * t.hidden * t.heads * t.head_dim
+    kv = 2 * t.hidden * t.kv_heads * t.head_dim
+    mlp = 3 * t.hidden * t.intermediate
+    total = 0
+    for n in tokens_per_layer:
+        total += 2 * n * (qo + kv + mlp) + 2 * 2 * n * n * t.heads * t.head_dim
+    return total + items * 2 * t.hidden * t.vocab_size
+
+
+def analytic_lm_flops(text_cfg, per_item_tokens_per_layer: Sequence[Sequence[int]]) -> int:
+    """Analytic LM prefill FLOPs of a batch: `per_item_tokens_per_layer[i][l]` = tokens of item i
+    present at decoder layer l (0-based, one entry per layer). Items are counted separately (the
+    attention square is per item)."""
+    total = 0
+    for counts in per_item_tokens_per_layer:
+        counts = [int(n) for n in counts]
+        if len(counts) != text_cfg.layers:
+            raise ValueError(f"need one token count per decoder layer ({text_cfg.layers}), got {len(counts)}")
+        total += lm_prefill_flops(text_cfg, counts, items=1)
+    return total
+
+
+def _stage_layers(stages) -> list[int]:
+    layers = [int(getattr(s, "layer", s)) for s in stages]
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"stage layers must be strictly increasing, got {layers}")
+    return layers
+
+
+def tokens_per_layer(num_layers: int, stages, counts: Sequence[int]) -> list[int]:
+    """n at each decoder layer (0-based) for one item. `stages`: Stage objects or layer ints;
+    `counts`: [valid tokens before the first stage, after stage 1, after stage 2, ...]. A stage at
+    layer l (0 = input) acts before 0-based layer l, so layer i sees counts[#stages with l <= i]."""
+    layers = _stage_layers(stages)
+    if len(counts) != len(layers) + 1:
+        raise ValueError(f"need {len(layers) + 1} counts (unpooled + one per stage), got {len(counts)}")
+    return [int(counts[sum(1 for l in layers if l <= i)]) for i in range(num_layers)]
+
+
+def pooled_vs_unpooled(text_cfg, stages, per_item_counts: Sequence[Sequence[int]]) -> float:
+    """Analytic pooled / unpooled LM prefill FLOPs of a batch. `per_item_counts[i]` = [valid tokens
+    of item i unpooled, after stage 1, ...] (text + audio + any scored continuation)."""
+    if not per_item_counts:
+        raise ValueError("no items")
+    L = text_cfg.layers
+    pooled = analytic_lm_flops(text_cfg, [tokens_per_layer(L, stages, c) for c in per_item_counts])
+    unpooled = analytic_lm_flops(text_cfg, [[int(c[0])] * L for c in per_item_counts])
+    return pooled / unpooled
+
+
+# ----------------------------------------------------------------------------------------------
+# XLA cost analysis with while-loop trip counts
+
+_HEAD = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
+_WHILE = re.compile(r"\bwhile\(.*?\bbody=%?([\w.\-]+)")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def _hlo_text(compiled) -> str:
+    import jaxlib._hlo as hlo
+    mods = compiled.runtime_executable().hlo_modules()
+    if len(mods) != 1:
+        raise ValueError(f"expected one HLO module, got {len(mods)}")
+    opts = hlo.HloPrintOptions()
+    opts.print_metadata = False
+    return mods[0].to_string(opts)
+
+
+def _loops(text: str):
+    """({computation: [(while body, trip count or None), ...]}, entry name, lines)."""
+    lines = text.splitlines()
+    comps, cur, entry = {}, None, None
+    for line in lines:
+        m = _HEAD.match(line)
+        if m:
+            cur = m.group(2)
+            comps[cur] = []
+            if m.group(1):
+                entry = cur
+            continue
+        if cur is not None and line.startswith("}"):
+            cur = None
+            continue
+        if cur is not None and " while(" in line:
+            w = _WHILE.search(line)
+            if w:
+                t = _TRIP.search(line)
+                comps[cur].append((w.group(1), int(t.group(1)) if t else None))
+    return comps, entry, lines
+
+
+def _flops_as_entry(lines, name: str, client) -> float:
+    """XLA's cost analysis of computation `name` made the module's entry."""
+    import jaxlib._hlo as hlo
+    from jax._src.lib import xla_client as xc
+    out = ["HloModule cost"]
+    for line in lines[1:]:
+        m = _HEAD.match(line)
+        if m:
+            line = ("ENTRY " if m.group(2) == name else "") + line[len(m.group(1) or ""):]
+        out.append(line)
+    module = hlo.hlo_module_from_text("\n".join(out))
+    return float(xc._xla.hlo_module_cost_analysis(client, module)["flops"])
+
+
+def loop_corrected_flops(compiled) -> tuple[float, float, int]:
+    """(flops with every while body counted trip-count times, XLA's raw figure, loops found).
+
+    A loop without a known trip count is counted once, as XLA does. Loops reached through
+    `call`/`conditional` computations (not produced by the engine's programs) are not expanded."""
+    import jax
+    raw = float(compiled.cost_analysis()["flops"])
+    try:
+        text = _hlo_text(compiled)
+    except Exception:  # no HLO access on this backend: keep XLA's figure
+        return raw, raw, 0
+    comps, entry, lines = _loops(text)
+    if entry is None or not any(comps.values()):
+        return raw, raw, 0
+    client = jax.devices()[0].client
+    memo: dict[str, float] = {}
+    raw_of: dict[str, float] = {}
+
+    def raw_flops(name):
+        if name not in raw_of:
+            raw_of[name] = _flops_as_entry(lines, name, client)
+        return raw_of[name]
+
+    def corrected(name):
+        if name not in memo:
+            total = raw_flops(name) if name != entry else raw
+            for body, trip in comps.get(name, ()):
+                total += (trip or 1) * corrected(body) - raw_flops(body)
+            memo[name] = total
+        return memo[name]
+
+    n_loops = sum(len(v) for v in comps.values())
+    return corrected(entry), raw, n_loops
+
+
+def xla_cost(compiled) -> dict:
+    """FLOPs (loop-corrected and raw) and XLA's memory analysis of one compiled program."""
+    flops, raw, loops = loop_corrected_flops(compiled)
+    out = {"flops": flops, "flops_xla_raw": raw, "while_loops": loops}
+    try:
+        m = compiled.memory_analysis()
+        out.update(temp_bytes=int(m.temp_size_in_bytes), argument_bytes=int(m.argument_size_in_bytes),
+                   output_bytes=int(m.output_size_in_bytes), alias_bytes=int(m.alias_size_in_bytes))
+        out["peak_bytes"] = out["temp_bytes"] + out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+    except Exception:  # memory analysis is backend dependent
+        pass
+    return out
+
+
+def total_flops(costs: dict, key: str = "flops") -> float:
+    """Sum of a {program label: cost dict} mapping (as Engine.program_costs returns)."""
+    return float(sum(c[key] for c in costs.values()))
+
+
+def lm_xla_flops(costs: dict, embed_flops: float, key: str = "flops") -> float:
+    """LM-side FLOPs of a prefill: all its programs minus the audio encoder + embedding program
+    (`embed_flops`: the `embed` program's cost at the same batch shapes; in fixed-capacity mode the
+    embedding is inside the one `prefill_fixed` program, so the separate program's figure is used)."""
+    return total_flops(costs, key) - float(embed_flops)
