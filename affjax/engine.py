@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

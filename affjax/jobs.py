@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import sys
 import time
 from pathlib import Path
 

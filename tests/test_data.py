@@ -1,7 +1,6 @@
 """Audio loading, manifests, offline assets and the tiny Qwen2-Audio test checkpoint."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +16,7 @@ from affjax.pooling.affinity import (
     retention_slots,
 )
 from affjax.pooling.spec import PoolingConfig, Stage, parse_pooling
-from pooling_reference import ref_cos, ref_stage  # noqa: F401
+from pooling_reference import ref_stage
 
 # One set of shapes everywhere, so the jit cache is shared between tests.
 B, N, D = 4, 32, 8
