@@ -128,11 +128,10 @@ def test_score_matches(loaded):
         assert abs(lp[b] - ref) < 1e-3, (b, lp[b], ref)
 
 
+@pytest.mark.parametrize("ckpt", ["gqa"], indirect=True)  # the slowest reference run: one variant
 def test_greedy_tokens_identical(loaded):
     from affjax.engine import Engine
     variant, model, cfg, processor, eos, pad, hf, items = loaded
-    if variant != "gqa":
-        pytest.skip("greedy decoding is checked on the GQA checkpoint (the slowest reference run)")
     toks, _ = Engine(model, eos_ids=(), pad_id=pad).generate(_batch(loaded, score=False), 32)
     for b, (p, w, _) in enumerate(items):
         x = _hf_inputs(processor, p, w)
@@ -141,6 +140,7 @@ def test_greedy_tokens_identical(loaded):
         assert toks[b] == g[0, x["input_ids"].shape[1]:].tolist(), b
 
 
+@pytest.mark.parametrize("ckpt", ["gqa"], indirect=True)
 def test_one_compile_per_bucket(loaded):
     """12 items of different audio and prompt lengths, all in the 768 bucket: prefill and decode
     compile once each, over 3 batches."""
@@ -148,8 +148,6 @@ def test_one_compile_per_bucket(loaded):
     from affjax.models.qwen2_audio.inputs import collate, encode
     from affjax.testing import long_prompt, synth_speech_like
     variant, model, cfg, processor, eos, pad, hf, items = loaded
-    if variant != "gqa":
-        pytest.skip("compile counting runs once")
     enc = [encode(processor, long_prompt(80 + 3 * i, seed=100 + i), [synth_speech_like(18 + 0.5 * i, seed=i)])
            for i in range(12)]
     lengths = [len(e.ids) for e in enc]
