@@ -261,14 +261,9 @@ class Engine:
                 caches += c
             n_g = jnp.sum(seq.valid, axis=1).astype(jnp.int32)
             group_len.append(n_g)
-            group_pos0.append(self._pos0(seq, n_prompt, n_g))
+            group_pos0.append(_first_decode_pos(self.pooling.positions, n_prompt, n_g))
             group_bias.append(_pad_bias(seq, extra) if prop and g > 0 else None)
         return self._finish(seq, batch, caches, group_len, group_pos0, group_bias, stats, score)
-
-    def _pos0(self, seq: Seq, n_prompt, n_g):
-        if self.pooling.positions == "reindex":
-            return n_g.astype(jnp.float32)
-        return n_prompt.astype(jnp.float32)
 
     def _finish(self, seq, batch, caches, group_len, group_pos0, group_bias, stats, score):
         n_prompt = jnp.asarray(batch.n_prompt)
@@ -288,11 +283,9 @@ class Engine:
             r = self.capacity
             caps = [int(shapes.bucket(int(c))) for c in _chained_capacity(span, valid, r)]
         else:
+            # one retention for every stage: the first stage's cap bounds the later ones (they only merge more)
             r = float(self.capacity)
-            caps = []
-            for _ in self.pooling.stages:
-                # the same cap bounds every stage (later stages only merge more)
-                caps.append(int(shapes.bucket(int(fixed_capacity_needed(span, valid, r).max()))))
+            caps = [int(shapes.bucket(int(fixed_capacity_needed(span, valid, r).max())))] * len(self.pooling.stages)
         caps = tuple(min(c, batch.ids.shape[1]) for c in caps)
         name = "prefill_fixed"
         fn = self._fn(name, _prefill_fixed_body, static=("groups", "stages", "positions", "caps", "retention",
@@ -413,6 +406,12 @@ def _chained_capacity(span, valid, retentions) -> list[int]:
     return out
 
 
+def _first_decode_pos(positions: str, n_prompt, n_g):
+    """Position id of the first decoded token in a layer group: the unpooled prompt length under
+    `first`/`mean`, the group's own next id under `reindex` (spec section 3)."""
+    return (n_g if positions == "reindex" else n_prompt).astype(jnp.float32)
+
+
 def _slice_seq(seq: Seq, n: int) -> Seq:
     if n == seq.x.shape[1]:
         return seq
@@ -437,7 +436,7 @@ def _prefill_fixed_body(model, ids, valid, span, audio_index, features, feature_
         caches += c
         n_g = jnp.sum(seq.valid, axis=1).astype(jnp.int32)
         group_len.append(n_g)
-        group_pos0.append(n_g.astype(jnp.float32) if positions == "reindex" else n_prompt.astype(jnp.float32))
+        group_pos0.append(_first_decode_pos(positions, n_prompt, n_g))
         group_bias.append(_pad_bias(seq, extra) if proportional and g > 0 else None)
     head = _cont_logprobs(model, seq, n_prompt, cont_ids, cont_valid) if score else _last_logits(model, seq, n_prompt)
     return head, caches, group_len, group_pos0, group_bias, stats
