@@ -43,6 +43,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"),
                    help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. data=4,model=2 (-1: the rest; default: every device on data); "
+                        "batch sizes are padded to a multiple of data (see `affjax plan --topology`)")
     p.add_argument("--no-compile-cache", action="store_true", help="disable JAX's persistent compilation cache")
     p.add_argument("--no-progress", action="store_true")
     _add_pooling(p)
@@ -63,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="an HF config.json, a checkpoint directory, or 'qwen2-audio-7b' for the real geometry")
     p.add_argument("--batch", type=int, nargs="*", default=[1, 4, 8])
     p.add_argument("--length", type=int, nargs="*", default=[1024, 2048, 4096])
-    p.add_argument("--topology", default=None, help="TPU topology, e.g. v5e-8, v4-8, v5p-8")
+    p.add_argument("--topology", default=None, nargs="+",
+                   help="TPU topologies: v4-8, v5e-8, v5p-8 (several, or 'all'): per-chip bytes of each "
+                        "(data, model) mesh and the mesh picked")
 
     p = sub.add_parser("bench", help="prefill benchmark: affjax vs transformers (PyTorch eager) on one config")
     p.add_argument("--batch", type=int, nargs="*", default=[1, 4])
@@ -84,35 +89,86 @@ def main(argv: list[str] | None = None) -> int:
                    help="sequence buffer = valid length (default: the job path's bucket)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
-    p = sub.add_parser("eval", help="accuracy job: --task asr (Whisper: WER, retention, FLOPs; "
-                                    "with no --pooling, unpooled and the default pooled setting)")
+    p = sub.add_parser("bench-eval", help="items/s of `affjax eval` (Qwen2-Audio asr) for a tiny and a ~70 M random "
+                                          "checkpoint: batch sizes, unpooled vs pooled, two-pass vs in-order padding")
+    p.add_argument("--models", nargs="*", default=["tiny", "70m"], choices=("tiny", "70m"))
+    p.add_argument("--batch", type=int, nargs="*", default=[1, 4, 8])
+    p.add_argument("--pooling", nargs="*", default=["none", "dap-aggressive"])
+    p.add_argument("--items", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per cell (after one compiling run); median")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+
+    p = sub.add_parser("bench-whisper-pooling",
+                       help="accuracy sweep of Affinity Pooling on real Whisper weights (tau x window x stage, "
+                            "plain and proportional, fixed-rate controls): JSON, markdown table, PNG plot")
+    p.add_argument("--model", default="whisper-base", choices=("whisper-base", "whisper-tiny.en"))
+    p.add_argument("--taus", type=float, nargs="+", default=[0.99, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7])
+    p.add_argument("--windows", type=int, nargs="+", default=[1, 3])
+    p.add_argument("--stages", nargs="+", default=["out", "3", "5"],
+                   help="'out' (the encoder output) or an encoder layer l (after layer l)")
+    p.add_argument("--no-controls", action="store_true", help="skip the fixed-rate controls")
+    p.add_argument("--control-windows", type=int, nargs="+", default=[1],
+                   help="windows whose cells get the controls at equal retention")
+    p.add_argument("--control-taus", type=float, nargs="+", default=[0.99, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7])
+    p.add_argument("--utterances", type=int, default=36, help="piper utterances (generated and cached)")
+    p.add_argument("--librivox", type=int, default=5, help="LibriVox clips (0 to 5)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--out", default="docs/results", help="JSON, table and plot go here")
+    p.add_argument("--work", default=None, help="transcripts of every cell (default runs/NAME)")
+    p.add_argument("--name", default="whisper_pooling", help="file name stem of the outputs")
+    p.add_argument("--no-compile-cache", action="store_true", help="disable JAX's persistent compilation cache")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("eval", help="accuracy jobs: Whisper asr (WER; with no --pooling, unpooled and the default "
+                                    "pooled setting) and Qwen2-Audio asr / qa / st (WER or CER, accuracy, BLEU)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="converted checkpoint directory (checkpoints_convert/convert.py)")
     src.add_argument("--model", choices=("whisper-base", "whisper-tiny.en"),
                      help="an installed real model, converted once into $AFFJAX_CACHE/models (~/.cache/affjax)")
-    p.add_argument("--task", default="asr", choices=("asr",))
+    p.add_argument("--task", default=None, choices=("asr", "qa", "st"),
+                   help="default asr (an hf: recipe brings its own task)")
     data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--manifest", help="JSONL: id, audio, text (the reference)")
-    data.add_argument("--data", choices=("librivox",), help="a built-in data set (librivox: 5 read-speech clips)")
-    p.add_argument("--out", default=None, help="output directory (default runs/<model>-<data>)")
+    data.add_argument("--manifest", help="JSONL items (fields per task: docs/manifests.md)")
+    data.add_argument("--data", help="librivox (5 read-speech clips, Whisper) or hf:DATASET[:CONFIG]:SPLIT "
+                                     "(a Hugging Face data set with a recipe, Qwen2-Audio)")
+    p.add_argument("--out", default=None, help="output (run) directory; re-running the same command resumes it")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"),
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--normalizer", default="english", choices=("english", "basic"),
-                   help="WER text normaliser (Whisper's English one by default)")
+                   help="Whisper WER text normaliser (Whisper's English one by default)")
+    p.add_argument("--schedule", default="two-pass", choices=("two-pass", "in-order"),
+                   help="Qwen2-Audio: encode first, then batch the language model by pooled length (default), "
+                        "or batches in manifest order")
+    p.add_argument("--window", type=int, default=256, help="items per two-pass scheduling window")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--retry-errors", action="store_true", help="on resume, run the items that failed before again")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2 (default: every device on data)")
     p.add_argument("--no-compile-cache", action="store_true", help="disable JAX's persistent compilation cache")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("Affinity Pooling (Whisper: LAYER = encoder layer, 0 .. L; L = the encoder output)")
     g.add_argument("--pooling", default=None,
-                   help="stages 'LAYER:tau=F,window=N[,weighted];...' or a preset; 'none' = unpooled only. "
-                        "Default: run unpooled and the encoder output at tau 0.95, window 1, proportional")
+                   help="preset (none, input, dap-conservative, dap-aggressive) or stages "
+                        "'LAYER:tau=F,window=N[,weighted];...'. Whisper default: run unpooled and the encoder "
+                        "output at tau 0.95, window 1, proportional")
     g.add_argument("--proportional", action="store_true",
                    help="add log(group size) to the attention logits of merged keys")
     g.add_argument("--positions", default="first", choices=("first", "mean", "reindex"),
                    help="position ids of merged tokens (ignored for Whisper: absolute positions before layer 1)")
+    g.add_argument("--pool-mode", default="bucketed", choices=("bucketed", "fixed"),
+                   help="Qwen2-Audio: bucketed (exact thresholds) or fixed (one compiled prefill, --capacity)")
+    g.add_argument("--capacity", type=_capacity, default=None,
+                   help="fixed mode: retention cap, one fraction or one per stage")
     g.add_argument("--drop-padding", action="store_true",
                    help="diagnostic: remove the encoder frames past each clip (breaks Whisper, even unpooled)")
+
+    p = sub.add_parser("report", help="markdown table + plot (metric vs retention / FLOPs) across eval run dirs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="eval output directories (each with summary.json)")
+    p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    p.add_argument("--plot", default=None, help="write a PNG plot here")
 
     args = ap.parse_args(argv)
 
@@ -121,11 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         from affjax.jobs import enable_compile_cache
         if not args.no_compile_cache:
             enable_compile_cache()
-        cfg = EvalConfig(ckpt=args.ckpt, model=args.model, task=args.task, manifest=args.manifest, data=args.data,
-                         out=args.out, batch_size=args.batch_size, pooling=args.pooling,
+        cfg = EvalConfig(ckpt=args.ckpt, model=args.model, task=args.task or "asr", manifest=args.manifest,
+                         data=args.data, out=args.out, batch_size=args.batch_size, pooling=args.pooling,
                          proportional=args.proportional, positions=args.positions,
                          max_new_tokens=args.max_new_tokens, dtype=args.dtype, normalizer=args.normalizer,
-                         drop_padding=args.drop_padding, progress=not args.no_progress)
+                         drop_padding=args.drop_padding, progress=not args.no_progress,
+                         task_given=args.task is not None, pool_mode=args.pool_mode, capacity=args.capacity,
+                         schedule=args.schedule, window=args.window, retry_errors=args.retry_errors,
+                         limit=args.limit, mesh=args.mesh)
         try:
             summary = run_eval(cfg)
         except Exception as e:  # noqa: BLE001 - assets missing, bad checkpoint, bad settings
@@ -144,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                         batch_size=args.batch_size, max_new_tokens=getattr(args, "max_new_tokens", 64),
                         pooling=args.pooling, positions=args.positions, proportional=args.proportional,
                         pool_mode=args.pool_mode, capacity=args.capacity, dtype=args.dtype,
-                        progress=not args.no_progress, xla_cost=not args.no_xla_cost)
+                        progress=not args.no_progress, xla_cost=not args.no_xla_cost, mesh=args.mesh)
         try:
             summary = run(job)
         except (FileNotFoundError, ValueError) as e:
@@ -152,15 +211,24 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(json.dumps(summary, indent=1))
         return 0
+    if args.cmd == "report":
+        from affjax.report import main_report
+        return main_report(args)
     if args.cmd == "plan":
         from affjax.plan import main_plan
         return main_plan(args)
     if args.cmd == "bench":
         from affjax.bench import main_bench
         return main_bench(args)
+    if args.cmd == "bench-eval":
+        from affjax.bench_eval import main_bench_eval
+        return main_bench_eval(args)
     if args.cmd == "bench-pooling":
         from affjax.bench_pooling import main_bench_pooling
         return main_bench_pooling(args)
+    if args.cmd == "bench-whisper-pooling":
+        from affjax.bench_whisper_pooling import main_bench_whisper_pooling
+        return main_bench_whisper_pooling(args)
     return 2
 
 

@@ -15,6 +15,13 @@ Fixed-capacity `capacity` is one retention for every stage, or a tuple with one 
 fraction of the tokens a span has when it enters that stage. With `record` on, each prefill lists
 the compiled programs it ran (`programs`); `program_costs`, `unpooled_programs` and `prefill_cost`
 give XLA's cost analysis of them and of an unpooled prefill of the same batch (affjax.flops).
+
+Under a device mesh (`Engine(model, mesh=...)`, affjax.sharding) the same code runs sharded: batch
+inputs are placed with their rows over the `data` axis, the parameters stay as loaded (restored onto
+their shards; a model on other devices is placed by the rules once), jit propagates the shardings
+and the hidden states and KV caches are constrained by the logical-axis table. Host reads (pooled
+buckets, fixed capacities, results) use global values, so every process of a multi-host run takes
+the same decisions and gets back its own rows.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from affjax import shapes
+from affjax import sharding as shd
 from affjax.layers import rope_cos_sin
 from affjax.models.qwen2_audio.inputs import Batch
 from affjax.pooling.affinity import fixed_capacity_needed, pool_stage, retention_slots
@@ -110,7 +118,7 @@ def _label(name: str, kw: dict) -> str:
 
 def _embed(model, ids, valid, span, audio_index, features, feature_lengths) -> Seq:
     audio = model.encode_audio(features, feature_lengths)
-    x = model.embed_inputs(ids, audio, audio_index)
+    x = shd.constrain(model.embed_inputs(ids, audio, audio_index), "hidden")
     b, t = ids.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.float32), (b, t))
     return Seq(x, valid, pos, jnp.ones((b, t), jnp.float32), span,
@@ -128,8 +136,8 @@ def _run_group(model, seq: Seq, start: int, end: int, extra: int, proportional: 
         x, (k, v) = layer(x, cos, sin, seq.valid, bias)
         if keep_cache:
             pad = ((0, 0), (0, extra), (0, 0), (0, 0))
-            caches.append((jnp.pad(k, pad), jnp.pad(v, pad)))
-    return dataclasses.replace(seq, x=x), caches
+            caches.append((shd.constrain(jnp.pad(k, pad), "kv_cache"), shd.constrain(jnp.pad(v, pad), "kv_cache")))
+    return dataclasses.replace(seq, x=shd.constrain(x, "hidden")), caches
 
 
 def _pool(seq: Seq, stage, positions: str, capacity: int, retention):
@@ -140,6 +148,11 @@ def _pool(seq: Seq, stage, positions: str, capacity: int, retention):
     new = Seq(out.h, out.valid, out.pos, out.size, out.span, slot_of)
     return new, {"audio_in": out.audio_in, "audio_out": out.audio_out, "forced": out.forced,
                  "n_valid": out.n_valid}
+
+
+def _embed_tokens(model, ids):
+    """Text embeddings of token ids (continuations appended to stored rows, affjax.eval_lslm)."""
+    return model.language_model.embed(ids)
 
 
 def _last_logits(model, seq: Seq, n_prompt):
@@ -179,9 +192,14 @@ class Engine:
     """Holds the split model and the jitted pieces; shapes follow affjax.shapes."""
 
     def __init__(self, model, *, pooling: PoolingConfig | None = None, pool_mode: str = "bucketed",
-                 capacity: float | None = None, eos_ids=(), pad_id: int = 0):
+                 capacity: float | None = None, eos_ids=(), pad_id: int = 0, mesh=None):
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
+        self.mesh = mesh  # jax.sharding.Mesh ("data", "model") or None (one device)
+        if mesh is not None:
+            pure = nnx.to_pure_dict(self.state)
+            if not all(shd.on_mesh(x, mesh) for x in jax.tree.leaves(pure)):
+                nnx.replace_by_pure_dict(self.state, shd.place_params(pure, mesh, self.cfg))
         self.pooling = pooling or PoolingConfig(stages=())
         if pool_mode not in ("bucketed", "fixed"):
             raise ValueError(f"pool_mode must be 'bucketed' or 'fixed', got {pool_mode!r}")
@@ -218,7 +236,16 @@ class Engine:
                 return fn(nnx.merge(graphdef, state), *args, **kw)
             _JIT[key] = jax.jit(wrapped, static_argnames=("graphdef",) + tuple(static))
             _STATIC[_JIT[key]] = ("graphdef",) + tuple(static)
-        return self._rec(name, functools.partial(_JIT[key], graphdef=self.graphdef))
+        return self._in_mesh(self._rec(name, functools.partial(_JIT[key], graphdef=self.graphdef)))
+
+    def _in_mesh(self, f):
+        """`f` called with the engine's mesh in context (`constrain` reads it); `f` without a mesh.
+        A partial stays a partial (Program.lower and program_costs unpack it)."""
+        if self.mesh is None:
+            return f
+        if isinstance(f, functools.partial):
+            return _InMesh(self.mesh, f.func, *f.args, **f.keywords)
+        return _InMesh(self.mesh, f)
 
     def _rec(self, name, f):
         """`f`, noting each call in self.programs while self.record is on (prefill pieces only)."""
@@ -230,29 +257,64 @@ class Engine:
             return f(*args, **kw)
         return call
 
+    def _put(self, x):
+        """A batch array (rows first) on the device; under a mesh, rows over the data axis (host
+        arrays hold this process's rows; device arrays are taken as they are)."""
+        if x is None or self.mesh is None or isinstance(x, jax.Array):
+            return None if x is None else jnp.asarray(x)
+        return shd.put_rows(self.mesh, x)
+
+    def _local(self, x):
+        """This process's rows of a result, on the host (all rows on one process)."""
+        if self.mesh is None:
+            return jax.device_get(x)
+        return jax.tree.map(lambda a: shd.local_rows(a, self.mesh), x)
+
     def _device_batch(self, batch: Batch):
-        return (jnp.asarray(batch.ids), jnp.asarray(batch.valid), jnp.asarray(batch.span),
-                jnp.asarray(batch.audio_index), jnp.asarray(batch.features), jnp.asarray(batch.feature_lengths))
+        return tuple(map(self._put, (batch.ids, batch.valid, batch.span, batch.audio_index, batch.features,
+                                     batch.feature_lengths)))
 
     # -- prefill ----------------------------------------------------------------------------------
     def prefill(self, batch: Batch, *, extra: int = 0, score: bool = False) -> PrefillOut:
-        """Run the prompt (and, for score, the continuation) through the model."""
+        """Run the prompt (and, for score, the continuation) through the model. `batch` holds this
+        process's rows (all of them on one process)."""
         self.programs = []
+        if self.mesh is not None:  # several processes: pad to the shapes every process agrees on
+            batch = shd.globalize_batch(batch, self.mesh, int(self.cfg.audio.output_lengths(batch.features.shape[-1])))
         if self.pool_mode == "fixed" and self.pooling.stages:
             return self._prefill_fixed(batch, extra=extra, score=score)
-        embed = self._fn("embed", _embed)
-        seq = embed(self.state, *self._device_batch(batch))
-        caches, group_len, group_pos0, group_bias, stats = [], [], [], [], []
-        n_prompt = jnp.asarray(batch.n_prompt)
+        seq, stats = self.front(batch)
+        return self.prefill_rest(seq, batch.n_prompt, stats, extra=extra, score=score, cont_ids=batch.cont_ids,
+                                 cont_valid=batch.cont_valid)
+
+    def front(self, batch: Batch) -> tuple[Seq, list]:
+        """Bucketed mode, first part: the audio encoder, projector and embeddings, then the input
+        stage (a stage at layer 0) if there is one. Returns the sequence and that stage's stats."""
+        seq = self._fn("embed", _embed)(self.state, *self._device_batch(batch))
+        stats = []
+        if self.pooling.stages and self.pooling.stages[0].layer == 0:
+            seq, st = self._pool_bucketed(seq, self.pooling.stages[0])
+            stats.append(st)
+        return seq, stats
+
+    def _pool_bucketed(self, seq: Seq, stage) -> tuple[Seq, dict]:
+        """One stage at full capacity, then the buffer sliced to the bucket of the longest row."""
+        pool = self._in_mesh(self._rec("pool", _pool_jit))
+        seq, st = pool(seq, stage=stage, positions=self.pooling.positions, capacity=seq.x.shape[1], retention=None)
+        n_max = int(shd.host_value(st["n_valid"]).max())  # over every process's rows
+        return _slice_seq(seq, min(shapes.bucket(max(n_max, 1)), seq.x.shape[1])), st
+
+    def prefill_rest(self, seq: Seq, n_prompt, stats: list, *, extra: int = 0, score: bool = False,
+                     cont_ids=None, cont_valid=None) -> PrefillOut:
+        """Bucketed mode, the rest of a prefill: the layer groups and the stages not yet applied
+        (``len(stats)`` of them were, by :meth:`front`), then the head."""
+        stats = list(stats)
+        caches, group_len, group_pos0, group_bias = [], [], [], []
+        n_prompt = self._put(n_prompt)
         prop = self.pooling.proportional
         for g, (start, end) in enumerate(self.groups):
-            if g > 0:
-                stage = self.pooling.stages[g - 1]
-                seq, st = self._rec("pool", _pool_jit)(seq, stage=stage, positions=self.pooling.positions,
-                                    capacity=seq.x.shape[1], retention=None)
-                n_max = int(jax.device_get(st["n_valid"]).max())
-                cap = shapes.bucket(max(n_max, 1))
-                seq = _slice_seq(seq, min(cap, seq.x.shape[1]))
+            if g > len(stats):
+                seq, st = self._pool_bucketed(seq, self.pooling.stages[g - 1])
                 stats.append(st)
             if end > start:
                 run = self._fn("group", _run_group, static=("start", "end", "extra", "proportional", "keep_cache"))
@@ -263,13 +325,9 @@ class Engine:
             group_len.append(n_g)
             group_pos0.append(_first_decode_pos(self.pooling.positions, n_prompt, n_g))
             group_bias.append(_pad_bias(seq, extra) if prop and g > 0 else None)
-        return self._finish(seq, batch, caches, group_len, group_pos0, group_bias, stats, score)
-
-    def _finish(self, seq, batch, caches, group_len, group_pos0, group_bias, stats, score):
-        n_prompt = jnp.asarray(batch.n_prompt)
         if score:
             f = self._fn("score_head", _cont_logprobs)
-            lp = f(self.state, seq, n_prompt, jnp.asarray(batch.cont_ids), jnp.asarray(batch.cont_valid))
+            lp = f(self.state, seq, n_prompt, self._put(cont_ids), self._put(cont_valid))
             return PrefillOut(None, lp, caches, group_len, group_pos0, group_bias, stats)
         f = self._fn("last_head", _last_logits)
         return PrefillOut(f(self.state, seq, n_prompt), None, caches, group_len, group_pos0, group_bias, stats)
@@ -281,18 +339,19 @@ class Engine:
         if isinstance(self.capacity, tuple):
             # one retention per stage: stage k keeps ceil(r_k * T) of the T tokens each span has there
             r = self.capacity
-            caps = [int(shapes.bucket(int(c))) for c in _chained_capacity(span, valid, r)]
+            need = _chained_capacity(span, valid, r)
         else:
             # one retention for every stage: the first stage's cap bounds the later ones (they only merge more)
             r = float(self.capacity)
-            caps = [int(shapes.bucket(int(fixed_capacity_needed(span, valid, r).max())))] * len(self.pooling.stages)
-        caps = tuple(min(c, batch.ids.shape[1]) for c in caps)
+            need = [int(fixed_capacity_needed(span, valid, r).max())] * len(self.pooling.stages)
+        need = shd.agree_max(need) if self.mesh is not None else need  # the largest over every process
+        caps = tuple(min(int(shapes.bucket(int(c))), batch.ids.shape[1]) for c in need)
         name = "prefill_fixed"
         fn = self._fn(name, _prefill_fixed_body, static=("groups", "stages", "positions", "caps", "retention",
                                                           "extra", "proportional", "score"))
-        out = fn(self.state, *self._device_batch(batch), jnp.asarray(batch.n_prompt),
-                 None if not score else jnp.asarray(batch.cont_ids),
-                 None if not score else jnp.asarray(batch.cont_valid),
+        out = fn(self.state, *self._device_batch(batch), self._put(batch.n_prompt),
+                 None if not score else self._put(batch.cont_ids),
+                 None if not score else self._put(batch.cont_valid),
                  groups=tuple(self.groups), stages=tuple(self.pooling.stages), positions=self.pooling.positions,
                  caps=caps, retention=r, extra=extra, proportional=self.pooling.proportional, score=score)
         head, caches, group_len, group_pos0, group_bias, stats = out
@@ -373,18 +432,37 @@ class Engine:
     def score(self, batch: Batch) -> tuple[np.ndarray, list]:
         """Per-row sum of continuation log-probs (float64 on host) and per-stage stats."""
         out = self.prefill(batch, score=True)
-        lp = np.asarray(jax.device_get(out.logprobs), np.float64)
-        return lp.sum(1), [jax.device_get(s) for s in out.stats]
+        lp = np.asarray(self._local(out.logprobs), np.float64)
+        return lp.sum(1), [self._local(s) for s in out.stats]
 
     def generate(self, batch: Batch, max_new_tokens: int) -> tuple[list[list[int]], list]:
         out = self.prefill(batch, extra=max_new_tokens)
+        return self.decode(out, batch.rows, max_new_tokens), [self._local(s) for s in out.stats]
+
+    def decode(self, out: PrefillOut, rows: int, max_new_tokens: int) -> list[list[int]]:
+        """Greedy tokens (EOS excluded) of the first `rows` rows after a prefill with
+        ``extra=max_new_tokens``."""
         loop = self._fn("decode", _decode_loop, static=("groups", "max_new", "eos", "pad_id"))
-        row_ok = jnp.arange(batch.ids.shape[0]) < batch.rows
+        b = out.group_len[0].shape[0] if self.mesh is None else shd.local_count(self.mesh, out.group_len[0].shape[0])
+        row_ok = self._put(np.arange(b) < rows)
         tokens, lengths = loop(self.state, out.logits, out.caches, out.group_len, out.group_pos0, out.group_bias,
                                row_ok, groups=tuple(self.groups), max_new=max_new_tokens, eos=self.eos_ids,
                                pad_id=self.pad_id)
-        tokens, lengths = jax.device_get((tokens, lengths))
-        return [tokens[b, : lengths[b]].tolist() for b in range(batch.rows)], [jax.device_get(s) for s in out.stats]
+        tokens, lengths = self._local(tokens), self._local(lengths)
+        return [tokens[b, : lengths[b]].tolist() for b in range(rows)]
+
+
+class _InMesh(functools.partial):
+    """A call of a jitted piece inside `jax.set_mesh(mesh)`."""
+
+    def __new__(cls, mesh, func, *args, **kw):
+        self = super().__new__(cls, func, *args, **kw)
+        self.mesh = mesh
+        return self
+
+    def __call__(self, *args, **kw):
+        with jax.set_mesh(self.mesh):
+            return super().__call__(*args, **kw)
 
 
 @functools.partial(jax.jit, static_argnames=("stage", "positions", "capacity", "retention"))

@@ -49,12 +49,14 @@ from pathlib import Path
 
 import numpy as np
 
+from affjax.metrics import corpus_wer, make_normalizer  # scoring lives in affjax/metrics.py
+
 __all__ = ["MODEL_NAMES", "DATASETS", "EvalConfig", "resolve_checkpoint", "run_eval", "RUNNERS",
            "make_normalizer", "corpus_wer", "format_summary"]
 
 MODEL_NAMES = {"whisper-base": "base", "whisper-tiny.en": "tiny.en"}  # --model -> assets name
 DATASETS = ("librivox",)
-TASKS = ("asr",)
+TASKS = ("asr", "qa", "st")
 
 
 @dataclasses.dataclass
@@ -75,6 +77,15 @@ class EvalConfig:
     drop_padding: bool = False        # diagnostic: remove the frames past each clip
     language: str = "en"
     progress: bool = True
+    # Qwen2-Audio checkpoints (affjax.eval_lslm)
+    task_given: bool = False          # --task was given explicitly (checked against an hf: recipe's task)
+    pool_mode: str = "bucketed"
+    capacity: float | tuple[float, ...] | None = None
+    schedule: str = "two-pass"        # two-pass | in-order
+    window: int = 256                 # items per two-pass scheduling window
+    retry_errors: bool = False
+    limit: int | None = None          # first N items only
+    mesh: str | None = None           # e.g. "data=4,model=2"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,6 +125,8 @@ def _rows(cfg: EvalConfig):
 
     if (cfg.manifest is None) == (cfg.data is None):
         raise ValueError("give exactly one of --manifest and --data")
+    if cfg.data and cfg.data.startswith("hf:"):
+        raise ValueError("--data hf:... recipes are for Qwen2-Audio checkpoints (they carry its prompts)")
     if cfg.manifest is not None:
         return read_manifest(cfg.manifest, required=("id", "audio")), Path(cfg.manifest).stem
     if cfg.data not in DATASETS:
@@ -123,35 +136,6 @@ def _rows(cfg: EvalConfig):
     items = librivox_items()
     return [ManifestRow(i + 1, it["id"], {**it, "audio": str(it["audio"])}, None)
             for i, it in enumerate(items)], cfg.data
-
-
-# ----------------------------------------------------------------------------------------------
-# scoring
-
-
-def make_normalizer(tokenizer, kind: str = "english"):
-    """(normaliser, description): Whisper's English normaliser (with the tokenizer's British ->
-    American spelling mapping when it has one) or the basic one."""
-    from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
-
-    if kind == "basic":
-        return BasicTextNormalizer(), "basic"
-    if kind != "english":
-        raise ValueError(f"unknown normalizer {kind!r} (english, basic)")
-    mapping = getattr(tokenizer, "english_spelling_normalizer", None)
-    if mapping:
-        return EnglishTextNormalizer(mapping), "english"
-    return EnglishTextNormalizer({}), "english (no spelling mapping)"
-
-
-def corpus_wer(refs: list[str], hyps: list[str]) -> float | None:
-    """Corpus WER (errors / reference words) over normalised pairs; empty references are skipped."""
-    import jiwer
-
-    pairs = [(r, h) for r, h in zip(refs, hyps) if r.strip()]
-    if not pairs:
-        return None
-    return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,8 +288,13 @@ def run_whisper_asr(cfg: EvalConfig, ckpt: Path, labels: dict, log=print) -> dic
     return summary
 
 
-# (model_type, task) -> runner(cfg, ckpt, labels). Qwen2-Audio and qa / st plug in here.
-RUNNERS = {("whisper", "asr"): run_whisper_asr}
+def _run_lslm(cfg: EvalConfig, ckpt: Path, labels: dict, log=print) -> dict:
+    from affjax.eval_lslm import run_lslm_eval
+    return run_lslm_eval(cfg, ckpt, labels, log=log)
+
+
+# (model_type, task) -> runner(cfg, ckpt, labels)
+RUNNERS = {("whisper", "asr"): run_whisper_asr, **{("qwen2_audio", t): _run_lslm for t in TASKS}}
 
 
 def run_eval(cfg: EvalConfig, log=print) -> dict:
@@ -325,7 +314,8 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     if key not in RUNNERS:
         raise ValueError(f"eval --task {cfg.task} is not available for model_type {key[0]!r} "
                          f"(available: {', '.join(f'{m}/{t}' for m, t in RUNNERS)})")
-    data_label = cfg.data if cfg.data else Path(cfg.manifest or "data").stem
+    data_label = (cfg.data.split(":", 1)[1].replace("/", "_").replace(":", "-") if cfg.data and cfg.data.startswith("hf:")
+                  else cfg.data if cfg.data else Path(cfg.manifest or "data").stem)
     return RUNNERS[key](cfg, ckpt, {"model": model_label, "data": data_label}, log=log)
 
 
@@ -338,6 +328,9 @@ def _pct(x):
 
 
 def format_summary(summary: dict) -> str:
+    if "primary" in summary:  # a Qwen2-Audio eval (affjax.eval_lslm)
+        from affjax.eval_lslm import format_lslm_summary
+        return format_lslm_summary(summary)
     runs = summary.get("runs") or [summary]
     head = runs[0]
     lines = [f"{head['model']} on {head['data']}: {head['items']} items, {head['ok']} ok, {head['errors']} errors "

@@ -3,6 +3,10 @@
 
 Rows come out in manifest order. A bad item (missing or corrupt audio, bad prompt, malformed line)
 becomes a row with `error` naming the cause; the job goes on with the rest.
+
+`mesh` ("data=4,model=2", affjax.sharding) runs the model sharded over the devices; without it a
+machine with several devices puts them all on `data`. On several processes (a multi-host slice,
+`jax.distributed`), each process runs its share of the manifest and process 0 writes the output.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class JobConfig:
     progress: bool = True
     xla_cost: bool = True          # pooled runs: XLA-measured LM prefill FLOPs vs unpooled (compiles the
                                    # unpooled programs of each batch shape once for cost analysis)
+    mesh: str | None = None        # device mesh "data=4,model=2" (affjax.sharding.parse_mesh)
 
 
 def enable_compile_cache(path: str | None = None) -> str:
@@ -47,13 +52,14 @@ def enable_compile_cache(path: str | None = None) -> str:
     return path
 
 
-def load_for_inference(ckpt: str, dtype: str | None = None):
-    """(model, cfg, processor, eos_ids, pad_id) from a converted checkpoint directory."""
+def load_for_inference(ckpt: str, dtype: str | None = None, mesh=None):
+    """(model, cfg, processor, eos_ids, pad_id) from a converted checkpoint directory; with a `mesh`
+    every parameter is restored directly onto its shards (affjax.sharding)."""
     from transformers import AutoProcessor, GenerationConfig
 
-    from affjax.checkpoint import load
+    from affjax import sharding
 
-    model, cfg, meta = load(ckpt, dtype=dtype)
+    model, cfg, meta = sharding.load(ckpt, mesh, dtype=dtype)
     processor = AutoProcessor.from_pretrained(ckpt)
     eos = []
     try:
@@ -101,6 +107,7 @@ def run(job: JobConfig, *, log=print) -> dict:
     """Run a score/generate job; writes JSONL rows to job.out and returns the summary dict."""
     from tqdm import tqdm
 
+    from affjax import sharding
     from affjax.data.manifest import read_manifest
     from affjax.engine import TRACES, Engine
     from affjax.models.qwen2_audio.inputs import collate
@@ -109,14 +116,18 @@ def run(job: JobConfig, *, log=print) -> dict:
     if job.task not in ("score", "generate"):
         raise ValueError(f"unknown task {job.task!r}")
     t_start = time.perf_counter()
-    model, cfg, processor, eos_ids, pad_id = load_for_inference(job.ckpt, job.dtype)
+    sharding.initialize_distributed()  # first: a no-op (one line on stderr) unless launched as several processes
+    mesh = sharding.mesh_or_none(job.mesh)
+    model, cfg, processor, eos_ids, pad_id = load_for_inference(job.ckpt, job.dtype, mesh)
     pooling = parse_pooling(job.pooling, cfg.text.layers, positions=job.positions, proportional=job.proportional)
     engine = Engine(model, pooling=pooling, pool_mode=job.pool_mode, capacity=job.capacity,
-                    eos_ids=eos_ids, pad_id=pad_id)
+                    eos_ids=eos_ids, pad_id=pad_id, mesh=mesh)
+    rows_per_batch = sharding.padded_batch_size(job.batch_size, mesh)  # whole rows of the data axis
     engine.record = bool(pooling.stages)  # programs of each prefill, for the XLA FLOPs ratio
     t_load = time.perf_counter() - t_start
     required = ("id", "audio", "prompt") + (("continuation",) if job.task == "score" else ())
-    rows = read_manifest(job.manifest, required=required)
+    all_rows = read_manifest(job.manifest, required=required)
+    rows = sharding.host_share(all_rows)  # this process's rows (all of them on one process)
     out_path = Path(job.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -126,7 +137,7 @@ def run(job: JobConfig, *, log=print) -> dict:
     flop_counts = []  # per item: valid tokens [unpooled, after stage 1, ...] (analytic FLOPs)
     xla_lm = {"pooled": 0.0, "unpooled": 0.0}
     n_ok = n_err = 0
-    times = {"first_batch": None, "steady": 0.0, "steady_items": 0, "compile_batches": 0}
+    times = {"first_batch": None, "steady": 0.0, "steady_items": 0, "compile_batches": 0, "batches": 0}
     bar = tqdm(total=len(rows), unit="item", disable=not job.progress, desc=job.task)
 
     def flush_batch(pending):
@@ -135,8 +146,9 @@ def run(job: JobConfig, *, log=print) -> dict:
             return
         traces_before = sum(TRACES.values())
         t0 = time.perf_counter()
-        batch = collate([e for _, e in pending], batch_size=job.batch_size, audio_token_id=cfg.audio_token_id,
+        batch = collate([e for _, e in pending], batch_size=rows_per_batch, audio_token_id=cfg.audio_token_id,
                         out_frames_of=cfg.audio.output_lengths, pad_id=pad_id)
+        times["batches"] += 1
         if job.task == "score":
             lp, stats = engine.score(batch)
         else:
@@ -191,18 +203,35 @@ def run(job: JobConfig, *, log=print) -> dict:
             pending = []
     flush_batch(pending)
     bar.close()
+    if sharding.process_count() > 1:  # every process makes the same engine calls, then process 0 writes
+        fe = processor.feature_extractor
+        for _ in range(int(sharding.agree_max([times["batches"]])[0]) - times["batches"]):
+            empty = sharding.empty_batch(rows_per_batch, n_mels=fe.feature_size, frames=fe.nb_max_frames,
+                                         score=job.task == "score", pad_id=pad_id)
+            engine.score(empty) if job.task == "score" else engine.generate(empty, job.max_new_tokens)
+        mine = {"results": [[i, r] for i, r in results.items()], "stage_counts": stage_counts,
+                "flop_counts": flop_counts, "xla_lm": xla_lm, "ok": n_ok, "errors": n_err, "forced": forced_total}
+        every = sharding.gather_to_host0([mine])
+        if every is None:
+            return {"task": job.task, "process": sharding.process_index(), "items": len(rows), "written_by": 0}
+        results = {i: r for p in every for i, r in p["results"]}
+        stage_counts = [c for p in every for c in p["stage_counts"]]
+        flop_counts = [c for p in every for c in p["flop_counts"]]
+        xla_lm = {k: sum(p["xla_lm"][k] for p in every) for k in xla_lm}
+        n_ok, n_err, forced_total = (sum(p[k] for p in every) for k in ("ok", "errors", "forced"))
 
     with open(out_path, "w", encoding="utf-8") as f:
         for idx in sorted(results):
             f.write(json.dumps(results[idx], ensure_ascii=False) + "\n")
 
     summary = {
-        "task": job.task, "items": len(rows), "ok": n_ok, "errors": n_err,
+        "task": job.task, "items": len(all_rows), "ok": n_ok, "errors": n_err,
         "load_seconds": round(t_load, 3), "total_seconds": round(time.perf_counter() - t_start, 3),
         "first_batch_seconds_incl_compile": None if times["first_batch"] is None else round(times["first_batch"], 3),
         "steady_items_per_second": (round(times["steady_items"] / times["steady"], 3) if times["steady"] else None),
         "compiles": dict(TRACES),
         "pooling": pooling.to_text() if pooling.stages else "none",
+        "mesh": sharding.mesh_text(mesh) if mesh is not None else "one device",
     }
     if pooling.stages and stage_counts:
         arr = np.asarray(stage_counts, np.float64)

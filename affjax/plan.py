@@ -4,6 +4,8 @@ The model is built with `nnx.eval_shape` (no memory), so the parameter count com
 modules that will run, not from a formula that could drift from them. Around it this module adds
 plain arithmetic: parameter bytes per dtype, the KV cache for a (batch, length), a rough prefill
 activation peak, and per-chip bytes on TPU meshes (data, model) with model-parallel sharding.
+Per-chip parameter bytes follow affjax.sharding's own rules (the table that places the weights when
+a checkpoint is restored onto a mesh), so the plan and a run agree on what each chip holds.
 
 `plan(...)` returns a dict (JSON-friendly), `format_plan(...)` renders it; `affjax plan` on the
 command line prints both for a grid of batches and lengths. The assumptions behind every estimate
@@ -79,8 +81,10 @@ ASSUMPTIONS = [
     "plus the projected audio tokens kept for the decoder",
     "XLA fusion usually removes some temporaries and may add workspace: treat activations as an "
     "order-of-magnitude estimate; parameters and KV cache are exact",
-    "meshes (data, model): parameters sharded evenly over 'model' (norms and biases, a tiny "
-    "fraction, counted as sharded too); KV cache sharded over 'model' (KV heads) and 'data' "
+    "meshes (data, model): parameters per chip by affjax.sharding's rules (attention heads, MLP "
+    "width and vocabulary over 'model'; norms, output biases, conv stem, position tables, projector "
+    "and any block whose head count the model axis does not divide, e.g. the 20-head audio "
+    "encoder's attention at model=8, whole on every chip); KV cache sharded over 'model' (KV heads) and 'data' "
     "(batch rows, ceil(batch / data) per chip); activations: attention, MLP intermediate and "
     "head logits split over 'model', residual replicated over it; audio-encoder attention is "
     "replicated when its head count is not divisible by the model axis",
@@ -123,15 +127,51 @@ def _part(path: tuple) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _param_counts(config_json: str) -> tuple[tuple[str, int], ...]:
+def _param_shapes(config_json: str) -> tuple[tuple[tuple, tuple[int, ...]], ...]:
+    """(path, shape) of every parameter of the abstractly built model."""
     from flax import nnx
 
     _, _, _, build = _configs(json.loads(config_json))
     abstract = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+    return tuple((tuple(path), tuple(leaf.shape)) for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+
+
+@functools.lru_cache(maxsize=16)
+def _param_counts(config_json: str) -> tuple[tuple[str, int], ...]:
     counts = {"audio_tower": 0, "projector": 0, "language_model": 0, "embeddings": 0, "lm_head": 0}
-    for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        counts[_part(path)] += math.prod(leaf.shape)
+    for path, shape in _param_shapes(config_json):
+        counts[_part(path)] += math.prod(shape)
     return tuple(counts.items())
+
+
+@functools.lru_cache(maxsize=64)
+def _param_elements_per_chip(config_json: str, model: int) -> int:
+    from jax.sharding import AbstractMesh
+
+    from affjax.sharding import AXES, param_spec
+
+    cfg = _model_config(json.loads(config_json))
+    mesh = AbstractMesh((1, model), AXES)
+    total = 0
+    for path, shape in _param_shapes(config_json):
+        split = math.prod(mesh.shape[a] for a in param_spec(path, shape, mesh, cfg) if a is not None)
+        total += -(-math.prod(shape) // split)
+    return total
+
+
+def _model_config(hf_config: dict):
+    mt = hf_config.get("model_type")
+    if mt == "qwen2_audio":
+        from affjax.models.qwen2_audio.modeling import Qwen2AudioConfig
+        return Qwen2AudioConfig.from_hf(hf_config)
+    from affjax.models.qwen2.modeling import TextConfig
+    return TextConfig.from_hf(hf_config)
+
+
+def param_bytes_per_chip(hf_config: dict, *, model: int, dtype_bytes: int) -> int:
+    """Parameter bytes one chip holds on a mesh with `model` chips on the model axis, placed by
+    affjax.sharding's rules (what `sharding.load` restores onto each chip)."""
+    return _param_elements_per_chip(json.dumps(hf_config, sort_keys=True), model) * dtype_bytes
 
 
 def param_counts(hf_config: dict) -> dict[str, int]:
@@ -198,7 +238,6 @@ def topology_plan(hf_config: dict, name: str, *, batch: int, seq_len: int,
         raise ValueError(f"unknown topology {name!r}; known: {', '.join(TOPOLOGIES)}")
     topo = TOPOLOGIES[name]
     _, audio, text, _ = _configs(hf_config)
-    n_params = param_counts(hf_config)["total"]
     budget = int((1 - headroom) * topo["hbm"])
     rows, choice = [], {}
     for dtype in dtypes:
@@ -206,7 +245,7 @@ def topology_plan(hf_config: dict, name: str, *, batch: int, seq_len: int,
         for data, model in _meshes(topo["chips"]):
             ok_heads = text.heads % model == 0 and text.kv_heads % model == 0
             local = -(-batch // data)
-            params = -(-n_params * nb // model)
+            params = param_bytes_per_chip(hf_config, model=model, dtype_bytes=nb)
             kv = kv_cache_bytes(text, batch=local, length=seq_len, dtype_bytes=nb) // model
             act = _activations(audio, text, batch=local, seq_len=seq_len, nbytes=nb, model=model)["peak"]
             total = params + kv + act
@@ -216,19 +255,35 @@ def topology_plan(hf_config: dict, name: str, *, batch: int, seq_len: int,
                          "note": "" if ok_heads else f"model axis {model} does not divide "
                                                      f"{text.heads} heads / {text.kv_heads} KV heads"})
             if fits and dtype not in choice:
-                choice[dtype] = {"data": data, "model": model}
+                choice[dtype] = {"data": data, "model": model, "mesh": f"data={data},model={model}"}
         choice.setdefault(dtype, None)
     return {"name": name, "chips": topo["chips"], "hbm_per_chip": topo["hbm"], "headroom": headroom,
             "budget_per_chip": budget, "meshes": rows, "choice": choice}
 
 
+def topology_names(topology) -> list[str]:
+    """None -> []; "all" -> every known topology; a name, "v4-8,v5e-8" or a list of names."""
+    if topology is None:
+        return []
+    names = topology.split(",") if isinstance(topology, str) else [n for t in topology for n in t.split(",")]
+    names = [n.strip() for n in names if n.strip()]
+    if "all" in names:
+        return list(TOPOLOGIES)
+    for n in names:
+        if n not in TOPOLOGIES:
+            raise ValueError(f"unknown topology {n!r}; known: {', '.join(TOPOLOGIES)} (or 'all')")
+    return list(dict.fromkeys(names))
+
+
 def plan(hf_config: dict, *, batch: int, seq_len: int, dtypes=("float32", "bfloat16"),
-         topology: str | None = None) -> dict:
+         topology=None) -> dict:
     """Memory plan of one (batch, seq_len) prefill for an HF config dict (qwen2_audio, qwen2, llama).
 
     Returns {"model_type", "geometry", "params" (count per part and total), "param_bytes",
-    "kv_cache", "activations", "total" (bytes per dtype on one device), "topology" (when given),
-    "assumptions"}. seq_len counts every decoder position (text plus audio tokens)."""
+    "kv_cache", "activations", "total" (bytes per dtype on one device), "topologies" (per-chip
+    bytes of every mesh and the mesh picked, for each topology asked: a name, several, or "all"),
+    "topology" (the first of them), "assumptions"}. seq_len counts every decoder position (text
+    plus audio tokens)."""
     for d in dtypes:
         if d not in DTYPE_BYTES:
             raise ValueError(f"unknown dtype {d!r}; known: {', '.join(DTYPE_BYTES)}")
@@ -252,8 +307,10 @@ def plan(hf_config: dict, *, batch: int, seq_len: int, dtypes=("float32", "bfloa
         out["kv_cache"]["bytes"][d] = kv_cache_bytes(text, batch=batch, length=seq_len, dtype_bytes=nb)
         out["activations"][d] = _activations(audio, text, batch=batch, seq_len=seq_len, nbytes=nb)
         out["total"][d] = out["param_bytes"][d] + out["kv_cache"]["bytes"][d] + out["activations"][d]["peak"]
-    if topology is not None:
-        out["topology"] = topology_plan(hf_config, topology, batch=batch, seq_len=seq_len, dtypes=dtypes)
+    names = topology_names(topology)
+    if names:
+        out["topologies"] = [topology_plan(hf_config, n, batch=batch, seq_len=seq_len, dtypes=dtypes) for n in names]
+        out["topology"] = out["topologies"][0]
     return out
 
 
@@ -294,8 +351,7 @@ def format_plan(result: dict, *, assumptions: bool = True) -> str:
         lines.append(f"{name:<28}" + "".join(f"{_gib(v):>16}" for v in vals))
     lines.append(f"{'KV cache per token':<28}" + "".join(f"{kv['per_token_bytes'][d] / 1024:>12.1f} KiB"
                                                         for d in dts))
-    topo = result.get("topology")
-    if topo:
+    for topo in result.get("topologies", []):
         lines += ["", f"TPU {topo['name']}: {topo['chips']} chips x {topo['hbm_per_chip'] / GiB:.0f} GiB, "
                       f"budget {topo['budget_per_chip'] / GiB:.1f} GiB per chip ({topo['headroom']:.0%} headroom)",
                   f"{'dtype':<10}{'mesh (data, model)':>20}{'params':>14}{'KV cache':>14}{'activations':>14}"
@@ -305,8 +361,8 @@ def format_plan(result: dict, *, assumptions: bool = True) -> str:
                          f"{_gib(r['kv_cache']):>14}{_gib(r['activations']):>14}{_gib(r['total']):>14}  "
                          f"{'yes' if r['fits'] else 'no'}{'  (' + r['note'] + ')' if r['note'] else ''}")
         for d, c in topo["choice"].items():
-            pick = f"mesh (data {c['data']}, model {c['model']})" if c else "nothing fits"
-            lines.append(f"choice for {d}: {pick}")
+            pick = f"mesh (data {c['data']}, model {c['model']}): --mesh {c['mesh']}" if c else "nothing fits"
+            lines.append(f"choice for {d} on {topo['name']}: {pick}")
     if assumptions:
         lines += ["", "assumptions:"] + [f"  - {a}" for a in result["assumptions"]]
     return "\n".join(lines)
@@ -337,16 +393,17 @@ def main_plan(args) -> int:
         return 1
     print(format_plan(first, assumptions=False))
     dts = first["dtypes"]
+    topos = [t["name"] for t in first.get("topologies", [])]
+    short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
     print("\n" + f"{'batch':>6}{'length':>8}" + "".join(f"{'KV ' + d:>18}{'total ' + d:>18}" for d in dts)
-          + ("".join(f"{'model axis ' + d:>20}" for d in dts) if args.topology else ""))
+          + "".join(f"{'model ' + t + ' ' + short.get(d, d):>20}" for t in topos for d in dts))
     for b in batches:
         for n in lengths:
-            r = plan(cfg, batch=b, seq_len=n, topology=args.topology)
+            r = plan(cfg, batch=b, seq_len=n, topology=topos or None)
             row = f"{b:>6}{n:>8}" + "".join(f"{_gib(r['kv_cache']['bytes'][d]):>18}{_gib(r['total'][d]):>18}"
                                             for d in dts)
-            if args.topology:
-                row += "".join(f"{(str(c['model']) if (c := r['topology']['choice'][d]) else 'none'):>20}"
-                               for d in dts)
+            row += "".join(f"{(str(c['model']) if (c := t['choice'][d]) else 'none'):>20}"
+                           for t in r.get("topologies", []) for d in dts)
             print(row)
     print("\nassumptions:\n" + "\n".join(f"  - {a}" for a in first["assumptions"]))
     return 0

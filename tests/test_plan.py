@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from affjax.plan import (DTYPE_BYTES, GiB, QWEN2_AUDIO_7B_CONFIG, TOPOLOGIES, format_plan, param_counts,
-                         plan)
+from affjax.plan import (DTYPE_BYTES, GiB, QWEN2_AUDIO_7B_CONFIG, TOPOLOGIES, format_plan, param_bytes_per_chip,
+                         param_counts, plan)
 
 TINY_AUDIO = {
     "model_type": "qwen2_audio",
@@ -136,16 +136,36 @@ def test_bf16_7b_needs_model_parallelism_on_v5e(plan_7b):
 def test_other_topologies():
     assert set(TOPOLOGIES) == {"v4-8", "v5e-8", "v5p-8"}
     v5p = plan(QWEN2_AUDIO_7B_CONFIG, batch=1, seq_len=2048, topology="v5p-8")["topology"]
-    assert v5p["choice"]["bfloat16"] == {"data": 4, "model": 1}  # 95 GiB chips hold it whole
+    assert v5p["choice"]["bfloat16"] == {"data": 4, "model": 1, "mesh": "data=4,model=1"}  # 95 GiB chips hold it
     v4 = plan(QWEN2_AUDIO_7B_CONFIG, batch=1, seq_len=2048, topology="v4-8")["topology"]
     assert v4["choice"]["float32"]["model"] > 1  # 31 GiB of float32 weights on 32 GiB chips
     with pytest.raises(ValueError, match="unknown topology"):
         plan(QWEN2_AUDIO_7B_CONFIG, batch=1, seq_len=16, topology="v9-1")
+    every = plan(QWEN2_AUDIO_7B_CONFIG, batch=1, seq_len=2048, topology="all")
+    assert [t["name"] for t in every["topologies"]] == list(TOPOLOGIES) and every["topology"]["name"] == "v4-8"
+    assert [t["name"] for t in plan(QWEN2_AUDIO_7B_CONFIG, batch=1, seq_len=16, topology=["v5p-8", "v4-8"])
+            ["topologies"]] == ["v5p-8", "v4-8"]
     # a model axis that does not divide the KV heads is never picked
     tiny = plan(TINY_LLAMA, batch=1, seq_len=16, topology="v5e-8")["topology"]
-    assert tiny["choice"]["float32"] == {"data": 8, "model": 1}
+    assert tiny["choice"]["float32"] == {"data": 8, "model": 1, "mesh": "data=8,model=1"}
     bad = [m for m in tiny["meshes"] if m["model"] == 4]
     assert bad and all(not m["fits"] and "does not divide" in m["note"] for m in bad)
+
+
+def test_params_per_chip_follow_the_sharding_rules(plan_7b):
+    """Per-chip parameter bytes come from affjax.sharding's table: attention, MLP and vocabulary
+    split over the model axis; the rest (norms, biases, conv stem, positions, projector) whole, and
+    the audio encoder's attention too where its 20 heads do not divide the axis."""
+    total = param_counts(QWEN2_AUDIO_7B_CONFIG)["total"]
+    per = {m: param_bytes_per_chip(QWEN2_AUDIO_7B_CONFIG, model=m, dtype_bytes=2) for m in (1, 2, 4, 8)}
+    assert per[1] == 2 * total
+    for m in (2, 4):  # 20 audio heads divide: only the small replicated parts are whole
+        assert 2 * total / m < per[m] < 1.01 * 2 * total / m
+    # model=8: 32 audio layers x 4 attention matrices of 1280 x 1280 stay whole on every chip
+    audio_attn = 32 * (4 * 1280 * 1280 + 3 * 1280)
+    assert 2 * (total / 8 + audio_attn * 7 / 8) < per[8] < 1.01 * 2 * (total / 8 + audio_attn * 7 / 8)
+    rows = {(r["dtype"], r["model"]): r for r in plan_7b["topology"]["meshes"]}
+    assert rows[("bfloat16", 8)]["params"] == per[8] and rows[("float32", 4)]["params"] == 2 * per[4]
 
 
 def test_tiny_configs_match_instantiated_models():
@@ -190,6 +210,12 @@ def test_format_plan_and_cli(plan_7b, tmp_path, capsys):
                  "--topology", "v4-8"]) == 0
     out = capsys.readouterr().out
     assert f"{param_counts(TINY_AUDIO)['total']:,}" in out and "TPU v4-8" in out
+    assert main(["plan", "--ckpt-config", "qwen2-audio-7b", "--batch", "1", "--length", "2048",
+                 "--topology", "all"]) == 0
+    seven = capsys.readouterr().out
+    for name in TOPOLOGIES:
+        assert f"TPU {name}" in seven and f"choice for bfloat16 on {name}" in seven
+    assert "--mesh data=" in seven and "model v5e-8 bf16" in seven
     assert len([ln for ln in out.splitlines() if ln.split()[:2] in (["1", "32"], ["2", "64"])]) == 2
     assert main(["plan", "--ckpt-config", str(tmp_path / "missing")]) == 1
     assert set(DTYPE_BYTES) >= {"float32", "bfloat16"}

@@ -28,10 +28,15 @@ class ManifestRow:
 
 
 def _resolve_path(item: dict, key: str, base: Path) -> None:
+    def resolve(a: str) -> str:
+        p = Path(a).expanduser()
+        return str(p if p.is_absolute() else (base / p))
+
     a = item.get(key)
     if isinstance(a, str) and a:
-        p = Path(a).expanduser()
-        item[key] = str(p if p.is_absolute() else (base / p))
+        item[key] = resolve(a)
+    elif isinstance(a, list):
+        item[key] = [resolve(x) for x in a]
 
 
 def read_manifest(
@@ -46,7 +51,7 @@ def read_manifest(
     - malformed JSON, non-object lines, missing ``required`` fields, non-UTF-8 bytes and duplicate
       ids give rows with ``item=None`` and an ``error`` (the first of duplicate ids stays good);
     - items without ``id`` get ``line-<n>`` (unless ``"id"`` is required);
-    - a relative ``audio`` path resolves against the manifest's folder.
+    - a relative ``audio`` path (or each of a list of them) resolves against the manifest's folder.
     """
     p = Path(path)
     if not p.is_file():
@@ -93,9 +98,10 @@ def read_manifest(
                                     f"line {n} (id {rid!r}): missing required field(s): {', '.join(missing)}"))
             continue
         a = obj.get(audio_key)
-        if a is not None and not isinstance(a, str):
-            rows.append(ManifestRow(n, rid, None,
-                                    f"line {n} (id {rid!r}): field {audio_key!r} must be a path string, got {type(a).__name__}"))
+        if a is not None and not isinstance(a, str) and not (
+                isinstance(a, list) and a and all(isinstance(x, str) and x for x in a)):
+            rows.append(ManifestRow(n, rid, None, f"line {n} (id {rid!r}): field {audio_key!r} must be a path "
+                                                  f"string or a non-empty list of them, got {type(a).__name__}"))
             continue
 
         if rid in seen:

@@ -35,6 +35,39 @@ class Batch:
     cont_valid: np.ndarray | None = None  # Bool['B K']
 
 
+WINDOW_SECONDS = 30  # the feature extractor's chunk: it truncates anything longer
+
+
+def audio_block(processor) -> str:
+    """The text that stands for one clip in a prompt: ``<|audio_bos|><|AUDIO|><|audio_eos|>``."""
+    return processor.audio_bos_token + processor.audio_token + processor.audio_eos_token
+
+
+def split_windows(wave: np.ndarray, sr: int, seconds: float = WINDOW_SECONDS) -> list[np.ndarray]:
+    """Consecutive windows of at most ``seconds`` (the last one shorter). Audio longer than the
+    encoder's 30 s would otherwise be cut by the feature extractor."""
+    n = int(round(seconds * sr))
+    return [wave[i:i + n] for i in range(0, max(len(wave), 1), n)]
+
+
+def window_prompt(processor, prompt: str, audios: list[np.ndarray], sr: int,
+                  seconds: float = WINDOW_SECONDS) -> tuple[str, list[np.ndarray]]:
+    """Split clips longer than ``seconds`` into windows, each its own clip: the prompt's block for
+    that clip is repeated once per window, so the windows become consecutive audio spans (never
+    merged across by pooling). Raises ValueError when blocks and clips do not pair up."""
+    block = audio_block(processor)
+    parts = prompt.split(block)
+    if len(parts) - 1 != len(audios):
+        raise ValueError(f"prompt has {len(parts) - 1} audio block(s) {block!r} but the item has "
+                         f"{len(audios)} audio file(s)")
+    out, clips = [parts[0]], []
+    for wave, tail in zip(audios, parts[1:]):
+        wins = split_windows(wave, sr, seconds)
+        clips += wins
+        out.append(block * len(wins) + tail)
+    return "".join(out), clips
+
+
 def encode(processor, prompt: str, audios: list[np.ndarray], continuation: str | None = None) -> Encoded:
     """Run the HF processor on one item. Raises ValueError with the processor's reason on bad input."""
     fe = processor.feature_extractor
