@@ -21,7 +21,7 @@ import numpy as np
 
 # ~70 M parameters with the real Qwen2 vocabulary (151,6xx tokens; tied embeddings: 48.5 M)
 MODELS = {
-    "tiny": dict(audio_d=64, audio_layers=2, audio_heads=4, text_hidden=64, text_layers=2, heads=4, kv_heads=2,
+    "tiny": dict(audio_d=64, audio_layers=2, audio_heads=4, text_hidden=64, text_layers=4, heads=4, kv_heads=2,
                  intermediate=128),
     "70m": dict(audio_d=384, audio_layers=4, audio_heads=6, audio_ffn=1536, text_hidden=320, text_layers=8, heads=8,
                 kv_heads=4, intermediate=960, tie_word_embeddings=True),
@@ -31,14 +31,14 @@ MODELS = {
 def _manifest(d: Path, n: int, seed: int = 0) -> Path:
     import soundfile as sf
 
-    from affjax.testing import AUDIO_PLACEHOLDER, long_prompt, synth_speech_like
+    from affjax.testing import long_prompt, synth_speech_like
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
         sec = float(rng.uniform(2.0, 30.0))
         words = int(rng.integers(10, 200))
         sf.write(str(d / f"u{i}.wav"), synth_speech_like(sec, seed=100 + i), 16000)
-        rows.append({"id": f"u{i}", "audio": f"u{i}.wav", "prompt": AUDIO_PLACEHOLDER + long_prompt(words, seed=i),
+        rows.append({"id": f"u{i}", "audio": f"u{i}.wav", "prompt": long_prompt(words, seed=i),  # holds one audio block
                      "reference": "unused"})
     path = d / "bench.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -87,6 +87,8 @@ def run_bench(models=("tiny", "70m"), batches=(1, 4, 8), poolings=("none", "dap-
                             s["wall"] = time.perf_counter() - t0
                             runs.append(s)
                         timed = runs[1:]
+                        if any(r["errors"] or not r["run_seconds"] for r in runs):
+                            raise RuntimeError(f"bench eval run failed: {runs[-1]}")
                         cell = {"model": name, "params": n_params, "pooling": pooling, "batch": bs,
                                 "schedule": schedule,
                                 "items_per_second": statistics.median(items / r["run_seconds"] for r in timed),
