@@ -25,6 +25,16 @@ Proportional. Under ``PoolingConfig.proportional`` every attention after a stage
 ``log(size)`` to the logit of each key that stands for ``size`` frames: the self-attention of the
 encoder layers after a deep stage, and the decoder's cross-attention (``enc_bias``).
 
+Steps. ``pooled_encode`` is ``encoder_start`` -> (``encoder_advance`` to a stage's layer ->
+``encoder_stage``)* -> ``encoder_finish``; states are immutable, so a sweep runs the encoder once
+up to a stage position and starts every setting of that stage from the same state.
+
+Fixed-rate controls (``uniform_stage``, ``encoder_stage(control=...)``): uniform average pooling
+(the clip's frames cut into k contiguous groups of near-equal size, each averaged) and uniform
+dropping (k evenly spaced frames kept), with k given per row, e.g. the count a similarity stage
+kept for that item (equal retention). They yield the same packed buffers as ``pool_stage``, so
+everything after a stage (proportional included) treats them alike; padding frames are kept.
+
 Static shapes (bucketed mode, spec section 4). The encoder runs as jitted pieces: the stem, each
 group of layers between two stages, the pooling stages (``pool_stage_jit``) and the greedy loop.
 After a stage the host reads the batch's largest valid length and slices the packed buffer to the
@@ -48,13 +58,14 @@ from flax import nnx
 
 from affjax.models.whisper.modeling import (
     EncoderConfig, Whisper, WhisperConfig, greedy_decode, prompt_ids, whisper_features)
-from affjax.pooling.affinity import pool_stage_jit
-from affjax.pooling.spec import PoolingConfig, parse_pooling
+from affjax.pooling.affinity import StageOut, pool_stage_jit
+from affjax.pooling.spec import PoolingConfig, Stage, parse_pooling
 
 __all__ = [
     "SAMPLES_PER_FRAME", "BUCKET_STEP", "TRACES", "encoder_buckets", "audio_frames", "parse_whisper_pooling",
-    "default_pooling", "EncodeOut", "pooled_encode", "AsrOut", "transcribe_pooled", "encoder_flops",
-    "decoder_flops",
+    "default_pooling", "CONTROLS", "uniform_stage", "uniform_stage_jit", "EncoderState", "encoder_start",
+    "encoder_advance", "encoder_stage", "encoder_finish", "EncodeOut", "pooled_encode", "batch_frames",
+    "decode_encoded", "AsrOut", "transcribe_pooled", "encoder_flops", "decoder_flops",
 ]
 
 SAMPLES_PER_FRAME = 320  # feature hop (160 samples) x conv2 stride (2)
@@ -121,7 +132,174 @@ def _log_size(size):
 
 
 # ----------------------------------------------------------------------------------------------
-# Pooled encoding
+# Fixed-rate controls: uniform average pooling and uniform dropping
+
+
+CONTROLS = ("avg", "drop")
+
+
+def uniform_stage(h, span, valid, pos, size, groups, *, kind: str, capacity: int) -> StageOut:
+    """A fixed-rate stage with the packed outputs of ``pool_stage`` (same buffers, same meaning).
+
+    Each row holds at most one audio span (frames with span id > 0, contiguous: Whisper's clip);
+    every other valid frame is kept as it is, in order. With n audio frames and
+    ``k = clip(groups[row], 1, n)``:
+      ``avg``: the span is cut into k contiguous groups of near-equal size (frame i of the span
+        goes to group ``floor(i k / n)``) and each group becomes the plain mean of its members;
+      ``drop``: k evenly spaced frames are kept, frame ``floor((2 j + 1) n / (2 k))`` for
+        j = 0 .. k-1 (the middle of each of k equal stretches); the others are dropped.
+    Sizes add up as in ``pool_stage`` (a dropped frame gives its size to no one), positions are
+    the first member's. ``groups``: Int['B'], traced (one compile serves every k).
+    """
+    if kind not in CONTROLS:
+        raise ValueError(f"control kind must be one of {CONTROLS}, got {kind!r}")
+    b, n_in, _ = h.shape
+    c = int(capacity)
+    valid = valid.astype(bool)
+    span = span.astype(jnp.int32)
+    audio = valid & (span > 0)
+    n = jnp.sum(audio, axis=1, dtype=jnp.int32)                          # ['B'] span length
+    k = jnp.clip(jnp.asarray(groups, jnp.int32), 1, jnp.maximum(n, 1))   # ['B'] groups wanted
+    i = jnp.cumsum(audio, axis=1, dtype=jnp.int32) - 1                   # index inside the span
+    rows = jnp.arange(b)[:, None]
+    if kind == "avg":
+        g = (i * k[:, None]) // jnp.maximum(n, 1)[:, None]
+        g_prev = ((i - 1) * k[:, None]) // jnp.maximum(n, 1)[:, None]    # i = 0 gives -1: a start
+        start = valid & (~audio | (g != g_prev))
+        member = valid
+    else:
+        j = jnp.arange(n_in, dtype=jnp.int32)[None, :]
+        pick = ((2 * j + 1) * n[:, None]) // (2 * k[:, None])            # kept span index of group j
+        first = jnp.argmax(audio, axis=1).astype(jnp.int32)[:, None]     # the span's first frame
+        kept = jnp.zeros((b, n_in), bool).at[rows, jnp.where(j < k[:, None], first + pick, n_in)].set(
+            True, mode="drop")
+        start = member = valid & (~audio | kept)
+    seg = jnp.cumsum(start, axis=1, dtype=jnp.int32) - 1
+    n_valid = jnp.sum(start, axis=1, dtype=jnp.int32)
+    idx = jnp.where(member, seg, c)  # out of range -> dropped (padding slots, dropped frames)
+
+    def seg_sum(x):
+        return jnp.zeros((b, c) + x.shape[2:], x.dtype).at[rows, idx].add(x, mode="drop")
+
+    w = member.astype(jnp.float32)
+    wsum = seg_sum(w)
+    valid_out = jnp.arange(c)[None, :] < n_valid[:, None]
+    h_out = seg_sum(h.astype(jnp.float32) * w[..., None]) / jnp.where(wsum > 0, wsum, 1.0)[..., None]
+    return StageOut(
+        h=jnp.where(valid_out[..., None], h_out, 0.0).astype(h.dtype),
+        valid=valid_out,
+        pos=jnp.where(valid_out, seg_sum(jnp.where(start, pos.astype(jnp.float32), 0.0)), 0.0),
+        size=jnp.where(valid_out, seg_sum(jnp.where(member, size.astype(jnp.float32), 0.0)), 0.0),
+        span=jnp.where(valid_out, seg_sum(jnp.where(start, span, 0)), 0),
+        group_of=jnp.where(member, seg, -1),
+        audio_in=n,
+        audio_out=jnp.sum(start & audio, axis=1, dtype=jnp.int32),
+        forced=jnp.zeros((b,), jnp.int32),
+        n_valid=n_valid,
+    )
+
+
+uniform_stage_jit = jax.jit(uniform_stage, static_argnames=("kind", "capacity"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pooled encoding, in steps: start -> advance to a layer -> a stage -> ... -> finish
+
+
+@dataclasses.dataclass
+class EncoderState:
+    """The encoder of one padded batch at some point: ``layer`` layers run (and the final
+    LayerNorm once ``finished``), with the packed buffers and counts of the stages so far.
+    States are never changed in place, so one state can be the start of many settings (the
+    bench pools the same layer-3 state at every threshold)."""
+    x: jax.Array                  # ['B N D'] the residual stream (N = buffer length)
+    valid: jax.Array              # Bool['B N'] slots that hold a frame
+    span: jax.Array               # Int['B N'] 1 for the clip's frames, 0 for padding frames
+    size: jax.Array               # Float['B N'] original frames each slot stands for
+    pos: jax.Array                # Float['B N'] original frame index (first member's)
+    key_valid: jax.Array | None   # what attention masks from here on (None: every slot)
+    bias: jax.Array | None        # Float['B N'] log(size) under proportional, else None
+    present: np.ndarray           # Int['B'] frames present now
+    layer_tokens: np.ndarray      # Int['B L'] frames present in each encoder layer run so far
+    audio_tokens: list            # [Int['B']] audio frames before pooling, then after each stage
+    buffers: list                 # buffer length of each layer group run so far
+    layer: int = 0
+    finished: bool = False
+
+    def evolve(self, **kw) -> "EncoderState":
+        """A copy with some fields replaced; the host-side counts are copied, never shared."""
+        kw.setdefault("layer_tokens", self.layer_tokens.copy())
+        kw.setdefault("audio_tokens", list(self.audio_tokens))
+        kw.setdefault("buffers", list(self.buffers))
+        return dataclasses.replace(self, **kw)
+
+
+def encoder_start(model: Whisper, features, n_frames, n_valid_rows: int, *,
+                  drop_padding: bool = False) -> EncoderState:
+    """Conv stem and positions of one padded batch (see :func:`pooled_encode` for the arguments)."""
+    graphdef, params = nnx.split(model.encoder)
+    x = _embed_jit(graphdef, params, jnp.asarray(features, jnp.float32))
+    b, n = x.shape[:2]
+    n_frames = np.minimum(np.asarray(n_frames, np.int64), n)
+    row_ok = np.arange(b) < n_valid_rows
+    audio = row_ok[:, None] & (np.arange(n)[None, :] < n_frames[:, None])
+    valid_np = audio if drop_padding else np.broadcast_to(row_ok[:, None], (b, n))
+    return EncoderState(
+        x=x, valid=jnp.asarray(valid_np), span=jnp.asarray(audio.astype(np.int32)),
+        size=jnp.ones((b, n), jnp.float32), pos=jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32), (b, n)),
+        key_valid=jnp.asarray(valid_np) if drop_padding else None,  # unpooled: every frame, as Whisper
+        bias=None, present=valid_np.sum(1).astype(np.int64),
+        layer_tokens=np.zeros((b, model.cfg.encoder.layers), np.int64),
+        audio_tokens=[audio.sum(1).astype(np.int64)], buffers=[])
+
+
+def encoder_advance(model: Whisper, st: EncoderState, layer: int) -> EncoderState:
+    """Run encoder layers ``st.layer + 1 .. layer``; ``layer = L`` adds the final LayerNorm."""
+    big = model.cfg.encoder.layers
+    if st.finished or layer < st.layer or layer > big:
+        raise ValueError(f"cannot advance an encoder state at layer {st.layer} (finished={st.finished}) "
+                         f"to layer {layer} of {big}")
+    if layer == st.layer and layer < big:
+        return st
+    graphdef, params = nnx.split(model.encoder)
+    x = _group_jit(graphdef, params, st.x, st.key_valid, st.bias, start=st.layer, end=layer, finish=layer == big)
+    out = st.evolve(x=x, layer=layer, finished=layer == big)
+    out.layer_tokens[:, st.layer:layer] = st.present[:, None]
+    out.buffers.append(int(x.shape[1]))
+    return out
+
+
+def encoder_stage(st: EncoderState, stage: Stage, *, proportional: bool = False, control: str | None = None,
+                  groups=None, buckets: Sequence[int] | None = None) -> EncoderState:
+    """Pool ``st`` with one stage: the Affinity Pooling ``stage`` (its tau and window), or, with
+    ``control`` ("avg" / "drop"), the fixed-rate control keeping ``groups[row]`` audio groups
+    (Int['B']; the stage's tau and window are then unused). The packed result is sliced to the
+    smallest bucket that holds the batch's longest row. ``proportional``: attention after this
+    stage adds log(size) to each key's logit."""
+    n = int(st.x.shape[1])
+    buckets = buckets or encoder_buckets(n)
+    if control is None:
+        out = pool_stage_jit(st.x, st.span, st.valid, st.pos, st.size, tau=stage.tau, window=stage.window,
+                             capacity=n, weighted=stage.weighted, positions="first")
+    else:
+        if groups is None:
+            raise ValueError("a control stage needs groups (audio groups to keep per row)")
+        out = uniform_stage_jit(st.x, st.span, st.valid, st.pos, st.size, jnp.asarray(groups, jnp.int32),
+                                kind=control, capacity=n)
+    n_valid, a_out = jax.device_get((out.n_valid, out.audio_out))
+    cap = min(_bucket(max(int(n_valid.max()), 1), buckets), n)
+    x, valid, size, span, pos = (a[:, :cap] for a in (out.h, out.valid, out.size, out.span, out.pos))
+    return st.evolve(x=x, valid=valid, size=size, span=span, pos=pos, key_valid=valid,
+                     bias=_log_size(size) if proportional else None, present=np.asarray(n_valid, np.int64),
+                     audio_tokens=st.audio_tokens + [np.asarray(a_out, np.int64)])
+
+
+def encoder_finish(model: Whisper, st: EncoderState) -> EncodeOut:
+    """Run what is left of the encoder and return what the decoder needs."""
+    if not st.finished:
+        st = encoder_advance(model, st, model.cfg.encoder.layers)
+    return EncodeOut(enc=st.x, valid=st.key_valid, bias=st.bias, audio_tokens=np.stack(st.audio_tokens, 1),
+                     layer_tokens=st.layer_tokens, enc_len=st.present, buffers=st.buffers)
 
 
 @dataclasses.dataclass
@@ -146,56 +324,17 @@ def pooled_encode(model: Whisper, features, n_frames, n_valid_rows: int, pooling
     out of every attention, dropped at the first stage). Breaks Whisper even unpooled.
     With no stages and ``drop_padding=False`` this is exactly the unpooled encoder.
     """
-    ecfg = model.cfg.encoder
-    big = ecfg.layers
+    big = model.cfg.encoder.layers
     for s in pooling.stages:
         if not 0 <= s.layer <= big:
             raise ValueError(f"pooling stage at layer {s.layer}: Whisper stages lie in 0 .. {big} "
                              f"(encoder layers; {big} = the encoder output)")
-    graphdef, params = nnx.split(model.encoder)
-    x = _embed_jit(graphdef, params, jnp.asarray(features, jnp.float32))
-    b, n = x.shape[:2]
-    n_frames = np.minimum(np.asarray(n_frames, np.int64), n)
-    row_ok = np.arange(b) < n_valid_rows
-    frame = np.arange(n)[None, :]
-    audio = row_ok[:, None] & (frame < n_frames[:, None])
-    valid_np = audio if drop_padding else np.broadcast_to(row_ok[:, None], (b, n))
-    span = jnp.asarray(audio.astype(np.int32))
-    valid = jnp.asarray(valid_np)
-    size = jnp.ones((b, n), jnp.float32)
-    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32), (b, n))
-    key_valid = valid if drop_padding else None  # before any stage: every frame, as unpooled
-    bias = None
-    present = valid_np.sum(1).astype(np.int64)  # frames present per row, now
-    layer_tokens = np.zeros((b, big), np.int64)
-    audio_tokens = [audio.sum(1).astype(np.int64)]
-    buffers = []
-    buckets = encoder_buckets(n)
-    cur, finished = 0, False
-
-    def run(start, end, finish):
-        nonlocal x
-        x = _group_jit(graphdef, params, x, key_valid, bias, start=start, end=end, finish=finish)
-        layer_tokens[:, start:end] = present[:, None]
-        buffers.append(int(x.shape[1]))
-
+    st = encoder_start(model, features, n_frames, n_valid_rows, drop_padding=drop_padding)
+    buckets = encoder_buckets(int(st.x.shape[1]))
     for stage in pooling.stages:
-        if stage.layer > cur or stage.layer == big:
-            run(cur, stage.layer, finish=stage.layer == big)
-            cur, finished = stage.layer, stage.layer == big
-        out = pool_stage_jit(x, span, valid, pos, size, tau=stage.tau, window=stage.window,
-                             capacity=int(x.shape[1]), weighted=stage.weighted, positions="first")
-        n_valid, a_out = jax.device_get((out.n_valid, out.audio_out))
-        cap = min(_bucket(max(int(n_valid.max()), 1), buckets), int(x.shape[1]))
-        x, valid, size, span, pos = (a[:, :cap] for a in (out.h, out.valid, out.size, out.span, out.pos))
-        key_valid = valid
-        bias = _log_size(size) if pooling.proportional else None
-        present = np.asarray(n_valid, np.int64)
-        audio_tokens.append(np.asarray(a_out, np.int64))
-    if not finished:
-        run(cur, big, finish=True)
-    return EncodeOut(enc=x, valid=key_valid, bias=bias, audio_tokens=np.stack(audio_tokens, 1),
-                     layer_tokens=layer_tokens, enc_len=present, buffers=buffers)
+        st = encoder_stage(encoder_advance(model, st, stage.layer), stage, proportional=pooling.proportional,
+                           buckets=buckets)
+    return encoder_finish(model, st)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,6 +354,32 @@ class AsrOut:
     prompt_len: int
 
 
+def batch_frames(waves, batch_size: int, cfg: WhisperConfig) -> np.ndarray:
+    """Int['batch_size']: audio frames of each waveform (only the first 30 s are heard), 0 for
+    the padding rows after them."""
+    chunk_samples = cfg.encoder.mel_frames * SAMPLES_PER_FRAME // 2
+    frames = [audio_frames(min(len(w), chunk_samples), cfg.encoder) for w in waves]
+    return np.asarray(frames + [0] * (batch_size - len(waves)), np.int64)
+
+
+def decode_encoded(model: Whisper, e: EncodeOut, prompt: Sequence[int], n_valid_rows: int,
+                   max_new_tokens: int) -> tuple[list[list[int]], list[bool]]:
+    """Jitted greedy decoding over a (pooled) encoder output: per real row, the generated ids (no
+    prompt, no final eos) and whether it ended with eos before ``max_new_tokens``."""
+    dec_graph, dec_params = nnx.split(model.decoder)
+    b = int(e.enc.shape[0])
+    prompt = jnp.asarray(prompt, jnp.int32)
+    toks, done = _greedy_jit(dec_graph, dec_params, e.enc, e.valid, e.bias, prompt, jnp.arange(b) < n_valid_rows,
+                             max_new_tokens)
+    toks, done = np.asarray(toks), np.asarray(done)
+    eos, p = model.cfg.eos_token_id, int(prompt.shape[0])
+    tokens = []
+    for i in range(n_valid_rows):
+        gen = toks[i, p:].tolist()
+        tokens.append(gen[:gen.index(eos)] if eos in gen else gen)
+    return tokens, [bool(d) for d in done[:n_valid_rows]]
+
+
 def transcribe_pooled(model: Whisper, processor, waveforms, pooling: PoolingConfig | None = None, *,
                       drop_padding: bool = False, max_new_tokens: int = 128, batch_size: int = 8,
                       language: str = "en", task: str = "transcribe", sampling_rate: int = 16000) -> AsrOut:
@@ -225,29 +390,18 @@ def transcribe_pooled(model: Whisper, processor, waveforms, pooling: PoolingConf
     """
     pooling = pooling or PoolingConfig()
     cfg = model.cfg
-    prompt = jnp.asarray(prompt_ids(processor.tokenizer, cfg, language=language, task=task), jnp.int32)
-    p = int(prompt.shape[0])
-    dec_graph, dec_params = nnx.split(model.decoder)
-    eos = cfg.eos_token_id
+    prompt = prompt_ids(processor.tokenizer, cfg, language=language, task=task)
     waves = [np.asarray(w, np.float32) for w in waveforms]
-    chunk_samples = cfg.encoder.mel_frames * SAMPLES_PER_FRAME // 2
-    out = AsrOut([], [], [], [], [], [], p)
+    out = AsrOut([], [], [], [], [], [], len(prompt))
     for start in range(0, len(waves), batch_size):
         chunk = waves[start:start + batch_size]
         feats = whisper_features(processor, chunk, batch_size, cfg, sampling_rate)
-        frames = [audio_frames(min(len(w), chunk_samples), cfg.encoder) for w in chunk]
-        frames += [0] * (batch_size - len(chunk))
-        e = pooled_encode(model, feats, np.asarray(frames), len(chunk), pooling, drop_padding=drop_padding)
-        row_valid = jnp.arange(batch_size) < len(chunk)
-        toks, done = _greedy_jit(dec_graph, dec_params, e.enc, e.valid, e.bias, prompt, row_valid,
-                                 max_new_tokens)
-        toks, done = np.asarray(toks), np.asarray(done)
+        frames = batch_frames(chunk, batch_size, cfg)
+        e = pooled_encode(model, feats, frames, len(chunk), pooling, drop_padding=drop_padding)
+        tokens, finished = decode_encoded(model, e, prompt, len(chunk), max_new_tokens)
         for i in range(len(chunk)):
-            gen = toks[i, p:].tolist()
-            if eos in gen:
-                gen = gen[:gen.index(eos)]
-            out.tokens.append(gen)
-            out.finished.append(bool(done[i]))
+            out.tokens.append(tokens[i])
+            out.finished.append(finished[i])
             out.audio_tokens.append([int(v) for v in e.audio_tokens[i]])
             out.layer_tokens.append([int(v) for v in e.layer_tokens[i]])
             out.enc_len.append(int(e.enc_len[i]))

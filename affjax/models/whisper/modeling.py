@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from affjax.layers import Conv1d, LayerNorm, attention, linear
+from affjax.layers import MASK_VALUE, Conv1d, LayerNorm, attention, linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +57,15 @@ class EncoderConfig:
         return after_conv
 
 
+def _gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
 def _act(name: str):
+    # a module-level function, not a fresh lambda: it is part of the graphdef, and an equal graphdef
+    # on every load is what lets a reloaded checkpoint reuse the compiled programs
     if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
+        return _gelu_exact
     raise ValueError(f"unsupported activation {name!r}")
 
 
@@ -148,6 +154,10 @@ class WhisperConfig:
     activation: str = "gelu"
     eos_token_id: int = 50256
     decoder_start_token_id: int = 50257
+    # Greedy decoding never picks these (as transformers' generate with the checkpoint's generation
+    # config): `suppress_tokens` at every step, `begin_suppress_tokens` at the first generated one.
+    suppress_tokens: tuple[int, ...] = ()
+    begin_suppress_tokens: tuple[int, ...] = ()
 
     @property
     def d_model(self) -> int:
@@ -170,7 +180,9 @@ class WhisperConfig:
             decoder_ffn_dim=c["decoder_ffn_dim"], max_target_positions=c["max_target_positions"],
             activation=c.get("activation_function", "gelu"),
             eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
-            decoder_start_token_id=c["decoder_start_token_id"])
+            decoder_start_token_id=c["decoder_start_token_id"],
+            suppress_tokens=tuple(int(i) for i in c.get("suppress_tokens") or ()),
+            begin_suppress_tokens=tuple(int(i) for i in c.get("begin_suppress_tokens") or ()))
 
 
 class Attention(nnx.Module):
@@ -191,10 +203,38 @@ class Attention(nnx.Module):
         """['B T D'] -> k, v: ['B T H hd']."""
         return self._split(self.k_proj(h)), self._split(self.v_proj(h))
 
+    def kv_heads_first(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """['B S D'] -> k, v: ['B H S hd'], the layout `cross` reads (see there)."""
+        k, v = self.kv(h)
+        return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
     def __call__(self, h: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                  key_bias: jax.Array | None = None) -> jax.Array:
         b, t, d = h.shape
         a = attention(self._split(self.q_proj(h)), k, v, mask, key_bias)
+        return self.out_proj(a.reshape(b, t, d))
+
+    def cross(self, h: jax.Array, kt: jax.Array, vt: jax.Array, key_valid: jax.Array | None,
+              key_bias: jax.Array | None = None) -> jax.Array:
+        """Cross-attention over keys stored heads first, kt/vt: ['B H S hd'] (from `kv_heads_first`).
+
+        Same arithmetic as `affjax.layers.attention` (q scaled in its dtype, bias added to the
+        logits, masked keys at MASK_VALUE, float32 softmax). The layout is for speed: a decoding
+        step has one query per row against ~1500 encoder frames, and with keys stored ['B S H hd']
+        XLA:CPU transposes all of them at every step (10x slower on this kind of machine).
+        key_valid: Bool['B S'] or None (every key); key_bias: Float['B S'] or None.
+        """
+        b, t, d = h.shape
+        hd = d // self.heads
+        q = self._split(self.q_proj(h))
+        q = q * jnp.asarray(hd ** -0.5, q.dtype)
+        s = jnp.einsum("bthd,bhsd->bhts", q, kt, preferred_element_type=jnp.float32)
+        if key_bias is not None:
+            s = s + key_bias.astype(jnp.float32)[:, None, None, :]
+        if key_valid is not None:
+            s = jnp.where(key_valid[:, None, None, :], s, MASK_VALUE)
+        p = jax.nn.softmax(s, axis=-1).astype(vt.dtype)
+        a = jnp.einsum("bhts,bhsd->bthd", p, vt, preferred_element_type=jnp.float32).astype(q.dtype)
         return self.out_proj(a.reshape(b, t, d))
 
 
@@ -210,10 +250,10 @@ class DecoderLayer(nnx.Module):
         self.fc2 = linear(cfg.decoder_ffn_dim, d, bias=True, dtype=dtype, rngs=rngs)
         self.act = _act(cfg.activation)
 
-    def __call__(self, x, self_mask, cross_kv, cross_mask, cross_bias=None, cache=None, pos=None):
-        """x: ['B T D']; self_mask: Bool['B T Tk']; cross_kv: (k, v) ['B S H hd'];
-        cross_mask: Bool['B T S']; cache: (k, v) ['B Tmax H hd'] written at `pos`, or None (full pass).
-        Returns (x, cache)."""
+    def __call__(self, x, self_mask, cross_kv, cross_valid, cross_bias=None, cache=None, pos=None):
+        """x: ['B T D']; self_mask: Bool['B T Tk']; cross_kv: (k, v) ['B H S hd'] (heads first);
+        cross_valid: Bool['B S'] or None (every frame); cache: (k, v) ['B Tmax H hd'] written at
+        `pos`, or None (full pass). Returns (x, cache)."""
         h = self.self_attn_layer_norm(x)
         k, v = self.self_attn.kv(h)
         if cache is not None:
@@ -223,7 +263,7 @@ class DecoderLayer(nnx.Module):
             cache = (k, v)
         x = x + self.self_attn(h, k, v, self_mask)
         h = self.encoder_attn_layer_norm(x)
-        x = x + self.encoder_attn(h, *cross_kv, cross_mask, cross_bias)
+        x = x + self.encoder_attn.cross(h, *cross_kv, cross_valid, cross_bias)
         h = self.final_layer_norm(x)
         return x + self.fc2(self.act(self.fc1(h))), cache
 
@@ -257,15 +297,9 @@ class WhisperDecoder(nnx.Module):
         return jnp.einsum("btd,vd->btv", x, self.embed_tokens[...], preferred_element_type=jnp.float32)
 
     def cross_kv(self, enc: jax.Array) -> tuple:
-        """Per-layer cross-attention (k, v) ['B S H hd'] of the encoder output, computed once."""
+        """Per-layer cross-attention (k, v) ['B H S hd'] of the encoder output, computed once."""
         enc = enc.astype(self.embed_tokens.dtype)
-        return tuple(layer.encoder_attn.kv(enc) for layer in self.layers)
-
-    @staticmethod
-    def cross_mask(enc_valid: jax.Array | None, batch: int, tq: int, s: int) -> jax.Array:
-        if enc_valid is None:
-            return jnp.ones((batch, tq, s), bool)
-        return jnp.broadcast_to(enc_valid[:, None, :], (batch, tq, s))
+        return tuple(layer.encoder_attn.kv_heads_first(enc) for layer in self.layers)
 
     def init_cache(self, batch: int, length: int, dtype=None) -> tuple:
         """Zeroed self-attention KV cache: per layer (k, v) ['B length H hd']."""
@@ -280,11 +314,10 @@ class WhisperDecoder(nnx.Module):
         """Teacher-forced pass over the whole token sequence ['B T'] -> logits ['B T V']."""
         b, t = tokens.shape
         cross = self.cross_kv(enc)
-        cmask = self.cross_mask(enc_valid, b, t, enc.shape[1])
         smask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (b, t, t))
         x = self.embed(tokens, 0)
         for layer, kv in zip(self.layers, cross):
-            x, _ = layer(x, smask, kv, cmask, enc_bias)
+            x, _ = layer(x, smask, kv, enc_valid, enc_bias)
         return self.logits(x)
 
     def step(self, tokens: jax.Array, pos, cache: tuple, cross: tuple, enc_valid: jax.Array | None = None,
@@ -294,14 +327,12 @@ class WhisperDecoder(nnx.Module):
         Returns (logits ['B T V'], updated cache)."""
         b, t = tokens.shape
         tmax = cache[0][0].shape[1]
-        s = cross[0][0].shape[1]
         q_pos = pos + jnp.arange(t)
         smask = jnp.broadcast_to((jnp.arange(tmax)[None, :] <= q_pos[:, None])[None], (b, t, tmax))
-        cmask = self.cross_mask(enc_valid, b, t, s)
         x = self.embed(tokens, pos)
         new_cache = []
         for layer, kv, c in zip(self.layers, cross, cache):
-            x, c = layer(x, smask, kv, cmask, enc_bias, cache=c, pos=pos)
+            x, c = layer(x, smask, kv, enc_valid, enc_bias, cache=c, pos=pos)
             new_cache.append(c)
         return self.logits(x), tuple(new_cache)
 
@@ -343,6 +374,8 @@ def greedy_decode(decoder: WhisperDecoder, enc: jax.Array, prompt: jax.Array, ro
                   enc_bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Greedy decoding (argmax; ties go to the lowest id) from `prompt` Int['P'] for every row.
 
+    The config's `suppress_tokens` are never picked, nor its `begin_suppress_tokens` as the first
+    generated token (transformers' SuppressTokens / SuppressTokensAtBegin logits processors).
     enc: ['B S D']; row_valid: Bool['B'] (False: a padding row, finished from the start).
     Stops when every row has emitted eos or after `max_new_tokens`; finished rows are padded with
     eos, as transformers does. Returns (tokens Int['B P+max_new_tokens'], done Bool['B']).
@@ -354,6 +387,8 @@ def greedy_decode(decoder: WhisperDecoder, enc: jax.Array, prompt: jax.Array, ro
         raise ValueError(f"prompt ({p}) + max_new_tokens ({max_new_tokens}) exceeds the decoder's "
                          f"{cfg.max_target_positions} positions")
     eos = jnp.int32(cfg.eos_token_id)
+    suppress = jnp.zeros((cfg.vocab_size,), jnp.float32).at[jnp.asarray(cfg.suppress_tokens, jnp.int32)].set(-jnp.inf)
+    begin = suppress.at[jnp.asarray(cfg.begin_suppress_tokens, jnp.int32)].set(-jnp.inf)
     cross = decoder.cross_kv(enc)
     tokens = jnp.full((b, total), eos, jnp.int32).at[:, :p].set(prompt.astype(jnp.int32)[None])
     logits, cache = decoder.step(tokens[:, :p], 0, decoder.init_cache(b, total), cross, enc_valid, enc_bias)
@@ -363,7 +398,7 @@ def greedy_decode(decoder: WhisperDecoder, enc: jax.Array, prompt: jax.Array, ro
         tokens = jax.lax.dynamic_update_slice(state.tokens, nxt[:, None], (0, p + state.n))
         return GreedyState(state.n + 1, tokens, state.done | (nxt == eos), state.cache)
 
-    state = emit(GreedyState(jnp.int32(0), tokens, ~row_valid, cache), logits[:, -1])
+    state = emit(GreedyState(jnp.int32(0), tokens, ~row_valid, cache), logits[:, -1] + begin)
 
     def cond(s: GreedyState):
         return (s.n < max_new_tokens) & ~jnp.all(s.done)
@@ -372,7 +407,7 @@ def greedy_decode(decoder: WhisperDecoder, enc: jax.Array, prompt: jax.Array, ro
         pos = p + s.n - 1  # the last emitted token
         last = jax.lax.dynamic_slice_in_dim(s.tokens, pos, 1, axis=1)
         lg, c = decoder.step(last, pos, s.cache, cross, enc_valid, enc_bias)
-        return emit(GreedyState(s.n, s.tokens, s.done, c), lg[:, 0])
+        return emit(GreedyState(s.n, s.tokens, s.done, c), lg[:, 0] + suppress)
 
     state = jax.lax.while_loop(cond, body, state)
     return state.tokens, state.done
@@ -491,11 +526,15 @@ def load_whisper_ct2(ct2_dir, dtype=jnp.float32, *, processor_dir=None):
     config.json, tokenizer.json), without torch. float16 weights are widened to `dtype`.
 
     Returns (model, processor, hf_config dict). The processor is also saved to `processor_dir`
-    when given (loadable with `WhisperProcessor.from_pretrained`).
+    when given (loadable with `WhisperProcessor.from_pretrained`). The model's config takes the
+    suppressed tokens from the folder's config.json (`suppress_ids`, `suppress_ids_begin`: what
+    CTranslate2's converter copied from the checkpoint's generation config) when `hf_config` has
+    none, so greedy decoding matches transformers' `generate` on the original checkpoint.
     """
     import tempfile
 
-    from affjax.models.whisper.ct2 import ct2_hf_config, ct2_processor, ct2_to_hf_state_dict, read_ct2
+    from affjax.models.whisper.ct2 import (
+        ct2_hf_config, ct2_processor, ct2_special_ids, ct2_to_hf_state_dict, read_ct2)
     from affjax.models.whisper.params import KEYS, TIED_KEYS
     from affjax.weights import KeyTable, load_streaming
 
@@ -505,6 +544,10 @@ def load_whisper_ct2(ct2_dir, dtype=jnp.float32, *, processor_dir=None):
     sd = ct2_to_hf_state_dict(ct2_vars, hf_cfg)
     del ct2_vars
     cfg = WhisperConfig.from_hf(hf_cfg)
+    if not cfg.suppress_tokens and not cfg.begin_suppress_tokens:
+        ids = ct2_special_ids(ct2_dir)
+        cfg = dataclasses.replace(cfg, suppress_tokens=tuple(ids["suppress_tokens"]),
+                                  begin_suppress_tokens=tuple(ids["begin_suppress_tokens"]))
     abstract = nnx.eval_shape(lambda: Whisper(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     state = load_streaming(abstract, KeyTable(KEYS), ((k, lambda a=a: a) for k, a in sd.items()),
                            dtype=dtype, ignore=lambda k: k in TIED_KEYS)
