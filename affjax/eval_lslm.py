@@ -172,9 +172,8 @@ def _prepare(row, processor, task: str) -> _Item:
     for k in ("reference", "language", "source_lang", "target_lang", "choices", "answer"):
         if k in it:
             rec[k] = it[k]
-    for k in ("reference",):
-        if k in it and not isinstance(it[k], str):
-            raise ValueError(f"field {k!r} must be a string")
+    if "reference" in it and not isinstance(it["reference"], str):
+        raise ValueError("field 'reference' must be a string")
     prompt = it.get("prompt")
     if prompt is None:
         prompt = metrics.default_prompt(task, language=it.get("language") or "en",
