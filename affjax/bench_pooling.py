@@ -153,11 +153,12 @@ def _stage_timing(engine, batch, retentions, deep_layer: int, repeats: int) -> l
             jax.block_until_ready(layer(engine.state, s, start=0, end=1, extra=0, proportional=False,
                                         keep_cache=True))
         pool(), pool_threshold_only(), one_layer()  # compile
-        tp, _ = _median(pool, repeats)
-        tt, _ = _median(pool_threshold_only, repeats)
-        tl, _ = _median(one_layer, repeats)
+        # round-robin, ratios per round: a slow spell of the shared machine hits all three alike
+        runs = [[_median(f, 1)[0] for f in (pool, pool_threshold_only, one_layer)] for _ in range(repeats)]
+        tp, tt, tl = (statistics.median(r[i] for r in runs) for i in range(3))
         rows.append({"stage": name, "buffer": int(s.x.shape[1]), "pool_s": tp, "pool_threshold_only_s": tt,
-                     "layer_s": tl, "pool_vs_layer": tp / tl, "pool_threshold_only_vs_layer": tt / tl})
+                     "layer_s": tl, "pool_vs_layer": statistics.median(r[0] / r[2] for r in runs),
+                     "pool_threshold_only_vs_layer": statistics.median(r[1] / r[2] for r in runs)})
     return rows
 
 

@@ -62,6 +62,16 @@ class Conv1d(nnx.Module):
         return y + self.bias[...]
 
 
+def map_rows(fn, *xs: jax.Array) -> jax.Array:
+    """fn over the leading (batch) axis of xs. On one CPU device, one row at a time (lax.map), so a
+    row's activations stay in cache: the 4-clip audio encoder ran about 15 % faster so, while the
+    decoder, whose weights dominate, is faster batched. Elsewhere (accelerators, or under a mesh
+    that shards the rows) the rows go through together."""
+    if xs[0].shape[0] == 1 or jax.default_backend() != "cpu" or not jax.sharding.get_abstract_mesh().empty:
+        return fn(*xs)
+    return jax.lax.map(lambda row: fn(*(x[None] for x in row))[0], xs)
+
+
 def rope_cos_sin(pos: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
     """pos: Float['B T'] (fractional positions allowed) -> cos, sin: ['B T head_dim'] (rotate-half layout)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -79,14 +89,16 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
               key_bias: jax.Array | None = None, *, key_valid: jax.Array | None = None,
-              causal: bool = False, scale: float | None = None, block_elems: int = 1 << 20) -> jax.Array:
+              causal: bool = False, scale: float | None = None, block_elems: int = 5 << 19) -> jax.Array:
     """Grouped-query attention.
 
     q: ['B Tq H hd'], k/v: ['B Tk KVH hd']. Which keys a query sees is given either by
     `mask` Bool['B Tq Tk'] (True = attend; small inputs), or by `key_valid` Bool['B Tk'] plus
-    `causal` (query i sees key j <= i). The second form never builds a (Tq, Tk) mask and loops over
-    (row, kv head, query chunk) blocks so each score block stays in cache: on a CPU whose memory
-    bandwidth is low, one (B, H, Tq, Tk) softmax through memory costs more than the matmuls.
+    `causal` (query i sees key j <= i; needs Tq == Tk). The second form never builds a (Tq, Tk)
+    mask: it runs query chunks of every head at once, one row at a time, so each score block
+    (about `block_elems` floats) stays in cache (on a CPU whose memory bandwidth is low, one
+    (B, H, Tq, Tk) softmax through memory costs more than the matmuls), and under `causal` each
+    chunk reads only the keys up to its last query (about half the work of the full square).
     key_bias: Float['B Tk'] added to every query's logit for that key (log group size under
     `proportional` pooling). Returns ['B Tq H hd'].
     """
@@ -102,32 +114,41 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", p, v, preferred_element_type=jnp.float32)
         return out.reshape(b, tq, h, hd).astype(q.dtype)
+    if causal and tq != tk:
+        raise ValueError(f"causal attention needs as many queries as keys, got {tq} and {tk}")
     if key_valid is not None:
         add = jnp.where(key_valid, add, MASK_VALUE)
-    c = _chunk_size(tq, max(1, block_elems // (tk * g)))
-    n_c = tq // c
-    qb = q.reshape(b, n_c, c, kvh, g, hd).transpose(0, 3, 1, 2, 4, 5)  # ['B KVH nC C G hd']
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # ['B KVH Tk hd']
+    n = max(1, -(-h * tq * tk // block_elems))  # query chunks
+    if causal:
+        n = max(n, min(tq // 128, 8))  # smaller chunks skip more of the masked triangle
+    c = -(-tq // n)
+    n = -(-tq // c)
+    pad = n * c - tq
+    # queries ['B n KVH G*C hd'] (chunk-major, each block one matmul per kv head), keys ['B KVH hd Tk']
+    qb = jnp.pad(q.reshape(b, tq, kvh, g, hd), ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    qb = qb.reshape(b, n, c, kvh, g, hd).transpose(0, 1, 3, 4, 2, 5).reshape(b, n, kvh, g * c, hd)
+    kt, vt = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
 
-    def block(i):
-        bi, ki, ci = i // (kvh * n_c), (i // n_c) % kvh, i % n_c
-        s = jnp.einsum("cgd,sd->gcs", qb[bi, ki, ci], kt[bi, ki], preferred_element_type=jnp.float32)
-        s = s + add[bi][None, None]
+    def block(bi, ci, end):
+        s = jnp.einsum("kmd,kds->kms", qb[bi, ci], kt[bi, :, :, :end], preferred_element_type=jnp.float32)
+        s = s + add[bi, :end]
         if causal:
-            keep = (ci * c + jnp.arange(c))[:, None] >= jnp.arange(tk)[None, :]
-            s = jnp.where(keep[None], s, MASK_VALUE)
+            qpos = jnp.tile(ci * c + jnp.arange(c), g)
+            s = jnp.where(qpos[:, None] >= jnp.arange(end)[None, :], s, MASK_VALUE)
         s = s - s.max(-1, keepdims=True)
         p = jnp.exp(s)
-        o = jnp.einsum("gcs,sd->cgd", p.astype(v.dtype), vt[bi, ki], preferred_element_type=jnp.float32)
-        return o / p.sum(-1).T[..., None]
+        o = jnp.einsum("kms,ksd->kmd", p.astype(v.dtype), vt[bi, :, :end], preferred_element_type=jnp.float32)
+        return o / p.sum(-1)[..., None]
 
-    out = jax.lax.map(block, jnp.arange(b * kvh * n_c)) if b * kvh * n_c > 1 else block(jnp.int32(0))[None]
-    out = out.reshape(b, kvh, n_c, c, g, hd).transpose(0, 2, 3, 1, 4, 5)
-    return out.reshape(b, tq, h, hd).astype(q.dtype)
+    # a loop (lax.map) over blocks, not unrolled copies: XLA:CPU runs the looped blocks faster
+    if not causal:
+        out = _map(lambda i: block(i // n, i % n, tk), b * n).reshape(b, n, kvh, g * c, hd)
+    else:  # chunk ci sees keys [0, (ci + 1) c): one loop over rows per chunk
+        out = jnp.stack([_map(lambda bi, ci=ci: block(bi, ci, min(tk, (ci + 1) * c)), b) for ci in range(n)], 1)
+    out = out.reshape(b, n, kvh, g, c, hd).transpose(0, 1, 4, 2, 3, 5).reshape(b, n * c, h, hd)
+    return out[:, :tq].astype(q.dtype)
 
 
-def _chunk_size(t: int, most: int) -> int:
-    """The largest divisor of t that is at most `most` (query rows per score block)."""
-    if t <= most:
-        return t
-    return max(c for c in range(1, most + 1) if t % c == 0)
+def _map(f, count: int) -> jax.Array:
+    """f(i) stacked over i < count, as one loop (a single call when count is 1)."""
+    return jax.lax.map(f, jnp.arange(count)) if count > 1 else f(jnp.int32(0))[None]

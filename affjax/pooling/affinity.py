@@ -111,6 +111,15 @@ def _shift(x: jax.Array, j: int, fill=0) -> jax.Array:
     return jnp.pad(x, pad, constant_values=fill)[:, :n]
 
 
+def _lag_dot(x: jax.Array, j: int) -> jax.Array:
+    """``y[:, t] = x[:, t] . x[:, t - j]`` over the last axis, 0 where ``t < j``: two slices of x,
+    not a shifted copy (a copy feeding the reduction ran several times slower on XLA:CPU)."""
+    b, n = x.shape[:2]
+    if j >= n:
+        return jnp.zeros((b, n), x.dtype)
+    return jnp.pad(jnp.sum(x[:, j:] * x[:, : n - j], axis=-1), ((0, 0), (j, 0)))
+
+
 def _span_slots_device(lengths: jax.Array, p: int, q: int) -> jax.Array:
     """``max(1, ceil(p * T / q))`` for T > 0 else 0, in int32 without overflow for T < 2**31."""
     whole, rest = lengths // q, lengths % q
@@ -175,13 +184,8 @@ def pool_stage(
 
     # --- similarities: cos[b, t, j-1] = cos(h_t, h_{t-j}) ---------------------------------
     norm = jnp.maximum(jnp.sqrt(jnp.sum(hf * hf, axis=-1)), jnp.float32(EPS))
-    cos = jnp.stack(
-        [
-            jnp.sum(hf * _shift(hf, j), axis=-1) / (norm * _shift(norm, j, fill=1.0))
-            for j in range(1, W + 1)
-        ],
-        axis=-1,
-    )  # (B, N, W)
+    cos = jnp.stack([_lag_dot(hf, j) / (norm * _shift(norm, j, fill=1.0)) for j in range(1, W + 1)],
+                    axis=-1)  # (B, N, W)
     s_prefix = jax.lax.cummax(cos, axis=2)  # s_prefix[..., k-1] = max_{j<=k} cos
 
     # --- which tokens may join their predecessor's group ----------------------------------
@@ -222,7 +226,8 @@ def pool_stage(
         key_run = jnp.where(cand, run_id, big)
         key_s = jnp.where(cand & (s != 0), s, jnp.float32(0))  # also folds -0.0 into +0.0
         iota = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N))
-        sorted_run, _, order = jax.lax.sort((key_run, key_s, iota), dimension=1, num_keys=3)
+        # a stable sort on (run, s) keeps ties in position order: the same as sorting on (run, s, t)
+        sorted_run, _, order = jax.lax.sort((key_run, key_s, iota), dimension=1, num_keys=2, is_stable=True)
         first_of_run = jnp.concatenate(
             [jnp.ones((B, 1), bool), sorted_run[:, 1:] != sorted_run[:, :-1]], axis=1
         )

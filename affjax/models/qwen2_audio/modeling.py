@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from affjax.layers import linear
+from affjax.layers import linear, map_rows
 from affjax.models.qwen2.modeling import Qwen2ForCausalLM, TextConfig
 from affjax.models.whisper.modeling import AudioEncoder, EncoderConfig
 
@@ -38,7 +38,7 @@ class Qwen2Audio(nnx.Module):
 
     def encode_audio(self, features: jax.Array, feature_lengths: jax.Array) -> jax.Array:
         """features ['A n_mels F'], feature_lengths Int['A'] -> projected audio tokens ['A F/4 D_text']."""
-        return self.multi_modal_projector(self.audio_tower(features, feature_lengths))
+        return map_rows(lambda f, n: self.multi_modal_projector(self.audio_tower(f, n)), features, feature_lengths)
 
     def embed_inputs(self, ids: jax.Array, audio: jax.Array, audio_index: jax.Array) -> jax.Array:
         """Text embeddings with the audio placeholders filled by a static-shape gather.

@@ -58,7 +58,8 @@ class EncoderConfig:
 
 
 def _gelu_exact(x):
-    return jax.nn.gelu(x, approximate=False)
+    # PyTorch's exact GELU, 0.5 x (1 + erf(x / sqrt 2)); jax.nn.gelu's erfc form is 2x slower on XLA:CPU
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype)))
 
 
 def _act(name: str):
@@ -111,8 +112,8 @@ class AudioEncoder(nnx.Module):
         """Conv stem plus the stored position table. features: ['B n_mels F'] -> ['B F/2 D']."""
         dtype = self.embed_positions.dtype
         x = jnp.swapaxes(features, 1, 2).astype(dtype)
-        x = jax.nn.gelu(self.conv1(x), approximate=False)
-        x = jax.nn.gelu(self.conv2(x), approximate=False)
+        x = _gelu_exact(self.conv1(x))
+        x = _gelu_exact(self.conv2(x))
         return x + self.embed_positions[...][: x.shape[1]]
 
     def key_valid(self, feature_lengths: jax.Array | None, frames: int) -> jax.Array | None:
