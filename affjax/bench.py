@@ -47,22 +47,16 @@ def prefill_flops(cfg, n_text: int, n_audio_tokens: int, n_frames: int) -> dict:
     return {"audio": conv + a.layers * enc_layer + proj, "text": text, "text_causal": text - causal_saving}
 
 
-def _median_time(fn, repeats: int) -> tuple[float, float, list[float]]:
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t0)
-    return first, statistics.median(runs), runs
-
-
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def _best_time(fn, repeats: int) -> float:
+    """The fastest of `repeats` warm runs (after one warm-up call)."""
+    fn()
+    return min(_timed(fn) for _ in range(repeats))
 
 
 def matmul_peak(repeats: int = 5, n: int = 2048) -> dict:
@@ -73,9 +67,9 @@ def matmul_peak(repeats: int = 5, n: int = 2048) -> dict:
     flops = 2 * n ** 3
     x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
     f = jax.jit(lambda a: a @ a)
-    jt = min(_median_time(lambda: f(x).block_until_ready(), 2 * repeats)[2])
+    jt = _best_time(lambda: f(x).block_until_ready(), 2 * repeats)
     xt = torch.from_numpy(np.array(x))
-    tt = min(_median_time(lambda: xt @ xt, 2 * repeats)[2])
+    tt = _best_time(lambda: xt @ xt, 2 * repeats)
     return {"xla_gflops": flops / jt / 1e9, "torch_gflops": flops / tt / 1e9}
 
 
@@ -143,9 +137,7 @@ def run_bench(batches=(1, 4), repeats=5, audio_seconds=30.0, text_tokens=40, thr
             out = engine.prefill(batch, extra=0)
             jax.block_until_ready((out.logits, out.caches))
 
-        t0 = time.perf_counter()
-        ours()
-        first = time.perf_counter() - t0
+        first = _timed(ours)
         runs, truns = [], []
         if torch_side:
             feats = torch.from_numpy(batch.features)

@@ -34,3 +34,17 @@ def tiny_qwen2_audio_dir(tmp_path_factory):
     from affjax.testing import make_tiny_qwen2_audio
 
     return make_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny_qwen2_audio"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def librivox():
+    """[(item, float32 samples at 16 kHz)] for the five real LibriVox clips (skips without the asset)."""
+    from affjax.assets import AssetMissing, librivox_items
+    from affjax.data.audio import load_audio
+
+    try:
+        items = librivox_items()
+    except AssetMissing as e:
+        pytest.skip(str(e))
+    assert len(items) == 5
+    return [(it, load_audio(it["audio"])) for it in items]

@@ -21,20 +21,9 @@ from affjax.recipes import RecipeError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def clips():
+def clips(librivox):
     """[(id, float32 samples at 16 kHz, transcript)] for the five real LibriVox clips."""
-    from affjax.assets import AssetMissing, librivox_items
-
-    try:
-        items = librivox_items()
-    except AssetMissing as e:
-        pytest.skip(str(e))
-    out = []
-    for it in items:
-        x, sr = sf.read(str(it["audio"]), dtype="float32")
-        assert sr == 16000
-        out.append((it["id"], x, it["text"]))
-    return out
+    return [(it["id"], x, it["text"]) for it, x in librivox]
 
 
 def encoded(x, sr, fmt="WAV"):

@@ -83,14 +83,8 @@ def test_convert_hf_whisper_dir(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def clips():
-    from affjax.assets import librivox_items
-    from affjax.data.audio import load_audio
-    try:
-        items = librivox_items()
-    except AssetMissing as e:
-        pytest.skip(str(e))
-    return items, [load_audio(it["audio"]) for it in items]
+def clips(librivox):
+    return [it for it, _ in librivox], [x for _, x in librivox]
 
 
 def _ct2(name):
