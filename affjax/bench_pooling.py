@@ -123,12 +123,27 @@ def _peak_excl_params(program, cost: dict) -> int:
     return int(cost["temp_bytes"] + cost["output_bytes"] - cost["alias_bytes"] + arg_bytes)
 
 
+IN_PROGRAM_STAGES = 16  # stages chained in one program for the in-program stage time
+
+
 def _stage_timing(engine, batch, retentions, deep_layer: int, repeats: int) -> list[dict]:
-    """The pooling stage alone vs one decoder layer on the same buffer (both jitted, warm medians)."""
+    """The pooling stage alone vs one decoder layer on the same buffer (both jitted, warm medians).
+
+    The stage is timed as each mode runs it: bucketed mode calls it as its own program (threshold
+    only, at full buffer), then the host reads the longest row and slices to its bucket; fixed-capacity
+    mode runs it inside the one prefill program, timed here as ``IN_PROGRAM_STAGES`` chained stages
+    in one program (each reads its input through the previous one's output, so XLA neither hoists
+    nor overlaps them; an optimization barrier keeps every output alive), compiled with the prefill
+    program's options. The fixed-capacity stage as a call of its own is reported too: it adds the
+    per-call cost (dispatch, executor start) that the prefill never pays.
+    """
+    import dataclasses
+
     import jax
+    import jax.numpy as jnp
 
     from affjax import shapes
-    from affjax.engine import _chained_capacity, _embed, _pool_jit, _run_group
+    from affjax.engine import _chained_capacity, _embed, _pool, _pool_jit, _run_group
     from affjax.pooling.spec import Stage
     rin, rdap = retentions
     embed = engine._fn("embed", _embed)
@@ -145,20 +160,34 @@ def _stage_timing(engine, batch, retentions, deep_layer: int, repeats: int) -> l
         def pool():
             jax.block_until_ready(_pool_jit(s, stage=stage, positions="first", capacity=cap, retention=r))
 
-        def pool_threshold_only():  # the bucketed-mode stage: no retention cap, no overflow sort
-            jax.block_until_ready(_pool_jit(s, stage=stage, positions="first", capacity=s.x.shape[1],
-                                            retention=None))
+        def chained(seq):
+            def body(_, c):
+                out = _pool(dataclasses.replace(seq, x=seq.x + c), stage, "first", cap, r)
+                out = jax.lax.optimization_barrier(out)  # every output is computed (no dead code)
+                return out[0].x[0, 0, 0] * 0
+            return jax.lax.fori_loop(0, IN_PROGRAM_STAGES, body, jnp.zeros((), seq.x.dtype))
+        chained_jit = jax.jit(chained)  # the prefill program's (default) options
+
+        def pool_in_program():
+            jax.block_until_ready(chained_jit(s))
+
+        def pool_threshold_only():  # bucketed mode: the stage's own program (threshold only), then the
+            jax.block_until_ready(engine._pool_bucketed(s, stage))  # host's bucket pick and slice
 
         def one_layer():
             jax.block_until_ready(layer(engine.state, s, start=0, end=1, extra=0, proportional=False,
                                         keep_cache=True))
-        pool(), pool_threshold_only(), one_layer()  # compile
-        # round-robin, ratios per round: a slow spell of the shared machine hits all three alike
-        runs = [[_median(f, 1)[0] for f in (pool, pool_threshold_only, one_layer)] for _ in range(repeats)]
-        tp, tt, tl = (statistics.median(r[i] for r in runs) for i in range(3))
-        rows.append({"stage": name, "buffer": int(s.x.shape[1]), "pool_s": tp, "pool_threshold_only_s": tt,
-                     "layer_s": tl, "pool_vs_layer": statistics.median(r[0] / r[2] for r in runs),
-                     "pool_threshold_only_vs_layer": statistics.median(r[1] / r[2] for r in runs)})
+        fns = (pool, pool_in_program, pool_threshold_only, one_layer)
+        scale = (1, IN_PROGRAM_STAGES, 1, 1)
+        for f in fns:  # compile
+            f()
+        # round-robin, ratios per round: a slow spell of the shared machine hits all four alike
+        runs = [[_median(f, 1)[0] / k for f, k in zip(fns, scale)] for _ in range(repeats)]
+        med = lambda i: statistics.median(r[i] for r in runs)
+        vs_layer = lambda i: statistics.median(r[i] / r[3] for r in runs)
+        rows.append({"stage": name, "buffer": int(s.x.shape[1]), "pool_s": med(0), "pool_in_program_s": med(1),
+                     "pool_threshold_only_s": med(2), "layer_s": med(3), "pool_vs_layer": vs_layer(0),
+                     "pool_in_program_vs_layer": vs_layer(1), "pool_threshold_only_vs_layer": vs_layer(2)})
     return rows
 
 
@@ -286,15 +315,19 @@ def format_bench_pooling(r: dict) -> str:
                 f"({m['ttft_speedup_per_round_median']:.2f}x) "
                 f"| {m['compile_s']:.1f} | {_mb(m['peak_bytes_excl_params'])} ({_mb(m['peak_bytes'])}) "
                 f"| {m['memory_reduction_excl_params']:.2f}x ({m['memory_reduction']:.2f}x) | {kv} |")
-        lines += ["", "| pooling stage | buffer | pool ms (fixed cap) | pool / layer | pool ms (threshold only) "
-                  "| pool / layer | one decoder layer ms |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| pooling stage | buffer | bucketed: own call, threshold only ms | / layer "
+                  "| fixed cap: in the prefill program ms | / layer | fixed cap: own call ms | / layer "
+                  "| one decoder layer ms |", "|---|---|---|---|---|---|---|---|---|"]
         for s in bb["pool_stage_timing"]:
-            lines.append(f"| {s['stage']} | {s['buffer']} | {1e3 * s['pool_s']:.2f} | {100 * s['pool_vs_layer']:.1f} % "
-                         f"| {1e3 * s['pool_threshold_only_s']:.2f} | {100 * s['pool_threshold_only_vs_layer']:.1f} % "
-                         f"| {1e3 * s['layer_s']:.2f} |")
+            lines.append(f"| {s['stage']} | {s['buffer']} | {1e3 * s['pool_threshold_only_s']:.2f} "
+                         f"| {100 * s['pool_threshold_only_vs_layer']:.1f} % | {1e3 * s['pool_in_program_s']:.2f} "
+                         f"| {100 * s['pool_in_program_vs_layer']:.1f} % | {1e3 * s['pool_s']:.2f} "
+                         f"| {100 * s['pool_vs_layer']:.1f} % | {1e3 * s['layer_s']:.2f} |")
         d = bb["methods"]["dap"]
         g = r["goals"]
-        worst_pool = max(s["pool_vs_layer"] for s in bb["pool_stage_timing"])
+        # each mode's stage as that mode runs it (the own-call fixed-capacity figure is not a path the jobs take)
+        worst_pool = max(max(s["pool_threshold_only_vs_layer"], s["pool_in_program_vs_layer"])
+                         for s in bb["pool_stage_timing"])
         checks = [
             (f"DAP LM FLOPs <= {100 * g['flops_ratio_max']:.0f} % "
              f"(paper theory {100 * r['paper_dap_flops_ratio']:.2f} %)",
@@ -307,7 +340,7 @@ def format_bench_pooling(r: dict) -> str:
              f"{d['memory_reduction_excl_params']:.2f}x without params, {d['memory_reduction']:.2f}x with",
              d["memory_reduction_excl_params"] >= g["memory_reduction_min"]),
             (f"pooling stage < {100 * g['pool_vs_layer_max']:.0f} % of a decoder layer",
-             f"worst {100 * worst_pool:.1f} % (fixed-capacity stage)",
+             f"worst {100 * worst_pool:.1f} % (each mode as its jobs run it)",
              worst_pool < g["pool_vs_layer_max"]),
         ]
         lines += ["", "| goal (DAP vs unpooled) | measured | met |", "|---|---|---|"]

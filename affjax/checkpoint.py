@@ -46,10 +46,13 @@ from affjax.weights import KeyTable, WeightError, load_streaming
 
 __all__ = [
     "ConversionError", "ModelSpec", "MODELS", "register", "get_spec", "convert", "load",
-    "load_hf_model", "is_ct2_dir", "CONFIG_NAME", "PARAMS_DIR", "COPIED_FILES",
+    "load_hf_model", "is_ct2_dir", "CONFIG_NAME", "FORMAT", "PARAMS_DIR", "COPIED_FILES",
 ]
 
 CONFIG_NAME = "affjax_config.json"
+# Raised when a converted checkpoint of an older converter differs in use (2: CTranslate2 folders
+# carry their suppressed tokens into the config), so cached conversions are redone.
+FORMAT = 2
 PARAMS_DIR = "params"
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -418,7 +421,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
                     shutil.copytree(src / name, tmp / name)
         meta = {"model_type": hf_config["model_type"], "dtype": dtype, "hf_config": hf_config,
                 "converted_from": src.resolve().name, "source_format": "ctranslate2" if ct2 else "huggingface",
-                "affjax_version": _version()}
+                "affjax_version": _version(), "format": FORMAT}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         _publish(tmp, dst)
     except BaseException:

@@ -46,8 +46,15 @@ TRACES: collections.Counter = collections.Counter()  # traces (= compilations) p
 _JIT: dict = {}
 _COSTS: dict = {}  # (program, abstract args) -> affjax.flops.xla_cost of its compiled form
 _STATIC: dict = {}  # jitted piece -> its static argument names
+_OPTIONS: dict = {}  # jitted piece -> its XLA compiler options
 _FRESH: dict = {}   # jitted piece -> a separate jit of the same function (cost analysis only)
 _PREFILL_PIECES = ("embed", "pool", "group", "score_head", "last_head", "prefill_fixed")
+
+# The bucketed mode's stage program is compiled without XLA:CPU's YNNPACK fusions, with the lag dots
+# as multiply-and-sum (pool_stage(dots="reduce")): fastest so. Programs that keep the fusions (the
+# one-program fixed-capacity prefill: its decoder layers run 4 % faster with them) use the
+# matrix-vector form, which the fusions do not slow down. Other backends ignore the option.
+POOL_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def _traced(name: str):
@@ -95,7 +102,8 @@ def _fresh_jit(jitted):
         @functools.wraps(inner)
         def again(*args, **kw):
             return inner(*args, **kw)
-        _FRESH[jitted] = jax.jit(again, static_argnames=_STATIC.get(jitted, ()))
+        _FRESH[jitted] = jax.jit(again, static_argnames=_STATIC.get(jitted, ()),
+                                 compiler_options=_OPTIONS.get(jitted))
     return _FRESH[jitted]
 
 
@@ -140,9 +148,10 @@ def _run_group(model, seq: Seq, start: int, end: int, extra: int, proportional: 
     return dataclasses.replace(seq, x=shd.constrain(x, "hidden")), caches
 
 
-def _pool(seq: Seq, stage, positions: str, capacity: int, retention):
+def _pool(seq: Seq, stage, positions: str, capacity: int, retention, dots: str = "matvec"):
     out = pool_stage(seq.x, seq.span, seq.valid, seq.pos, seq.size, tau=stage.tau, window=stage.window,
-                     capacity=capacity, weighted=stage.weighted, positions=positions, retention=retention)
+                     capacity=capacity, weighted=stage.weighted, positions=positions, retention=retention,
+                     dots=dots)
     slot_of = jnp.where(seq.slot_of >= 0,
                         jnp.take_along_axis(out.group_of, jnp.maximum(seq.slot_of, 0), axis=1), -1)
     new = Seq(out.h, out.valid, out.pos, out.size, out.span, slot_of)
@@ -465,13 +474,15 @@ class _InMesh(functools.partial):
             return super().__call__(*args, **kw)
 
 
-# XLA:CPU's YNNPACK fusions made this small program's reductions several times slower (2.5 vs
-# 1.0 ms at 768 x 256, run beside the program's other ops); other backends ignore the option
 @functools.partial(jax.jit, static_argnames=("stage", "positions", "capacity", "retention"),
-                   compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
+                   compiler_options=POOL_COMPILER_OPTIONS)
 def _pool_jit(seq, *, stage, positions, capacity, retention):
     _traced("pool")
-    return _pool(seq, stage, positions, capacity, retention)
+    return _pool(seq, stage, positions, capacity, retention, dots="reduce")
+
+
+_STATIC[_pool_jit] = ("stage", "positions", "capacity", "retention")
+_OPTIONS[_pool_jit] = POOL_COMPILER_OPTIONS
 
 
 def _chained_capacity(span, valid, retentions) -> list[int]:
@@ -496,6 +507,12 @@ def _first_decode_pos(positions: str, n_prompt, n_g):
 def _slice_seq(seq: Seq, n: int) -> Seq:
     if n == seq.x.shape[1]:
         return seq
+    return _slice_jit(seq, n=n)
+
+
+@functools.partial(jax.jit, static_argnames="n")
+def _slice_jit(seq: Seq, n: int) -> Seq:
+    """The first `n` slots: one program, not one dispatch per array."""
     return Seq(seq.x[:, :n], seq.valid[:, :n], seq.pos[:, :n], seq.size[:, :n], seq.span[:, :n], seq.slot_of)
 
 

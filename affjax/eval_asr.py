@@ -109,12 +109,13 @@ def resolve_checkpoint(cfg: EvalConfig, log=print) -> tuple[Path, str]:
     if cfg.model not in MODEL_NAMES:
         raise ValueError(f"unknown --model {cfg.model!r}; known: {', '.join(MODEL_NAMES)}")
     from affjax.assets import whisper_ct2_dir
-    from affjax.checkpoint import CONFIG_NAME, convert
+    from affjax.checkpoint import CONFIG_NAME, FORMAT, convert
 
     dst = cache_root() / "models" / cfg.model
-    if not (dst / CONFIG_NAME).is_file():
+    meta = json.loads((dst / CONFIG_NAME).read_text()) if (dst / CONFIG_NAME).is_file() else None
+    if meta is None or meta.get("format", 1) < FORMAT:
         src = whisper_ct2_dir(MODEL_NAMES[cfg.model])
-        log(f"converting {cfg.model} (first use) -> {dst}")
+        log(f"converting {cfg.model} ({'first use' if meta is None else 'made by an older converter'}) -> {dst}")
         convert(src, dst, overwrite=True, progress=False)
     return dst, cfg.model
 

@@ -35,6 +35,8 @@ Normalisation, stated once:
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 import string
@@ -117,18 +119,31 @@ def default_prompt(task: str, *, language: str = "en", source_lang: str | None =
 
 
 def make_normalizer(tokenizer=None, kind: str = "english"):
-    """(normaliser, description): Whisper's English normaliser (with the tokenizer's British ->
-    American spelling mapping when it has one) or the basic one."""
+    """(normaliser, description): Whisper's English normaliser with its British -> American
+    spelling table (the tokenizer's when it has one, else the copy in the `whisper-normalizer`
+    package: the table OpenAI ships as `normalizer.json`), or the basic one."""
     from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
     if kind == "basic":
         return BasicTextNormalizer(), "basic"
     if kind != "english":
         raise ValueError(f"unknown normalizer {kind!r} (english, basic)")
-    mapping = getattr(tokenizer, "english_spelling_normalizer", None)
+    mapping = getattr(tokenizer, "english_spelling_normalizer", None) or english_spelling_table()
     if mapping:
         return EnglishTextNormalizer(mapping), "english"
     return EnglishTextNormalizer({}), "english (no spelling mapping)"
+
+
+@functools.cache
+def english_spelling_table() -> dict[str, str]:
+    """Whisper's British -> American spelling table; {} when `whisper-normalizer` is not installed
+    (CTranslate2 tokenizers, like the offline Whisper assets, do not carry it)."""
+    try:
+        from importlib.resources import files
+        path = files("whisper_normalizer").joinpath("normalizers/english.json")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ImportError, OSError):
+        return {}
 
 
 def corpus_wer(refs: list[str], hyps: list[str]) -> float | None:

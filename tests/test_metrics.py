@@ -33,6 +33,15 @@ def test_wer_default_is_whisper_english_normaliser():
     assert M.wer(["Mr. Smith went HOME!"], ["mister smith went house"]) == pytest.approx(1 / 4)
 
 
+def test_english_normalizer_maps_british_spellings():
+    """Whisper's spelling table (whisper-normalizer's copy: the offline CTranslate2 tokenizers lack
+    it): British and American spellings score as the same word; other words still count."""
+    norm, name = M.make_normalizer(None)
+    assert name == "english" and len(M.english_spelling_table()) > 1000
+    assert M.wer(["The neighbours' colour is grey."], ["the neighbors color is gray"], norm) == 0.0
+    assert M.wer(["The neighbours' colour is grey."], ["the neighbors colour is great"], norm) == pytest.approx(1 / 5)
+
+
 def test_wer_skips_empty_references():
     assert M.wer(["", "one two"], ["noise", "one too"], identity) == pytest.approx(1 / 2)
     assert M.wer(["  "], ["anything"], identity) is None

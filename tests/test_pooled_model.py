@@ -231,6 +231,29 @@ def test_fixed_capacity_with_room_equals_bucketed(setup):
     assert int(sc[0]["forced"][:3].sum()) > 0
 
 
+def test_stage_programs_and_ynnpack_fusions(setup):
+    """The bucketed mode's stage program is compiled without XLA:CPU's YNNPACK fusions (its
+    multiply-and-sum lag dots are fastest so); the layer programs and the one-program fixed-capacity
+    prefill keep them (its decoder layers need them; its stage uses the matrix-vector lag dots)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the option is XLA:CPU's")
+    from affjax.engine import Engine
+    from affjax.models.qwen2_audio.inputs import collate
+    from affjax.pooling.spec import parse_pooling
+    model, cfg, processor, eos, pad, items, taus = setup
+    pooling = parse_pooling(_settings("dap", taus), LAYERS)
+    batch = collate([s for s, _ in items], batch_size=4, audio_token_id=cfg.audio_token_id,
+                    out_frames_of=cfg.audio.output_lengths, pad_id=pad)
+    texts = {}
+    for engine in (Engine(model, pooling=pooling), Engine(model, pooling=pooling, pool_mode="fixed", capacity=0.5)):
+        engine.record = True
+        engine.score(batch)
+        texts.update({p.label: p.lower().compile().as_text() for p in engine.programs})
+    ynn = {label: "__ynn" in text for label, text in texts.items()}
+    assert ynn["pool@0"] is False and ynn[f"pool@{DEEP}"] is False, ynn
+    assert ynn[f"layers[0:{DEEP})"] is True and ynn["prefill_fixed"] is True, ynn
+
+
 def test_tau_above_one_is_the_unpooled_model(setup):
     from affjax.engine import Engine
     from affjax.models.qwen2_audio.inputs import collate

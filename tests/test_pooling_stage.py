@@ -127,14 +127,15 @@ def compare_batch(items, out, capacity=N, **ref_kw):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dots", ["matvec", "reduce"])  # the two forms of the lag dot products
 @pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("tau", TAUS)
-def test_matches_reference_grid(tau, window):
+def test_matches_reference_grid(tau, window, dots):
     rng = np.random.default_rng(int(1000 * tau) + 17 * window + 5000)
     compared = 0
     for structured in (True, False):
         items = random_items(rng, [N, int(rng.integers(1, N)), int(rng.integers(1, N)), 1], structured)
-        out = run(make_batch(rng, items), tau=tau, window=window)
+        out = run(make_batch(rng, items), tau=tau, window=window, dots=dots)
         compared += compare_batch(items, out, tau=tau, window=window)
     assert compared >= 6
 
@@ -194,8 +195,9 @@ def test_retention_one_equals_bucketed(tau, window):
     assert np.all(b.forced == 0)
 
 
+@pytest.mark.parametrize("dots", ["matvec", "reduce"])
 @pytest.mark.parametrize("tau,window,retention", [(1.1, 1, 0.3), (0.8, 2, 0.5), (0.5, 5, 0.25)])
-def test_retention_overflow_matches_reference(tau, window, retention):
+def test_retention_overflow_matches_reference(tau, window, retention, dots):
     rng = np.random.default_rng(int(retention * 100) + window)
     cases = []
     for structured in (True, False):
@@ -205,7 +207,7 @@ def test_retention_overflow_matches_reference(tau, window, retention):
     cap = max(int(fixed_capacity_needed(bt[1], bt[2], retention).max()) for _, bt in cases)
     compared = 0
     for items, batch in cases:
-        out = run(batch, tau=tau, window=window, retention=retention, capacity=cap)
+        out = run(batch, tau=tau, window=window, retention=retention, capacity=cap, dots=dots)
         assert np.all(out.n_valid <= cap)
         compared += compare_batch(items, out, capacity=cap, tau=tau, window=window,
                                   retention=retention)
@@ -345,6 +347,8 @@ def test_rejects_bad_arguments():
         pool_stage(h, span, valid, pos, size, tau=0.5, window=0, capacity=N)
     with pytest.raises(ValueError, match="retention"):
         pool_stage(h, span, valid, pos, size, tau=0.5, window=1, capacity=N, retention=1.5)
+    with pytest.raises(ValueError, match="lag-dot form"):
+        pool_stage(h, span, valid, pos, size, tau=0.5, window=1, capacity=N, dots="gram")
 
 
 # ----------------------------------------------------------------------------------------------

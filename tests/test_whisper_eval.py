@@ -132,6 +132,28 @@ def test_convert_ct2_folder(tiny_ckpt):
                                   v["decoder/embeddings/weight"].astype(np.float32))
     q = np.split(v["encoder/layer_1/self_attention/linear_0/weight"], 3)[0].astype(np.float32)
     np.testing.assert_array_equal(np.asarray(model.encoder.layers[1].q_proj.kernel[...]), q.T)
+    # the suppressed tokens travel into the checkpoint, so `affjax eval` decodes as `generate` does
+    ct2_cfg = json.loads((_ct2("tiny.en") / "config.json").read_text())
+    assert cfg.suppress_tokens == tuple(ct2_cfg["suppress_ids"]) and len(cfg.suppress_tokens) > 50
+    assert cfg.begin_suppress_tokens == tuple(ct2_cfg["suppress_ids_begin"])
+
+
+def test_cached_model_of_an_older_converter_is_converted_again(tmp_path, monkeypatch):
+    """`--model` reconverts a cached checkpoint whose format is older than the converter's."""
+    from affjax.checkpoint import CONFIG_NAME, FORMAT
+    from affjax.eval_asr import EvalConfig, resolve_checkpoint
+    _ct2("tiny.en")
+    monkeypatch.setenv("AFFJAX_CACHE", str(tmp_path))
+    stale = tmp_path / "models" / "whisper-tiny.en"
+    stale.mkdir(parents=True)
+    (stale / CONFIG_NAME).write_text(json.dumps({"model_type": "whisper"}))  # format 1: no "format" key
+    logs = []
+    dst, _ = resolve_checkpoint(EvalConfig(model="whisper-tiny.en"), log=logs.append)
+    assert dst == stale and "older converter" in logs[0]
+    assert json.loads((dst / CONFIG_NAME).read_text())["format"] == FORMAT
+    logs.clear()
+    resolve_checkpoint(EvalConfig(model="whisper-tiny.en"), log=logs.append)
+    assert logs == []
 
 
 def test_pooling_that_merges_nothing_is_unpooled(tiny, clips):

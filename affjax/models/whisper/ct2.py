@@ -315,8 +315,10 @@ def ct2_hf_config(ct2_dir: str | os.PathLike, ct2_vars: dict | None = None) -> d
         "bos_token_id": ids["eos"],
         "eos_token_id": ids["eos"],
         "decoder_start_token_id": ids["sot"],
-        "begin_suppress_tokens": None,
-        "suppress_tokens": None,
+        # what CTranslate2's converter copied from the checkpoint's generation config: greedy
+        # decoding never emits these (transformers' generate suppresses the same ids)
+        "begin_suppress_tokens": ids["begin_suppress_tokens"],
+        "suppress_tokens": ids["suppress_tokens"],
     }
 
 

@@ -528,14 +528,13 @@ def load_whisper_ct2(ct2_dir, dtype=jnp.float32, *, processor_dir=None):
 
     Returns (model, processor, hf_config dict). The processor is also saved to `processor_dir`
     when given (loadable with `WhisperProcessor.from_pretrained`). The model's config takes the
-    suppressed tokens from the folder's config.json (`suppress_ids`, `suppress_ids_begin`: what
-    CTranslate2's converter copied from the checkpoint's generation config) when `hf_config` has
-    none, so greedy decoding matches transformers' `generate` on the original checkpoint.
+    suppressed tokens from the folder's config.json (`suppress_ids`, `suppress_ids_begin`, through
+    `ct2_hf_config`), so greedy decoding matches transformers' `generate` on the original checkpoint.
     """
     import tempfile
 
     from affjax.models.whisper.ct2 import (
-        ct2_hf_config, ct2_processor, ct2_special_ids, ct2_to_hf_state_dict, read_ct2)
+        ct2_hf_config, ct2_processor, ct2_to_hf_state_dict, read_ct2)
     from affjax.models.whisper.params import KEYS, TIED_KEYS
     from affjax.weights import KeyTable, load_streaming
 
@@ -545,10 +544,6 @@ def load_whisper_ct2(ct2_dir, dtype=jnp.float32, *, processor_dir=None):
     sd = ct2_to_hf_state_dict(ct2_vars, hf_cfg)
     del ct2_vars
     cfg = WhisperConfig.from_hf(hf_cfg)
-    if not cfg.suppress_tokens and not cfg.begin_suppress_tokens:
-        ids = ct2_special_ids(ct2_dir)
-        cfg = dataclasses.replace(cfg, suppress_tokens=tuple(ids["suppress_tokens"]),
-                                  begin_suppress_tokens=tuple(ids["begin_suppress_tokens"]))
     abstract = nnx.eval_shape(lambda: Whisper(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     state = load_streaming(abstract, KeyTable(KEYS), ((k, lambda a=a: a) for k, a in sd.items()),
                            dtype=dtype, ignore=lambda k: k in TIED_KEYS)
