@@ -50,8 +50,8 @@ __all__ = [
 ]
 
 CONFIG_NAME = "affjax_config.json"
-# Raised when a converted checkpoint of an older converter differs in use (2: CTranslate2 folders
-# carry their suppressed tokens into the config), so cached conversions are redone.
+# Bumped when checkpoints of an older converter behave differently (2: CTranslate2 folders carry
+# their suppressed tokens into the config); `affjax eval --model` reconverts its cached ones.
 FORMAT = 2
 PARAMS_DIR = "params"
 DTYPES = ("float32", "bfloat16", "float16")

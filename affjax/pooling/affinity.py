@@ -7,9 +7,9 @@ data-dependent shape, so one compiled program serves every valid length for give
 
 How the sequential rule of section 1 runs without a Python loop over time:
 
-1. ``cos(h_t, h_{t-j})`` for ``j = 1..window`` comes from one batched product of ``h_t`` with its
-   ``window`` shifted copies (float32, ``eps`` clamp on each norm) and ``s_k(t) = max_{j<=k} cos(h_t, h_{t-j})`` from a running max
-   over ``j``.
+1. ``cos(h_t, h_{t-j})`` for ``j = 1..window`` comes from the lag dot products (:func:`_lag_dots`,
+   float32, ``eps`` clamp on each norm) and ``s_k(t) = max_{j<=k} cos(h_t, h_{t-j})`` from a
+   running max over ``j``.
 2. The group-length recurrence ``L_t = join_t ? L_{t-1} + 1 : 1`` only matters up to ``window``, so
    the state is ``l = min(L, window) - 1`` in ``{0 .. window-1}``. Each step is a map on that finite
    set, ``f_t(l) = min(l+1, window-1) if (allowed_t and s_{l+1}(t) >= tau) else 0``, and maps
