@@ -46,7 +46,6 @@ TRACES: collections.Counter = collections.Counter()  # traces (= compilations) p
 _JIT: dict = {}
 _COSTS: dict = {}  # (program, abstract args) -> affjax.flops.xla_cost of its compiled form
 _STATIC: dict = {}  # jitted piece -> its static argument names
-_OPTIONS: dict = {}  # jitted piece -> its XLA compiler options
 _FRESH: dict = {}   # jitted piece -> a separate jit of the same function (cost analysis only)
 _PREFILL_PIECES = ("embed", "pool", "group", "score_head", "last_head", "prefill_fixed")
 
@@ -102,8 +101,7 @@ def _fresh_jit(jitted):
         @functools.wraps(inner)
         def again(*args, **kw):
             return inner(*args, **kw)
-        _FRESH[jitted] = jax.jit(again, static_argnames=_STATIC.get(jitted, ()),
-                                 compiler_options=_OPTIONS.get(jitted))
+        _FRESH[jitted] = jax.jit(again, static_argnames=_STATIC.get(jitted, ()))
     return _FRESH[jitted]
 
 
@@ -479,10 +477,6 @@ class _InMesh(functools.partial):
 def _pool_jit(seq, *, stage, positions, capacity, retention):
     _traced("pool")
     return _pool(seq, stage, positions, capacity, retention, dots="reduce")
-
-
-_STATIC[_pool_jit] = ("stage", "positions", "capacity", "retention")
-_OPTIONS[_pool_jit] = POOL_COMPILER_OPTIONS
 
 
 def _chained_capacity(span, valid, retentions) -> list[int]:
