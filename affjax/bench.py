@@ -33,7 +33,7 @@ BENCH_CONFIG = {
 
 def prefill_flops(cfg, n_text: int, n_audio_tokens: int, n_frames: int) -> dict:
     """Analytic FLOPs of one item's prefill (2 per multiply-add): `text` with the full n x n
-    attention square (the pooling spec's count), `text_causal` with the causal triangle only (the
+    attention square (the count of docs/pooling.md section 5), `text_causal` with the causal triangle only (the
     work a causal prefill needs; achieved GFLOP/s are quoted on it)."""
     a, t = cfg.audio, cfg.text
     d, f = a.d_model, n_frames // 2

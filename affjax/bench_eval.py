@@ -57,7 +57,8 @@ def _n_params(ckpt: Path) -> int:
 def run_bench(models=("tiny", "70m"), batches=(1, 4, 8), poolings=("none", "dap-aggressive"), items: int = 16,
               max_new_tokens: int = 16, repeats: int = 1, log=print) -> dict:
     from affjax.checkpoint import convert
-    from affjax.eval_asr import EvalConfig, run_eval
+    from affjax.eval_asr import run_eval
+    from affjax.runner import JobConfig
     from affjax.testing import make_tiny_qwen2_audio
 
     out = {"items": items, "max_new_tokens": max_new_tokens, "cells": []}
@@ -78,7 +79,7 @@ def run_bench(models=("tiny", "70m"), batches=(1, 4, 8), poolings=("none", "dap-
                             continue  # one row per batch: nothing to pad, same as two-pass
                         runs = []
                         for k in range(repeats + 1):  # run 0 compiles
-                            cfg = EvalConfig(ckpt=str(ckpt), manifest=str(manifest), task="asr",
+                            cfg = JobConfig(ckpt=str(ckpt), manifest=str(manifest), task="asr",
                                              out=str(tmp / "runs" / f"{name}-{pooling}-{bs}-{schedule}-{k}"),
                                              batch_size=bs, pooling=pooling, schedule=schedule,
                                              max_new_tokens=max_new_tokens, progress=False)
@@ -121,7 +122,7 @@ def markdown(result: dict) -> str:
 
 
 def main_bench_eval(args) -> int:
-    from affjax.jobs import enable_compile_cache
+    from affjax.runner import enable_compile_cache
     enable_compile_cache()
     res = run_bench(models=tuple(args.models), batches=tuple(args.batch), poolings=tuple(args.pooling),
                     items=args.items, max_new_tokens=args.max_new_tokens, repeats=args.repeats)

@@ -1,42 +1,69 @@
-"""`affjax bench-pooling`: what Affinity Pooling saves in the prefill, measured side by side in one run.
+"""`affjax bench-pooling`: what Affinity Pooling saves in the prefill, measured like for like.
 
 Model: Qwen2-Audio's decoder depth (32 text layers) at a width this machine can run (hidden 256,
 4 heads, SwiGLU 688 = Qwen2-Audio-7B's 11008/4096 ratio, vocab 4096) with a small audio tower
-(d 128 x 2 layers); random weights. Input per item: one 30 s clip (750 audio tokens) between ~40 text
-tokens; batch 1 and 4. Methods (spec section 2 placements, paper retentions):
+(d 128 x 2 layers); random weights. Input per item: one clip of --audio-seconds (25 audio tokens a
+second: 750 at 30 s) between 40 text tokens. Methods (docs/pooling.md section 2 placements, paper
+retentions):
 
 - `unpooled`;
-- `input`: one stage at l=0 keeping 78.6 % of the audio tokens;
-- `deep@29`: one stage after decoder layer 29 keeping 14.9 %;
+- `input`: one stage at l=0 keeping 78.6 % of the audio tokens (window 1);
+- `deep@29`: one stage after decoder layer 29 keeping 14.9 % (window 3);
 - `dap`: both, 78.6 % after the input stage and 14.9 % of the original after layer 29.
 
-Random weights make similarities meaningless, so retention is driven by the fixed-capacity path:
-`pool_mode="fixed"`, every stage with tau = 2 (> 1: nothing merges on its own, T groups per span)
-and a per-stage retention cap r, so the overflow rule (spec section 4) merges each span down to
-exactly max(1, ceil(r * T)) groups. For `dap` the engine takes one retention per stage, each a
-fraction of the tokens entering that stage: (0.786, 0.149 / 0.786). Windows are the paper's (1 at
-the input stage, 3 at the deep stage), so the pooling work is the real one.
+Like for like: every pooled run is compared with the unpooled run under the SAME buffer policy of
+the input sequence, and every buffer after a stage follows affjax.shapes (the one bucket grid):
 
-Reported per batch size, each as a ratio to unpooled:
-- LM prefill FLOPs, analytic (valid tokens, spec section 5) and from XLA's cost analysis of the
-  compiled programs the prefill ran (padded buffers; while-loop bodies times their trip counts;
-  the audio encoder + embedding program subtracted): affjax.flops;
-- time to first token: prefill + the first greedy token (`Engine.generate(batch, 1)`), median of
-  --repeats warm runs, the methods interleaved round-robin so machine noise hits all alike; the
-  first call (compilation) reported apart;
+- `bucket` (the job path): the input sequence is padded to ``shapes.bucket(n)`` on both sides;
+- `exact`: the input buffer is the valid length on both sides (no padding before the first stage;
+  a pooled buffer is still sized by the engine, ``min(shapes.bucket(pooled), input buffer)``).
+
+Each pooled method runs in both pooling modes of the engine:
+
+- `fixed`: the one-program fixed-capacity prefill; tau = 2 (> 1: nothing merges on its own) and a
+  per-stage retention cap r, so the overflow rule (docs/pooling.md section 4) merges each span to
+  exactly max(1, ceil(r T)) groups; r per stage relative to the tokens entering it: (0.786,
+  0.149 / 0.786) for `dap`; each buffer is ``shapes.bucket`` of the cap;
+- `bucketed` (the default job mode): each piece its own program, exact threshold semantics, the
+  host slicing the packed buffer to ``shapes.bucket`` of the longest row after each stage. Random
+  weights make similarities meaningless, so each stage's tau is calibrated on these inputs (by
+  bisection on the stage's own output count, in the middle of the tau interval that keeps the
+  target) to keep the same ceil(r T) tokens per span as the fixed mode.
+
+Reported per case (batch size x audio length x buffer policy), each as a ratio to unpooled:
+- LM prefill FLOPs: analytic (valid tokens, docs/pooling.md section 5: the full attention square);
+  XLA-realized (cost analysis of the compiled programs the prefill ran, at their padded buffers,
+  while-loop bodies times their trip counts, the audio encoder + embedding program subtracted:
+  affjax.flops); and XLA at the valid lengths (one decoder layer compiled at each stage's exact
+  valid length, times its layers): the part of the realized-vs-analytic gap that is not padding
+  but counting (XLA counts the blocked causal attention, about half the square above 256 tokens);
+  the gap is realized - analytic in points;
+- time to first token: prefill + the first greedy token (`Engine.generate(batch, 1)`), every
+  engine of the case interleaved round-robin for --repeats rounds; speed-up = the median over
+  rounds of the per-round ratio (and the ratio of medians); the first call (compilation) apart;
 - peak prefill memory: max over the prefill's programs of XLA's memory analysis (temp + argument +
-  output - aliased), with and without the parameters (an argument of every program), plus the KV
-  cache bytes of each layer group;
-- the pooling stage alone vs one decoder layer at the same buffer length (medians).
+  output - aliased) plus the KV caches of the layer groups already run (a bucketed prefill holds
+  them while its later programs run), with and without the parameters; the KV cache bytes of each
+  layer group;
+- compiles: the traces (= compilations, affjax.compiles.TRACES) the first call of each engine
+  caused, the programs its prefill runs, and for the run as a whole the buckets its sequences can
+  hit (shapes.buckets_between; the old grid's count beside it);
+- optionally (--stage-timing) the pooling stage alone vs one decoder layer at the same buffer.
+
+Run: ``python -m affjax.bench_pooling --batch 1 --audio-seconds 5 10 15 20 25 30 --methods dap``
+(all options: ``--help``); ``affjax bench-pooling`` runs the same function with its own options.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -53,8 +80,14 @@ BENCH_POOLING_CONFIG = {
 
 INPUT_RETENTION = 0.786   # paper, input stage tau 0.8: 78.64 % of the audio tokens
 DAP_RETENTION = 0.149     # paper, dap-aggressive: 14.91 % after both stages
-GOALS = {"flops_ratio_max": 0.75, "ttft_speedup_min": 1.3, "memory_reduction_min": 1.7, "pool_vs_layer_max": 0.05}
+GOALS = {"flops_ratio_max": 0.75, "ttft_speedup_min": 1.3, "memory_reduction_min": 1.7, "pool_vs_layer_max": 0.05,
+         "flops_gap_max_points": 5.0}
 PAPER_DAP_FLOPS = 0.7252
+BUFFERS = ("bucket", "exact")
+POOL_MODES = ("bucketed", "fixed")
+METHODS = ("input", "deep", "dap")
+# the grid before affjax.shapes.SEQ_GRID (for the compile-count comparison only)
+OLD_SEQ_BUCKETS = (64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 6144, 8192, 12288, 16384)
 
 
 def build_model(config: dict | None = None, seed: int = 0):
@@ -71,7 +104,7 @@ def pooling_inputs(cfg, batch: int, audio_seconds: float = 30.0, text_tokens: in
     buffer is the valid length (no bucket padding); else the job path's bucket (shapes.bucket)."""
     from affjax.models.qwen2_audio.inputs import Encoded, collate
     rng = np.random.default_rng(seed)
-    frames = min(int(audio_seconds * 100), cfg.audio.mel_frames)
+    frames = min(int(round(audio_seconds * 100)), cfg.audio.mel_frames)
     n_audio = int(cfg.audio.output_lengths(frames))
     vocab = cfg.text.vocab_size
     items = []
@@ -85,17 +118,27 @@ def pooling_inputs(cfg, batch: int, audio_seconds: float = 30.0, text_tokens: in
                    seq_len=len(items[0].ids) if exact else None)
 
 
-def methods(num_layers: int, input_retention: float = INPUT_RETENTION, dap_retention: float = DAP_RETENTION):
-    """{name: (PoolingConfig, capacity)} of the compared settings (deep stage at L - 3)."""
-    from affjax.pooling.spec import PoolingConfig, Stage
+def method_stages(num_layers: int, name: str, input_retention: float = INPUT_RETENTION,
+                  dap_retention: float = DAP_RETENTION) -> tuple[tuple[int, int], tuple[float, ...]]:
+    """((layer, window) per stage, retention per stage relative to the tokens entering it)."""
     deep = num_layers - 3
-    s_in, s_deep = Stage(0, 2.0, 1), Stage(deep, 2.0, 3)
-    return {
-        "unpooled": (PoolingConfig(()), None),
-        "input": (PoolingConfig((s_in,)), input_retention),
-        f"deep@{deep}": (PoolingConfig((s_deep,)), dap_retention),
-        "dap": (PoolingConfig((s_in, s_deep)), (input_retention, dap_retention / input_retention)),
-    }
+    return {"input": (((0, 1),), (input_retention,)),
+            "deep": (((deep, 3),), (dap_retention,)),
+            "dap": (((0, 1), (deep, 3)), (input_retention, dap_retention / input_retention))}[name]
+
+
+def method_label(num_layers: int, name: str) -> str:
+    return f"deep@{num_layers - 3}" if name == "deep" else name
+
+
+def methods(num_layers: int, input_retention: float = INPUT_RETENTION, dap_retention: float = DAP_RETENTION):
+    """{name: (PoolingConfig, capacity)} of the fixed-capacity settings (deep stage at L - 3)."""
+    from affjax.pooling.spec import PoolingConfig, Stage
+    out = {"unpooled": (PoolingConfig(()), None)}
+    for m in METHODS:
+        stages, rs = method_stages(num_layers, m, input_retention, dap_retention)
+        out[method_label(num_layers, m)] = (PoolingConfig(tuple(Stage(l, 2.0, w) for l, w in stages)), rs)
+    return out
 
 
 def _median(fn, repeats: int) -> tuple[float, list[float]]:
@@ -191,169 +234,478 @@ def _stage_timing(engine, batch, retentions, deep_layer: int, repeats: int) -> l
     return rows
 
 
-def run_bench_pooling(batches=(1, 4), repeats=5, audio_seconds=30.0, text_tokens=40, exact=False,
-                      config: dict | None = None, log=print) -> dict:
+# ----------------------------------------------------------------------------------------------
+# tau calibration for the bucketed mode (own jitted functions: the engine's pieces and TRACES are
+# left alone, so each engine's first call compiles what a job's would)
+
+
+@functools.lru_cache(maxsize=None)
+def _calib_fns(graphdef):
+    import jax
+    from flax import nnx
+
+    from affjax.engine import POOL_COMPILER_OPTIONS, _embed, _pool, _run_group
+
+    def embed(state, *args):
+        return _embed(nnx.merge(graphdef, state), *args)
+
+    def group(state, seq, *, start, end):
+        return _run_group(nnx.merge(graphdef, state), seq, start, end, 0, False, keep_cache=False)[0]
+
+    def pool(seq, tau, *, stage, positions, capacity):  # as Engine._pool_bucketed's program computes it
+        return _pool(seq, stage, positions, capacity, None, dots="reduce", tau=tau)
+
+    return (jax.jit(embed), jax.jit(group, static_argnames=("start", "end")),
+            jax.jit(pool, static_argnames=("stage", "positions", "capacity"), compiler_options=POOL_COMPILER_OPTIONS))
+
+
+def _span_lengths(seq) -> list[np.ndarray]:
+    import jax
+    span, valid = jax.device_get((seq.span, seq.valid))
+    return [np.bincount(span[b][valid[b] & (span[b] > 0)]) for b in range(span.shape[0])]
+
+
+def _calibrate_tau(pool, seq, stage_static, positions: str, target: int, iters: int = 40) -> tuple[float, int]:
+    """A tau whose threshold rule leaves `target` audio tokens over the batch: the middle of the
+    interval of taus that do (so float noise between programs cannot flip a decision), or the
+    closest count when no tau gives it exactly. Returns (tau, audio tokens it leaves)."""
     import jax
 
-    from affjax.engine import Engine
-    from affjax.flops import analytic_lm_flops, lm_xla_flops, tokens_per_layer, total_flops
+    def count(tau):
+        _, st = pool(seq, np.float32(tau), stage=stage_static, positions=positions, capacity=seq.x.shape[1])
+        return int(jax.device_get(st["audio_out"]).sum())
 
-    model, cfg = build_model(config)
+    def edge(pred):  # the tau where pred(count) turns False -> True, bracketed in [-1, 1.5]
+        lo, hi = -1.0, 1.5
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if pred(count(mid)) else (mid, hi)
+        return lo, hi
+    a_lo, _ = edge(lambda c: c > target)    # count(a_lo) <= target: the largest such tau
+    _, b_hi = edge(lambda c: c >= target)   # count(b_hi) >= target: the smallest such tau
+    if b_hi < a_lo:                          # [b_hi, a_lo] keeps exactly target
+        tau = 0.5 * (a_lo + b_hi)
+    else:                                    # target skipped: the closer side
+        tau = a_lo if target - count(a_lo) <= count(b_hi) - target else b_hi
+    return float(tau), count(tau)
+
+
+def calibrate_bucketed(engine_state, graphdef, batch, stages, retentions, positions: str = "first"):
+    """Per-stage taus for the bucketed mode keeping max(1, ceil(r_k T)) of the T tokens each audio
+    span has entering stage k (summed over the batch), with the engine's own buffers: the input
+    buffer, then after each stage the bucket of the longest row. Returns [(tau, kept, target)]."""
+    import jax
+    import jax.numpy as jnp
+
+    from affjax import shapes
+    from affjax.engine import _slice_seq
+    from affjax.pooling.affinity import retention_slots
+    from affjax.pooling.spec import Stage
+    embed, group, pool = _calib_fns(graphdef)
+    seq = embed(engine_state, *map(jnp.asarray, (batch.ids, batch.valid, batch.span, batch.audio_index,
+                                                 batch.features, batch.feature_lengths)))
+    out, layer = [], 0
+    for (at, window), r in zip(stages, retentions):
+        if at > layer:
+            seq = group(engine_state, seq, start=layer, end=at)
+            layer = at
+        target = int(sum(retention_slots(n[1:], r).sum() for n in _span_lengths(seq)))
+        static = Stage(at, 2.0, window).static
+        tau, kept = _calibrate_tau(pool, seq, static, positions, target)
+        out.append((tau, kept, target))
+        seq, st = pool(seq, np.float32(tau), stage=static, positions=positions, capacity=seq.x.shape[1])
+        n_max = int(jax.device_get(st["n_valid"]).max())
+        seq = _slice_seq(seq, min(shapes.bucket(max(n_max, 1)), seq.x.shape[1]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_fn(graphdef):
+    import jax
+    from flax import nnx
+
+    from affjax.engine import _run_group
+
+    def one_layer(state, seq):
+        return _run_group(nnx.merge(graphdef, state), seq, 0, 1, 1, False, keep_cache=True)
+    return jax.jit(one_layer)
+
+
+_LAYER_FLOPS: dict = {}
+
+
+def _layer_xla_flops(graphdef, state, n: int, d: int) -> float:
+    """XLA's (loop-corrected) FLOPs of one decoder layer on one row of exactly n tokens."""
+    import jax
+    import jax.numpy as jnp
+
+    from affjax.engine import Seq
+    from affjax.flops import xla_cost
+    if n not in _LAYER_FLOPS:
+        s = lambda *shape, dt=jnp.float32: jax.ShapeDtypeStruct(shape, dt)
+        seq = Seq(s(1, n, d), s(1, n, dt=bool), s(1, n), s(1, n), s(1, n, dt=jnp.int32), s(1, n, dt=jnp.int32))
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        _LAYER_FLOPS[n] = xla_cost(_layer_fn(graphdef).lower(abstract, seq).compile())["flops"]
+    return _LAYER_FLOPS[n]
+
+
+def _engines(model, cfg, batch, methods_run, pool_modes, log):
+    """{label: (Engine, calibration)}: unpooled first, then each method in each pooling mode."""
+    from affjax.engine import Engine
+    from affjax.pooling.spec import PoolingConfig, Stage
     L = cfg.text.layers
-    settings = methods(L)
-    engines = {name: Engine(model, pooling=pc, pool_mode="fixed" if pc.stages else "bucketed", capacity=cap)
-               for name, (pc, cap) in settings.items()}
-    params_bytes = _tree_bytes(next(iter(engines.values())).state)
-    res = {"config": f"text d{cfg.text.hidden} x {L} layers ({cfg.text.heads} heads, kv {cfg.text.kv_heads}, "
-                     f"mlp {cfg.text.intermediate}, vocab {cfg.text.vocab_size}), audio d{cfg.audio.d_model} x "
-                     f"{cfg.audio.layers}; random weights",
-           "params_bytes": params_bytes, "audio_seconds": audio_seconds, "text_tokens": text_tokens,
-           "repeats": repeats, "sequence_buffer": "exact" if exact else "bucket",
-           "retention_driver": "fixed-capacity overflow rule: tau=2 (no natural merges) + per-stage retention cap",
-           "methods": {n: {"pooling": pc.to_text(), "capacity": cap} for n, (pc, cap) in settings.items()},
-           "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-           "device": str(jax.devices()[0]), "jax": jax.__version__, "goals": GOALS,
-           "paper_dap_flops_ratio": PAPER_DAP_FLOPS, "batches": []}
-    for b in batches:
-        batch = pooling_inputs(cfg, b, audio_seconds, text_tokens, exact=exact)
-        n_valid = int(batch.valid[0].sum())
-        log(f"batch {b}: {n_valid} valid tokens per item in a {batch.ids.shape[1]}-token buffer")
-        rows = {}
-        # first call of each method: compiles; record its programs; stats, caches
-        for name, eng in engines.items():
-            eng.record = True
+    engines = {"unpooled": (Engine(model), None)}
+    for m in methods_run:
+        stages, rs = method_stages(L, m)
+        label = method_label(L, m)
+        for mode in pool_modes:
+            if mode == "fixed":
+                pc = PoolingConfig(tuple(Stage(l, 2.0, w) for l, w in stages))
+                engines[f"{label}/fixed"] = (Engine(model, pooling=pc, pool_mode="fixed", capacity=rs), None)
+            else:
+                probe = engines["unpooled"][0]
+                cal = calibrate_bucketed(probe.state, probe.graphdef, batch, stages, rs)
+                log(f"  {label}/bucketed: tau " + ", ".join(f"{t:.6f} (keeps {k} of target {g})" for t, k, g in cal))
+                pc = PoolingConfig(tuple(Stage(l, t, w) for (l, w), (t, _, _) in zip(stages, cal)))
+                engines[f"{label}/bucketed"] = (Engine(model, pooling=pc), [
+                    {"tau": t, "audio_kept": k, "audio_target": g} for t, k, g in cal])
+    return engines
+
+
+def _measure_case(model, cfg, b, seconds, text_tokens, buffer, methods_run, pool_modes, repeats, stage_timing,
+                  params_bytes, log):
+    import jax
+
+    from affjax.compiles import TRACES
+    from affjax.flops import analytic_lm_flops, lm_xla_flops, tokens_per_layer, total_flops
+    L = cfg.text.layers
+    batch = pooling_inputs(cfg, b, seconds, text_tokens, exact=buffer == "exact")
+    n_valid = int(batch.valid[0].sum())
+    log(f"batch {b}, {seconds:g} s, buffer {buffer}: {n_valid} valid tokens per item in a "
+        f"{batch.ids.shape[1]}-token buffer")
+    engines = _engines(model, cfg, batch, methods_run, pool_modes, log)
+    graphdef, state = engines["unpooled"][0].graphdef, engines["unpooled"][0].state
+    rows = {}
+    for name, (eng, cal) in engines.items():
+        before = TRACES.copy()
+        eng.record = True
+        t0 = time.perf_counter()
+        eng.generate(batch, 1)
+        first = time.perf_counter() - t0
+        programs = list(eng.programs)
+        eng.record = False
+        traces = {k: v - before.get(k, 0) for k, v in TRACES.items() if v != before.get(k, 0)}
+        out = eng.prefill(batch, extra=1)
+        stats = [jax.device_get(s) for s in out.stats]
+        kv, li = [], 0
+        for start, end in eng.groups:
+            n = end - start
+            kv.append({"layers": [start, end], "slots": int(out.caches[li][0].shape[1]) if n else 0,
+                       "bytes": _tree_bytes(out.caches[li:li + n])})
+            li += n
+        del out
+        from affjax.costs import program_costs
+        costs = program_costs(programs)
+        embed = program_costs(eng.unpooled_programs(batch, extra=1))["embed"]
+        counts = [[int(batch.valid[i].sum())] + [int(s["n_valid"][i]) for s in stats] for i in range(b)]
+        audio = [[int((batch.span[i] > 0).sum())] + [int(s["audio_out"][i]) for s in stats] for i in range(b)]
+        per_layer = [tokens_per_layer(L, eng.pooling.stages, c) for c in counts]
+        buffers = _buffers(eng, programs, batch)
+        # a bucketed prefill runs its programs one after another while holding the KV caches of the
+        # layer groups already run: each program's peak plus those caches
+        kv_of = {f"layers[{g['layers'][0]}:{g['layers'][1]})": g["bytes"] for g in kv}
+        peak_excl, held = 0, 0
+        for p, c in zip(programs, costs.values()):
+            peak_excl = max(peak_excl, _peak_excl_params(p, c) + held)
+            held += kv_of.get(p.label, 0)
+        rows[name] = {
+            "pool_mode": eng.pool_mode if eng.pooling.stages else "-", "pooling": eng.pooling.to_text(),
+            "capacity": list(eng.capacity) if isinstance(eng.capacity, tuple) else eng.capacity,
+            "calibration": cal, "first_call_s": first, "compiles_first_call": traces,
+            "programs_per_prefill": len(programs), "buffers": buffers,
+            "programs": {k: dict(c) for k, c in costs.items()},
+            "audio_tokens_per_stage": audio[0], "tokens_per_stage": counts[0],
+            "audio_tokens_per_stage_rows": audio, "tokens_per_stage_rows": counts,
+            "retention": sum(a[-1] for a in audio) / max(sum(a[0] for a in audio), 1),
+            "forced_merges": [int(s["forced"].sum()) for s in stats],
+            "analytic_lm_flops": analytic_lm_flops(cfg.text, per_layer),
+            "xla_valid_layers_flops": sum(_layer_xla_flops(graphdef, state, n, cfg.text.hidden)
+                                          for pl in per_layer for n in pl),
+            "xla_lm_flops": lm_xla_flops(costs, embed["flops"]),
+            "xla_lm_flops_raw": lm_xla_flops(costs, embed["flops_xla_raw"], key="flops_xla_raw"),
+            "xla_total_flops": total_flops(costs),
+            "peak_bytes": params_bytes + peak_excl, "peak_bytes_excl_params": peak_excl,
+            "xla_program_peak_bytes": max(c.get("peak_bytes", 0) for c in costs.values()), "kv_cache": kv,
+            "kv_cache_bytes": sum(g["bytes"] for g in kv),
+        }
+        log(f"  {name}: first call {first:.1f} s ({sum(traces.values())} compiles), buffers {buffers}, "
+            f"audio {' -> '.join(map(str, audio[0]))}")
+    # warm TTFT, round-robin over the engines: each round runs every engine once
+    runs = {name: [] for name in engines}
+    for _ in range(repeats):
+        for name, (eng, _) in engines.items():
             t0 = time.perf_counter()
             eng.generate(batch, 1)
-            first = time.perf_counter() - t0
-            programs = list(eng.programs)
-            eng.record = False
-            out = eng.prefill(batch, extra=1)
-            stats = [jax.device_get(s) for s in out.stats]
-            kv = []
-            li = 0
-            for start, end in eng.groups:
-                n = end - start
-                kv.append({"layers": [start, end], "slots": int(out.caches[li][0].shape[1]) if n else 0,
-                           "bytes": _tree_bytes(out.caches[li:li + n])})
-                li += n
-            del out
-            costs = eng.program_costs(programs)
-            embed = eng.program_costs(eng.unpooled_programs(batch, extra=1))["embed"]
-            counts = [[int(batch.valid[i].sum())] + [int(s["n_valid"][i]) for s in stats] for i in range(b)]
-            audio = [[int((batch.span[i] > 0).sum())] + [int(s["audio_out"][i]) for s in stats] for i in range(b)]
-            peak_excl = max(_peak_excl_params(p, c) for p, c in zip(programs, costs.values()))
-            peak = params_bytes + peak_excl  # the weights are resident whichever program runs
-            rows[name] = {
-                "first_call_s": first, "programs": {k: {kk: v for kk, v in c.items()} for k, c in costs.items()},
-                "audio_tokens_per_stage": audio[0], "tokens_per_stage": counts[0],
-                "retention": audio[0][-1] / max(audio[0][0], 1),
-                "forced_merges": [int(s["forced"][0]) for s in stats],
-                "analytic_lm_flops": analytic_lm_flops(cfg.text, [tokens_per_layer(L, eng.pooling.stages, c)
-                                                                  for c in counts]),
-                "xla_lm_flops": lm_xla_flops(costs, embed["flops"]),
-                "xla_lm_flops_raw": lm_xla_flops(costs, embed["flops_xla_raw"], key="flops_xla_raw"),
-                "xla_total_flops": total_flops(costs),
-                "peak_bytes": peak, "peak_bytes_excl_params": peak_excl,
-                "xla_program_peak_bytes": max(c.get("peak_bytes", 0) for c in costs.values()), "kv_cache": kv,
-                "kv_cache_bytes": sum(g["bytes"] for g in kv),
-            }
-            log(f"  {name}: first call {first:.1f} s, retention {rows[name]['retention']:.4f}")
-        # warm TTFT, round-robin over the methods
-        runs = {name: [] for name in engines}
-        for _ in range(repeats):
-            for name, eng in engines.items():
-                t0 = time.perf_counter()
-                eng.generate(batch, 1)
-                runs[name].append(time.perf_counter() - t0)
-        base = rows["unpooled"]
-        for name, r in rows.items():
-            r["ttft_runs_s"] = runs[name]
-            r["ttft_median_s"] = statistics.median(runs[name])
-            r["compile_s"] = r["first_call_s"] - r["ttft_median_s"]
-        for name, r in rows.items():
-            r["flops_ratio_analytic"] = r["analytic_lm_flops"] / base["analytic_lm_flops"]
-            r["flops_ratio_xla"] = r["xla_lm_flops"] / base["xla_lm_flops"]
-            r["flops_ratio_xla_raw"] = r["xla_lm_flops_raw"] / base["xla_lm_flops_raw"]
-            r["ttft_speedup"] = base["ttft_median_s"] / r["ttft_median_s"]
-            # each round runs every method once: the per-round ratio cancels slow drifts of machine load
-            r["ttft_speedup_per_round_median"] = statistics.median(
-                u / t for u, t in zip(base["ttft_runs_s"], r["ttft_runs_s"]))
-            r["memory_reduction"] = base["peak_bytes"] / r["peak_bytes"]
-            r["memory_reduction_excl_params"] = base["peak_bytes_excl_params"] / r["peak_bytes_excl_params"]
-            r["kv_reduction"] = base["kv_cache_bytes"] / r["kv_cache_bytes"]
-        dap = engines["dap"]
-        stage_rows = _stage_timing(dap, batch, (INPUT_RETENTION, DAP_RETENTION), dap.pooling.stages[-1].layer,
-                                   max(20, 3 * repeats))
-        res["batches"].append({"batch": b, "valid_tokens": n_valid, "buffer": int(batch.ids.shape[1]),
-                               "methods": rows, "pool_stage_timing": stage_rows})
+            runs[name].append(time.perf_counter() - t0)
+    base = rows["unpooled"]
+    base["ttft_runs_s"] = runs["unpooled"]
+    base_med = statistics.median(runs["unpooled"])
+    for name, r in rows.items():
+        r["ttft_runs_s"] = runs[name]
+        r["ttft_median_s"] = statistics.median(runs[name])
+        r["compile_s"] = r["first_call_s"] - r["ttft_median_s"]
+        r["flops_ratio_analytic"] = r["analytic_lm_flops"] / base["analytic_lm_flops"]
+        r["flops_ratio_xla"] = r["xla_lm_flops"] / base["xla_lm_flops"]
+        r["flops_ratio_xla_raw"] = r["xla_lm_flops_raw"] / base["xla_lm_flops_raw"]
+        r["flops_ratio_xla_valid"] = r["xla_valid_layers_flops"] / base["xla_valid_layers_flops"]
+        r["flops_gap_points"] = 100 * (r["flops_ratio_xla"] - r["flops_ratio_analytic"])
+        r["flops_gap_counting_points"] = 100 * (r["flops_ratio_xla_valid"] - r["flops_ratio_analytic"])
+        r["flops_gap_padding_points"] = 100 * (r["flops_ratio_xla"] - r["flops_ratio_xla_valid"])
+        r["ttft_speedup"] = base_med / r["ttft_median_s"]
+        r["ttft_speedup_per_round_median"] = statistics.median(u / t for u, t in zip(runs["unpooled"], runs[name]))
+        r["memory_reduction"] = base["peak_bytes"] / r["peak_bytes"]
+        r["memory_reduction_excl_params"] = base["peak_bytes_excl_params"] / r["peak_bytes_excl_params"]
+        r["kv_reduction"] = base["kv_cache_bytes"] / r["kv_cache_bytes"]
+    case = {"batch": b, "audio_seconds": seconds, "sequence_buffer": buffer, "valid_tokens": n_valid,
+            "buffer": int(batch.ids.shape[1]), "methods": rows}
+    dap = engines.get("dap/fixed", (None,))[0]
+    if stage_timing and dap is not None:
+        case["pool_stage_timing"] = _stage_timing(dap, batch, (INPUT_RETENTION, DAP_RETENTION),
+                                                  dap.pooling.stages[-1].layer, max(20, 3 * repeats))
+    return case
+
+
+def _buffers(eng, programs, batch) -> list[int]:
+    """The sequence buffer of each (non-empty) layer group as the prefill ran it: the input buffer
+    before the first stage, then each stage's (bucketed: the sliced bucket; fixed: the cap's bucket)."""
+    from affjax import shapes
+    from affjax.engine import _chained_capacity
+    if eng.pool_mode == "fixed" and eng.pooling.stages:
+        T = int(batch.ids.shape[1])
+        need = _chained_capacity(batch.span, batch.valid, eng.capacity)
+        per_group = [T] + [min(int(shapes.bucket(int(c))), T) for c in need]
+        return [n for n, (start, end) in zip(per_group, eng.groups) if end > start]
+    return [int(p.args[1].x.shape[1]) for p in programs if p.label.startswith("layers[")]
+
+
+def grid_report(lengths: dict[str, tuple[int, int]]) -> dict:
+    """The bucket grid and the buckets a job over these length ranges can hit (compiles per piece)."""
+    from affjax import shapes
+    return {"grid": [list(g) for g in shapes.SEQ_GRID], "first_bucket": shapes.SEQ_MIN,
+            "buckets": len(shapes.SEQ_BUCKETS),
+            "buckets_up_to_fine_end": sum(1 for x in shapes.SEQ_BUCKETS if x <= shapes.FINE_UP_TO),
+            "fine_up_to": shapes.FINE_UP_TO, "pad_bound": shapes.PAD_BOUND,
+            "ranges": {k: {"tokens": list(v), "buckets": shapes.buckets_between(*v),
+                           "buckets_old_grid": shapes.buckets_between(*v, buckets=OLD_SEQ_BUCKETS)}
+                       for k, v in lengths.items()}}
+
+
+def run_bench_pooling(batches=(1,), repeats=5, audio_seconds=(30.0,), text_tokens=40, buffers=BUFFERS,
+                      methods_run=METHODS, pool_modes=POOL_MODES, stage_timing=None, config: dict | None = None,
+                      log=print, command: str | None = None) -> dict:
+    import jax
+
+    from affjax.compiles import TRACES
+    if isinstance(audio_seconds, (int, float)):
+        audio_seconds = (float(audio_seconds),)
+    stage_timing = len(audio_seconds) == 1 if stage_timing is None else stage_timing
+    model, cfg = build_model(config)
+    L = cfg.text.layers
+    from flax import nnx
+    params_bytes = _tree_bytes(nnx.state(model))
+    res = {"command": command,
+           "config": f"text d{cfg.text.hidden} x {L} layers ({cfg.text.heads} heads, kv {cfg.text.kv_heads}, "
+                     f"mlp {cfg.text.intermediate}, vocab {cfg.text.vocab_size}), audio d{cfg.audio.d_model} x "
+                     f"{cfg.audio.layers}; random weights",
+           "params_bytes": params_bytes, "audio_seconds": list(audio_seconds), "text_tokens": text_tokens,
+           "repeats": repeats, "sequence_buffers": list(buffers), "pool_modes": list(pool_modes),
+           "methods": [method_label(L, m) for m in methods_run],
+           "retention_driver": {"fixed": "tau=2 (no natural merges) + per-stage retention cap (overflow rule)",
+                                "bucketed": "per-stage tau calibrated on the inputs to keep the same ceil(r T) "
+                                            "tokens per span (threshold rule, exact semantics)"},
+           "retentions": {method_label(L, m): list(method_stages(L, m)[1]) for m in methods_run},
+           "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+           "device": str(jax.devices()[0]), "jax": jax.__version__, "goals": GOALS,
+           "paper_dap_flops_ratio": PAPER_DAP_FLOPS, "cases": []}
+    t_run = time.perf_counter()
+    traces0 = TRACES.copy()
+    for b in batches:
+        for s in audio_seconds:
+            for buf in buffers:
+                res["cases"].append(_measure_case(model, cfg, b, s, text_tokens, buf, methods_run, pool_modes,
+                                                  repeats, stage_timing, params_bytes, log))
+    res["wall_s"] = time.perf_counter() - t_run
+    res["compiles_total"] = {k: v - traces0.get(k, 0) for k, v in TRACES.items() if v != traces0.get(k, 0)}
+    ranges = {}
+    for label in ["unpooled"] + [f"{method_label(L, m)}/{pm}" for m in methods_run for pm in pool_modes]:
+        valid = [c["methods"][label]["tokens_per_stage"] for c in res["cases"] if label in c["methods"]]
+        for k in range(len(valid[0]) if valid else 0):
+            ranges[f"{label} layer group {k}"] = (min(v[k] for v in valid), max(v[k] for v in valid))
+    res["grid"] = grid_report(ranges)
     return res
+
+
+# ----------------------------------------------------------------------------------------------
+# report
 
 
 def _mb(x: float) -> str:
     return f"{x / 2 ** 20:.1f}"
 
 
-def format_bench_pooling(r: dict) -> str:
-    lines = [f"pooling bench: {r['config']}; {r['audio_seconds']:.0f} s audio + {r['text_tokens']} text tokens; "
-             f"sequence buffer: {r['sequence_buffer']}; TTFT median of {r['repeats']} warm runs (round-robin); "
-             f"{r['device']}, jax {r['jax']}",
-             f"retention: {r['retention_driver']}", ""]
-    for bb in r["batches"]:
-        lines += [f"### batch {bb['batch']} ({bb['valid_tokens']} valid tokens per item, buffer {bb['buffer']})", "",
-                  "| method | audio tokens per stage | LM FLOPs analytic | LM FLOPs XLA (raw) | TTFT s "
-                  "| TTFT speed-up (per-round median) "
-                  "| compile s | peak MiB excl. params (with) | peak reduction excl. params (with) "
-                  "| KV MiB per layer group |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for name, m in bb["methods"].items():
-            kv = " + ".join(f"{_mb(g['bytes'])} [{g['layers'][0]}:{g['layers'][1]})" for g in m["kv_cache"]
-                            if g["layers"][1] > g["layers"][0])
-            lines.append(
-                f"| {name} | {' -> '.join(map(str, m['audio_tokens_per_stage']))} ({100 * m['retention']:.1f} %) "
-                f"| {100 * m['flops_ratio_analytic']:.1f} % | {100 * m['flops_ratio_xla']:.1f} % "
-                f"({100 * m['flops_ratio_xla_raw']:.1f} %) | {m['ttft_median_s']:.3f} | {m['ttft_speedup']:.2f}x "
-                f"({m['ttft_speedup_per_round_median']:.2f}x) "
-                f"| {m['compile_s']:.1f} | {_mb(m['peak_bytes_excl_params'])} ({_mb(m['peak_bytes'])}) "
-                f"| {m['memory_reduction_excl_params']:.2f}x ({m['memory_reduction']:.2f}x) | {kv} |")
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def format_case(r: dict, c: dict) -> list[str]:
+    lines = [f"### batch {c['batch']}, {c['audio_seconds']:g} s audio, buffer policy `{c['sequence_buffer']}` "
+             f"({c['valid_tokens']} valid tokens per item, input buffer {c['buffer']})", "",
+             "| method | buffers per layer group | audio tokens per stage | LM FLOPs analytic | XLA at valid lengths "
+             "| XLA realized (raw) | gap, points (counting + padding) | TTFT s | TTFT speed-up, per-round median "
+             "(of medians) | compiles, first call | peak MiB excl. params (with) | peak reduction excl. params "
+             "(with) | KV MiB per layer group |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in c["methods"].items():
+        kv = " + ".join(f"{_mb(g['bytes'])} [{g['layers'][0]}:{g['layers'][1]})" for g in m["kv_cache"]
+                        if g["layers"][1] > g["layers"][0])
+        lines.append(
+            f"| {name} | {' / '.join(map(str, m['buffers']))} "
+            f"| {' -> '.join(map(str, m['audio_tokens_per_stage']))} ({100 * m['retention']:.1f} %) "
+            f"| {_pct(m['flops_ratio_analytic'])} | {_pct(m['flops_ratio_xla_valid'])} "
+            f"| {_pct(m['flops_ratio_xla'])} ({_pct(m['flops_ratio_xla_raw'])}) "
+            f"| {m['flops_gap_points']:+.1f} ({m['flops_gap_counting_points']:+.1f} "
+            f"{m['flops_gap_padding_points']:+.1f}) "
+            f"| {m['ttft_median_s']:.3f} | {m['ttft_speedup_per_round_median']:.2f}x ({m['ttft_speedup']:.2f}x) "
+            f"| {sum(m['compiles_first_call'].values())} | {_mb(m['peak_bytes_excl_params'])} ({_mb(m['peak_bytes'])}) "
+            f"| {m['memory_reduction_excl_params']:.2f}x ({m['memory_reduction']:.2f}x) | {kv} |")
+    if c.get("pool_stage_timing"):
         lines += ["", "| pooling stage | buffer | bucketed: own call, threshold only ms | / layer "
                   "| fixed cap: in the prefill program ms | / layer | fixed cap: own call ms | / layer "
                   "| one decoder layer ms |", "|---|---|---|---|---|---|---|---|---|"]
-        for s in bb["pool_stage_timing"]:
+        for s in c["pool_stage_timing"]:
             lines.append(f"| {s['stage']} | {s['buffer']} | {1e3 * s['pool_threshold_only_s']:.2f} "
                          f"| {100 * s['pool_threshold_only_vs_layer']:.1f} % | {1e3 * s['pool_in_program_s']:.2f} "
                          f"| {100 * s['pool_in_program_vs_layer']:.1f} % | {1e3 * s['pool_s']:.2f} "
                          f"| {100 * s['pool_vs_layer']:.1f} % | {1e3 * s['layer_s']:.2f} |")
-        d = bb["methods"]["dap"]
-        g = r["goals"]
-        # each mode's stage as that mode runs it (the own-call fixed-capacity figure is not a path the jobs take)
-        worst_pool = max(max(s["pool_threshold_only_vs_layer"], s["pool_in_program_vs_layer"])
-                         for s in bb["pool_stage_timing"])
-        checks = [
-            (f"DAP LM FLOPs <= {100 * g['flops_ratio_max']:.0f} % "
-             f"(paper theory {100 * r['paper_dap_flops_ratio']:.2f} %)",
-             f"analytic {100 * d['flops_ratio_analytic']:.1f} %, XLA {100 * d['flops_ratio_xla']:.1f} %",
-             max(d["flops_ratio_analytic"], d["flops_ratio_xla"]) <= g["flops_ratio_max"]),
-            (f"TTFT >= {g['ttft_speedup_min']}x faster",
-             f"{d['ttft_speedup']:.2f}x (per-round median {d['ttft_speedup_per_round_median']:.2f}x)",
-             min(d["ttft_speedup"], d["ttft_speedup_per_round_median"]) >= g["ttft_speedup_min"]),
-            (f"peak prefill memory >= {g['memory_reduction_min']}x lower",
-             f"{d['memory_reduction_excl_params']:.2f}x without params, {d['memory_reduction']:.2f}x with",
-             d["memory_reduction_excl_params"] >= g["memory_reduction_min"]),
-            (f"pooling stage < {100 * g['pool_vs_layer_max']:.0f} % of a decoder layer",
-             f"worst {100 * worst_pool:.1f} % (each mode as its jobs run it)",
-             worst_pool < g["pool_vs_layer_max"]),
-        ]
-        lines += ["", "| goal (DAP vs unpooled) | measured | met |", "|---|---|---|"]
-        lines += [f"| {a} | {m} | {'yes' if ok else 'no'} |" for a, m, ok in checks]
-        lines.append("")
+    return lines + [""]
+
+
+def format_sweep(r: dict, method: str) -> list[str]:
+    """Realized vs analytic FLOPs at each audio length, per buffer policy and pooling mode."""
+    modes = [pm for pm in r["pool_modes"] if any(f"{method}/{pm}" in c["methods"] for c in r["cases"])]
+    head = ("| batch | audio s | valid tokens | buffer policy | LM FLOPs analytic | "
+            + " | ".join(f"{pm}: buffers | {pm}: XLA realized (gap, points) | {pm}: TTFT speed-up "
+                         f"| {pm}: peak reduction excl. params" for pm in modes) + " |")
+    lines = [f"{method} vs unpooled, like for like (same buffer policy on both sides); gap = realized - analytic", "",
+             head, "|" + "---|" * (5 + 4 * len(modes))]
+    for c in r["cases"]:
+        ms = c["methods"]
+        if not any(f"{method}/{pm}" in ms for pm in modes):
+            continue
+        row = f"| {c['batch']} | {c['audio_seconds']:g} | {c['valid_tokens']} | {c['sequence_buffer']} "
+        row += f"| {_pct(ms[f'{method}/{modes[0]}']['flops_ratio_analytic'])} "
+        for pm in modes:
+            m = ms[f"{method}/{pm}"]
+            row += (f"| {' / '.join(map(str, ms['unpooled']['buffers']))} -> {' / '.join(map(str, m['buffers']))} "
+                    f"| {_pct(m['flops_ratio_xla'])} ({m['flops_gap_points']:+.1f}) "
+                    f"| {m['ttft_speedup_per_round_median']:.2f}x | {m['memory_reduction_excl_params']:.2f}x ")
+        lines.append(row + "|")
+    return lines + [""]
+
+
+def goal_checks(r: dict, method: str = "dap") -> list[tuple[str, str, bool]]:
+    g = r["goals"]
+    rows = [(c, name, m) for c in r["cases"] for name, m in c["methods"].items() if name.startswith(method + "/")]
+    if not rows:
+        return []
+    span = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+    gaps = [m["flops_gap_points"] for _, _, m in rows]
+    flops = [max(m["flops_ratio_analytic"], m["flops_ratio_xla"]) for _, _, m in rows]
+    ttft = [m["ttft_speedup_per_round_median"] for _, _, m in rows]
+    mem = [m["memory_reduction_excl_params"] for _, _, m in rows]
+    worst_gap = max(rows, key=lambda x: abs(x[2]["flops_gap_points"]))
+    out = [
+        (f"realized LM FLOPs within {g['flops_gap_max_points']:.0f} points of analytic (every case)",
+         f"gap {min(gaps):+.1f} to {max(gaps):+.1f} points (worst: {worst_gap[1]}, {worst_gap[0]['audio_seconds']:g} s, "
+         f"{worst_gap[0]['sequence_buffer']})", max(abs(x) for x in gaps) <= g["flops_gap_max_points"]),
+        (f"{method} LM FLOPs <= {100 * g['flops_ratio_max']:.0f} % (analytic and XLA; paper theory "
+         f"{100 * r['paper_dap_flops_ratio']:.2f} %)", f"worst {100 * max(flops):.1f} %", max(flops) <= g["flops_ratio_max"]),
+        (f"TTFT >= {g['ttft_speedup_min']}x faster (per-round median)", f"{span(ttft)}x",
+         min(ttft) >= g["ttft_speedup_min"]),
+        (f"peak prefill memory >= {g['memory_reduction_min']}x lower (without params)", f"{span(mem)}x",
+         min(mem) >= g["memory_reduction_min"]),
+    ]
+    timing = [s for c in r["cases"] for s in c.get("pool_stage_timing", [])]
+    if timing:
+        worst = max(max(s["pool_threshold_only_vs_layer"], s["pool_in_program_vs_layer"]) for s in timing)
+        out.append((f"pooling stage < {100 * g['pool_vs_layer_max']:.0f} % of a decoder layer",
+                    f"worst {100 * worst:.1f} % (each mode as its jobs run it)", worst < g["pool_vs_layer_max"]))
+    return out
+
+
+def format_bench_pooling(r: dict) -> str:
+    gr = r["grid"]
+    lines = [f"pooling bench: {r['config']}; audio {', '.join(f'{s:g}' for s in r['audio_seconds'])} s + "
+             f"{r['text_tokens']} text tokens; buffer policies: {', '.join(r['sequence_buffers'])}; pooling modes: "
+             f"{', '.join(r['pool_modes'])}; TTFT: {r['repeats']} rounds (round-robin); {r['device']}, jax {r['jax']}",
+             f"retention: fixed: {r['retention_driver']['fixed']}; bucketed: {r['retention_driver']['bucketed']}",
+             f"bucket grid (affjax.shapes.SEQ_GRID): from {gr['first_bucket']}, (up to, step) "
+             f"{', '.join(f'({a}, {b})' for a, b in gr['grid'])}: {gr['buckets']} buckets, "
+             f"{gr['buckets_up_to_fine_end']} up to {gr['fine_up_to']}", ""]
+    for c in r["cases"]:
+        lines += format_case(r, c)
+    for method in r["methods"]:
+        lines += format_sweep(r, method)
+    lines += ["| buckets a job can hit (= compiles per piece) | valid tokens | this grid | old grid |", "|---|---|---|---|"]
+    for k, v in gr["ranges"].items():
+        lines.append(f"| {k} | {v['tokens'][0]}-{v['tokens'][1]} | {v['buckets']} | {v['buckets_old_grid']} |")
+    lines += ["", f"compiles in this run: {sum(r['compiles_total'].values())} "
+              f"({', '.join(f'{k} {v}' for k, v in sorted(r['compiles_total'].items()))}); wall {r['wall_s']:.0f} s", ""]
+    for method in r["methods"]:
+        checks = goal_checks(r, method)
+        if checks:
+            lines += [f"| goal ({method} vs unpooled, every case and pooling mode) | measured | met |", "|---|---|---|"]
+            lines += [f"| {a} | {m} | {'yes' if ok else 'no'} |" for a, m, ok in checks]
+            lines.append("")
     return "\n".join(lines)
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--repeats", type=int, default=5, help="TTFT rounds (every engine once per round); medians")
+    p.add_argument("--audio-seconds", type=float, nargs="+", default=[30.0],
+                   help="one or several audio lengths (a sweep: 5 10 15 20 25 30)")
+    p.add_argument("--text-tokens", type=int, default=40)
+    p.add_argument("--buffers", nargs="+", choices=BUFFERS, default=list(BUFFERS),
+                   help="input buffer policy, the same on both sides: bucket (the job path) and/or exact")
+    p.add_argument("--exact-length", action="store_true", help="same as --buffers exact")
+    p.add_argument("--pool-modes", nargs="+", choices=POOL_MODES, default=list(POOL_MODES))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--stage-timing", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the pooling stage against one decoder layer (default: with one audio length)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+
+
 def main_bench_pooling(args) -> int:
-    r = run_bench_pooling(tuple(args.batch), args.repeats, args.audio_seconds, args.text_tokens,
-                          exact=args.exact_length, log=lambda s: print(s, flush=True))
+    seconds = args.audio_seconds if isinstance(args.audio_seconds, (list, tuple)) else [args.audio_seconds]
+    buffers = ["exact"] if args.exact_length else getattr(args, "buffers", list(BUFFERS))
+    r = run_bench_pooling(tuple(args.batch), args.repeats, tuple(seconds), args.text_tokens, tuple(buffers),
+                          tuple(getattr(args, "methods", METHODS)), tuple(getattr(args, "pool_modes", POOL_MODES)),
+                          getattr(args, "stage_timing", None), log=lambda s: print(s, flush=True),
+                          command=" ".join(["affjax" if sys.argv[0].endswith("affjax") else
+                                            "python -m affjax.bench_pooling"] + sys.argv[1:]))
     print(format_bench_pooling(r))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(r, f, indent=1)
     return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m affjax.bench_pooling", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    sys.exit(main_bench_pooling(parser.parse_args()))

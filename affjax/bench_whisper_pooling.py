@@ -148,7 +148,7 @@ def _prefixes(model, processor, items, batches, layers, bsz, log):
     import jax
 
     from affjax.models.whisper import asr
-    from affjax.models.whisper.modeling import whisper_features
+    from affjax.models.whisper.decoding import whisper_features
 
     cfg = model.cfg
     out = []
@@ -229,7 +229,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
 
     from affjax.assets import whisper_ct2_dir
     from affjax.eval_asr import MODEL_NAMES, make_normalizer
-    from affjax.models.whisper.modeling import load_whisper_ct2, prompt_ids
+    from affjax.models.whisper.ct2 import load_whisper_ct2
+    from affjax.models.whisper.decoding import prompt_ids
 
     if cfg.model not in MODEL_NAMES:
         raise ValueError(f"unknown --model {cfg.model!r}; known: {', '.join(MODEL_NAMES)}")
@@ -517,7 +518,7 @@ def write_plot(doc: dict, path: Path) -> None:
 def main_bench_whisper_pooling(args) -> int:
     import sys
 
-    from affjax.jobs import enable_compile_cache
+    from affjax.runner import enable_compile_cache
 
     if not args.no_compile_cache:
         enable_compile_cache()

@@ -11,8 +11,11 @@ model abstractly (no memory), streams the tensors one at a time through the mode
     dst/config.json, tokenizer / processor / chat-template / generation-config files, copied
 
 so that `dst` is self-contained (`AutoProcessor.from_pretrained(dst)` works when the source had a
-processor). Everything is written into a temporary directory beside `dst` and renamed at the end:
-on any error nothing is left at `dst`.
+processor). Everything is written into a temporary directory beside `dst`
+(`.DST.tmp-HOST-PID-XXXXXXXX`) and renamed at the end: on any error nothing is left at `dst` and
+the temporary directory is removed. A run that was killed outright (SIGKILL, out of memory, power
+loss) cannot clean up after itself, so every conversion first removes the temporary directories
+that earlier, dead runs left for the same `dst` (`_remove_stale_temps`), saying so in one log line.
 
 `load(dst)` restores the parameters with abstract targets (any float dtype, optional sharding) and
 returns the NNX model, its config and the metadata.
@@ -32,7 +35,9 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import struct
 import tempfile
 import time
@@ -398,7 +403,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
                               f"{e if isinstance(e, ValueError) else repr(e)}") from None
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    _remove_stale_temps(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst), dir=dst.parent))
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -424,14 +430,116 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
                 "affjax_version": _version(), "format": FORMAT}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         _publish(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:  # after a successful _publish tmp no longer exists; after any error it goes
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     secs = time.perf_counter() - t0
     if progress:
         print(f"converted {src.name}: {n_tensors} tensors, {n_params:,} parameters, "
               f"{n_bytes / 2**20:,.1f} MiB ({dtype}) in {secs:.1f} s -> {dst}", flush=True)
     return dst
+
+
+# --------------------------------------------------------------------------------------------
+# temporary directories: `.DST.tmp-HOST-PID-XXXXXXXX` beside dst
+
+log = logging.getLogger(__name__)
+
+
+def _host_tag() -> str:
+    """This machine's name as it appears in temp names: letters, digits and `_` only (no `-` or
+    `.`), so that a temp name parses unambiguously."""
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:63] or "host"
+
+
+def _temp_prefix(dst: Path) -> str:
+    return f".{dst.name}.tmp-{_host_tag()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # (a reused pid, or another thread of this process converting: keep it)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OverflowError:
+        return False
+    return True
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _remove_stale_temps(dst: Path) -> list[Path]:
+    """Remove the temporary directories that killed conversions left for this `dst`; return them.
+
+    Only directories named for this very destination are considered (`.DST.tmp-...`; temp folders
+    of other destinations in the same parent are never touched). A temp folder of a conversion
+    that is still running, in this or another process, must survive. That is recognised by name:
+    every temp folder is `.DST.tmp-HOST-PID-XXXXXXXX`, the host and pid of the process writing it.
+    It is stale, and removed, when HOST is this machine and no process PID exists
+    (`os.kill(pid, 0)` fails with ProcessLookupError). A folder of another host is left alone
+    (the destination may sit on a shared filesystem, and that host's processes cannot be seen from
+    here): it is only reported. A reused pid makes a stale folder look alive: it is then kept and
+    reported, which costs disk space, never a running conversion. (What this cannot see: a
+    conversion in another pid namespace under the same host name, e.g. a container sharing the
+    host's network; run such conversions with distinct destinations.) Names without host and pid
+    (`.DST.tmp-XXXXXXXX`) come from converters before this scheme; a conversion of that kind
+    still running against the same destination is not expected, so they are removed as stale.
+    """
+    parent, name = dst.parent, dst.name
+    current = re.compile(rf"\.{re.escape(name)}\.tmp-(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)-[a-z0-9_]+")
+    legacy = re.compile(rf"\.{re.escape(name)}\.tmp-[a-z0-9_]{{8}}")  # mkdtemp's 8 characters
+    removed = []
+    prefix = f".{name}.tmp-"
+    try:
+        candidates = sorted(p for p in parent.iterdir() if p.name.startswith(prefix))
+    except OSError:
+        return removed
+    for p in candidates:
+        if p.is_symlink() or not p.is_dir():
+            continue
+        m = current.fullmatch(p.name)
+        if m is not None:
+            if m["host"] != _host_tag():
+                log.warning("leaving %s (%s): temporary directory of a conversion on host %s, which may "
+                            "still be running; remove it by hand if it is not", p, _fmt_bytes(_tree_bytes(p)),
+                            m["host"])
+                continue
+            if _pid_alive(int(m["pid"])):
+                log.warning("leaving %s (%s): temporary directory of process %s, which is running",
+                            p, _fmt_bytes(_tree_bytes(p)), m["pid"])
+                continue
+        elif legacy.fullmatch(p.name) is None:
+            continue  # not a temp name of this destination
+        size = _tree_bytes(p)
+        shutil.rmtree(p, ignore_errors=True)
+        if p.exists():
+            log.warning("could not fully remove %s (%s), the temporary directory of an interrupted "
+                        "conversion to %s: %s left", p, _fmt_bytes(size), dst, _fmt_bytes(_tree_bytes(p)))
+            continue
+        log.warning("removed %s (%s): temporary directory left by an interrupted conversion to %s",
+                    p, _fmt_bytes(size), dst)
+        removed.append(p)
+    return removed
 
 
 def _fill(spec: ModelSpec, cfg, source: _Source, dtype: str, progress: bool):

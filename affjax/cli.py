@@ -46,9 +46,55 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default=None,
                    help="device mesh, e.g. data=4,model=2 (-1: the rest; default: every device on data); "
                         "batch sizes are padded to a multiple of data (see `affjax plan --topology`)")
+    _add_run(p, schedule_default="in-order")
+    _add_pooling(p)
+
+
+def _add_run(p: argparse.ArgumentParser, schedule_default: str) -> None:
+    """Options of every job that goes through the runner (affjax.runner): resume, scheduling."""
+    p.add_argument("--schedule", default=None, choices=("two-pass", "in-order"),
+                   help="Qwen2-Audio: encode first, then batch the language model by pooled length (two-pass), "
+                        f"or batches in manifest order (default: {schedule_default})")
+    p.add_argument("--window", type=int, default=256, help="items per scheduling window")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--retry-errors", action="store_true", help="on resume, run the items that failed before again")
+    p.add_argument("--restart", action="store_true",
+                   help="delete the results of an earlier run at --out and start over (a rerun resumes by default, "
+                        "and is refused when its inputs or settings differ)")
     p.add_argument("--no-compile-cache", action="store_true", help="disable JAX's persistent compilation cache")
     p.add_argument("--no-progress", action="store_true")
-    _add_pooling(p)
+
+
+def _run_job(args) -> int:
+    """score / generate / eval through the one runner; one line and exit 1 on bad options or input,
+    on an empty manifest and on a run in which every item failed."""
+    from affjax.assets import AssetMissing
+    from affjax.eval_asr import format_summary, run_eval
+    from affjax.runner import JobConfig, enable_compile_cache
+
+    file_job = args.cmd in ("score", "generate")
+    cfg = JobConfig(task=args.cmd if file_job else args.task, ckpt=args.ckpt, model=getattr(args, "model", None),
+                    manifest=args.manifest, data=getattr(args, "data", None), out=args.out,
+                    batch_size=args.batch_size, max_new_tokens=getattr(args, "max_new_tokens", 64),
+                    pooling=args.pooling, positions=args.positions, proportional=args.proportional,
+                    pool_mode=args.pool_mode, capacity=args.capacity, dtype=args.dtype,
+                    normalizer=getattr(args, "normalizer", "english"),
+                    drop_padding=getattr(args, "drop_padding", False), schedule=args.schedule, window=args.window,
+                    retry_errors=args.retry_errors, restart=args.restart, limit=args.limit, mesh=args.mesh,
+                    xla_cost=not getattr(args, "no_xla_cost", False), progress=not args.no_progress)
+    if not args.no_compile_cache:
+        enable_compile_cache()
+    try:
+        summary = run_eval(cfg)
+    except (FileNotFoundError, ValueError, AssetMissing) as e:  # bad options, inputs, checkpoint, assets
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=1) if file_job else format_summary(summary))
+    runs = summary.get("runs") or [summary]
+    if "ok" in runs[0] and all(r["ok"] == 0 for r in runs):
+        print(f"error: every item failed ({runs[0]['errors']} errors; the causes are in the results)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,15 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--normalizer", default="english", choices=("english", "basic"),
                    help="Whisper WER text normaliser (Whisper's English one by default)")
-    p.add_argument("--schedule", default="two-pass", choices=("two-pass", "in-order"),
-                   help="Qwen2-Audio: encode first, then batch the language model by pooled length (default), "
-                        "or batches in manifest order")
-    p.add_argument("--window", type=int, default=256, help="items per two-pass scheduling window")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items")
-    p.add_argument("--retry-errors", action="store_true", help="on resume, run the items that failed before again")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2 (default: every device on data)")
-    p.add_argument("--no-compile-cache", action="store_true", help="disable JAX's persistent compilation cache")
-    p.add_argument("--no-progress", action="store_true")
+    _add_run(p, schedule_default="two-pass")
     g = p.add_argument_group("Affinity Pooling (Whisper: LAYER = encoder layer, 0 .. L; L = the encoder output)")
     g.add_argument("--pooling", default=None,
                    help="preset (none, input, dap-conservative, dap-aggressive) or stages "
@@ -172,45 +211,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = ap.parse_args(argv)
 
-    if args.cmd == "eval":
-        from affjax.eval_asr import EvalConfig, format_summary, run_eval
-        from affjax.jobs import enable_compile_cache
-        if not args.no_compile_cache:
-            enable_compile_cache()
-        cfg = EvalConfig(ckpt=args.ckpt, model=args.model, task=args.task or "asr", manifest=args.manifest,
-                         data=args.data, out=args.out, batch_size=args.batch_size, pooling=args.pooling,
-                         proportional=args.proportional, positions=args.positions,
-                         max_new_tokens=args.max_new_tokens, dtype=args.dtype, normalizer=args.normalizer,
-                         drop_padding=args.drop_padding, progress=not args.no_progress,
-                         task_given=args.task is not None, pool_mode=args.pool_mode, capacity=args.capacity,
-                         schedule=args.schedule, window=args.window, retry_errors=args.retry_errors,
-                         limit=args.limit, mesh=args.mesh)
-        try:
-            summary = run_eval(cfg)
-        except Exception as e:  # noqa: BLE001 - assets missing, bad checkpoint, bad settings
-            if not isinstance(e, (FileNotFoundError, ValueError)) and type(e).__name__ != "AssetMissing":
-                raise
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(format_summary(summary))
-        return 0
-
-    if args.cmd in ("score", "generate"):
-        from affjax.jobs import JobConfig, enable_compile_cache, run
-        if not args.no_compile_cache:
-            enable_compile_cache()
-        job = JobConfig(task=args.cmd, ckpt=args.ckpt, manifest=args.manifest, out=args.out,
-                        batch_size=args.batch_size, max_new_tokens=getattr(args, "max_new_tokens", 64),
-                        pooling=args.pooling, positions=args.positions, proportional=args.proportional,
-                        pool_mode=args.pool_mode, capacity=args.capacity, dtype=args.dtype,
-                        progress=not args.no_progress, xla_cost=not args.no_xla_cost, mesh=args.mesh)
-        try:
-            summary = run(job)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(json.dumps(summary, indent=1))
-        return 0
+    if args.cmd in ("eval", "score", "generate"):
+        return _run_job(args)
     if args.cmd == "report":
         from affjax.report import main_report
         return main_report(args)

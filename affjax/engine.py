@@ -26,7 +26,6 @@ the same decisions and gets back its own rows.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 
@@ -35,18 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from affjax import shapes
+from affjax import costs, shapes
 from affjax import sharding as shd
+from affjax.compiles import TRACES
+from affjax.compiles import traced as _traced
 from affjax.layers import rope_cos_sin
 from affjax.models.qwen2_audio.inputs import Batch
 from affjax.pooling.affinity import fixed_capacity_needed, pool_stage, retention_slots
 from affjax.pooling.spec import PoolingConfig
 
-TRACES: collections.Counter = collections.Counter()  # traces (= compilations) per jitted piece
 _JIT: dict = {}
-_COSTS: dict = {}  # (program, abstract args) -> affjax.flops.xla_cost of its compiled form
-_STATIC: dict = {}  # jitted piece -> its static argument names
-_FRESH: dict = {}   # jitted piece -> a separate jit of the same function (cost analysis only)
 _PREFILL_PIECES = ("embed", "pool", "group", "score_head", "last_head", "prefill_fixed")
 
 # The bucketed mode's stage program is compiled without XLA:CPU's YNNPACK fusions, with the lag dots
@@ -54,10 +51,6 @@ _PREFILL_PIECES = ("embed", "pool", "group", "score_head", "last_head", "prefill
 # one-program fixed-capacity prefill: its decoder layers run 4 % faster with them) use the
 # matrix-vector form, which the fusions do not slow down. Other backends ignore the option.
 POOL_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-def _traced(name: str):
-    TRACES[name] += 1
 
 
 @dataclasses.dataclass
@@ -72,42 +65,6 @@ class Seq:
 
 
 jax.tree_util.register_dataclass(Seq, data_fields=[f.name for f in dataclasses.fields(Seq)], meta_fields=[])
-
-
-@dataclasses.dataclass
-class Program:
-    """One compiled program of a prefill, as called: the jitted function with its arguments
-    (abstract: shapes and dtypes only) and static keywords. `label`: embed, pool@LAYER,
-    layers[START:END), last_head / score_head, or prefill_fixed. `fresh`: lower a separate jit of
-    the same function, for programs this process has not run (lowering the piece itself would
-    fill its trace cache, and a later real call would then compile without counting in TRACES)."""
-    label: str
-    fn: object
-    args: tuple
-    kwargs: dict
-    fresh: bool = False
-
-    def lower(self):
-        fn, args, kw = self.fn, self.args, dict(self.kwargs)
-        if isinstance(fn, functools.partial):
-            fn, args, kw = fn.func, tuple(fn.args) + args, {**fn.keywords, **kw}
-        return (_fresh_jit(fn) if self.fresh else fn).lower(*args, **kw)
-
-
-def _fresh_jit(jitted):
-    if jitted not in _FRESH:
-        inner = jitted.__wrapped__
-
-        @functools.wraps(inner)
-        def again(*args, **kw):
-            return inner(*args, **kw)
-        _FRESH[jitted] = jax.jit(again, static_argnames=_STATIC.get(jitted, ()))
-    return _FRESH[jitted]
-
-
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=bool(getattr(x, "weak_type", False)))
-                        if hasattr(x, "shape") else x, tree)
 
 
 def _label(name: str, kw: dict) -> str:
@@ -146,8 +103,11 @@ def _run_group(model, seq: Seq, start: int, end: int, extra: int, proportional: 
     return dataclasses.replace(seq, x=shd.constrain(x, "hidden")), caches
 
 
-def _pool(seq: Seq, stage, positions: str, capacity: int, retention, dots: str = "matvec"):
-    out = pool_stage(seq.x, seq.span, seq.valid, seq.pos, seq.size, tau=stage.tau, window=stage.window,
+def _pool(seq: Seq, stage, positions: str, capacity: int, retention, dots: str = "matvec", tau=None):
+    """One stage. `stage`: a Stage, or its static part (Stage.static) with `tau` given: a float32
+    scalar or per-row array, traced under jit (one program for every threshold)."""
+    tau = stage.tau if tau is None else tau
+    out = pool_stage(seq.x, seq.span, seq.valid, seq.pos, seq.size, tau=tau, window=stage.window,
                      capacity=capacity, weighted=stage.weighted, positions=positions, retention=retention,
                      dots=dots)
     slot_of = jnp.where(seq.slot_of >= 0,
@@ -195,6 +155,34 @@ class PrefillOut:
     stats: list                         # per stage: dict of Int['B'] arrays
 
 
+@dataclasses.dataclass
+class FrontRow:
+    """One row after :meth:`Engine.front`, on the host: its valid prefix (n slots) only."""
+    x: np.ndarray        # ['n D']
+    pos: np.ndarray      # ['n']
+    size: np.ndarray     # ['n']
+    span: np.ndarray     # ['n']
+    slot_of: np.ndarray  # ['n_prompt']
+    n_prompt: int        # unpooled prompt length
+    audio: list          # audio tokens before pooling, after each stage run so far
+    lm: list             # valid LM tokens unpooled, after each stage run so far
+
+    def length(self, cont=None) -> int:
+        return len(self.x) + (0 if cont is None else len(cont))
+
+
+@dataclasses.dataclass
+class PackedRows:
+    """Stored rows packed into one batch (:meth:`Engine.pack_rows`)."""
+    seq: Seq
+    n_prompt: np.ndarray
+    cont_ids: np.ndarray | None
+    cont_valid: np.ndarray | None
+    rows: int      # real rows
+    slots: int     # batch x bucket: the language model's first buffer
+    tokens: int    # valid tokens in it
+
+
 class Engine:
     """Holds the split model and the jitted pieces; shapes follow affjax.shapes."""
 
@@ -222,7 +210,7 @@ class Engine:
                 raise ValueError(f"capacity retentions must lie in (0, 1], got {capacity}")
         self.pool_mode, self.capacity = pool_mode, capacity
         self.record = False   # when True, each prefill lists its compiled programs in self.programs
-        self.programs: list[Program] = []
+        self.programs: list[costs.Program] = []
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = pad_id
         L = self.cfg.text.layers
@@ -242,7 +230,7 @@ class Engine:
                 _traced(name)
                 return fn(nnx.merge(graphdef, state), *args, **kw)
             _JIT[key] = jax.jit(wrapped, static_argnames=("graphdef",) + tuple(static))
-            _STATIC[_JIT[key]] = ("graphdef",) + tuple(static)
+            costs.register_static(_JIT[key], ("graphdef",) + tuple(static))
         return self._in_mesh(self._rec(name, functools.partial(_JIT[key], graphdef=self.graphdef)))
 
     def _in_mesh(self, f):
@@ -260,7 +248,7 @@ class Engine:
             return f
 
         def call(*args, **kw):
-            self.programs.append(Program(_label(name, kw), f, _abstract(args), kw))
+            self.programs.append(costs.Program(_label(name, kw), f, costs.abstract(args), kw))
             return f(*args, **kw)
         return call
 
@@ -276,6 +264,14 @@ class Engine:
         if self.mesh is None:
             return jax.device_get(x)
         return jax.tree.map(lambda a: shd.local_rows(a, self.mesh), x)
+
+    def put(self, x):
+        """A host batch array (rows first) on the device, rows over the mesh's data axis."""
+        return self._put(x)
+
+    def host(self, x):
+        """This process's rows of a device result (a pytree), on the host."""
+        return self._local(x)
 
     def _device_batch(self, batch: Batch):
         return tuple(map(self._put, (batch.ids, batch.valid, batch.span, batch.audio_index, batch.features,
@@ -304,10 +300,78 @@ class Engine:
             stats.append(st)
         return seq, stats
 
+    def front_rows(self, batch: Batch) -> list[FrontRow]:
+        """:meth:`front` of a batch, each real row's valid prefix kept on the host (two-pass
+        scheduling: rows of many batches wait there, then :meth:`pack_rows` regroups them)."""
+        seq, stats = self.host(self.front(batch))
+        out = []
+        for b in range(batch.rows):
+            n, npr = int(seq.valid[b].sum()), int(batch.n_prompt[b])
+            out.append(FrontRow(x=seq.x[b, :n], pos=seq.pos[b, :n], size=seq.size[b, :n], span=seq.span[b, :n],
+                                slot_of=seq.slot_of[b, :npr], n_prompt=npr,
+                                audio=[int((batch.span[b] > 0).sum())] + [int(s["audio_out"][b]) for s in stats],
+                                lm=[npr] + [int(s["n_valid"][b]) for s in stats]))
+        return out
+
+    def pack_rows(self, rows: list[FrontRow], conts: list | None, batch_size: int) -> PackedRows:
+        """Stored front rows (plus, for scoring, each row's continuation ids appended as text
+        tokens) packed into one static-shape batch: the sequence bucket of the longest row."""
+        T = shapes.bucket(max(r.length(c) for r, c in zip(rows, conts or [None] * len(rows))))
+        T0 = shapes.bucket(max(r.n_prompt + (0 if conts is None else len(c)) for r, c in
+                               zip(rows, conts or [None] * len(rows))))
+        d = rows[0].x.shape[-1]
+        x = np.zeros((batch_size, T, d), rows[0].x.dtype)
+        valid = np.zeros((batch_size, T), bool)
+        pos = np.zeros((batch_size, T), np.float32)
+        size = np.ones((batch_size, T), np.float32)
+        span = np.zeros((batch_size, T), np.int32)
+        slot_of = np.full((batch_size, T0), -1, np.int32)
+        n_prompt = np.zeros((batch_size,), np.int32)
+        for b, r in enumerate(rows):
+            n = len(r.x)
+            x[b, :n], pos[b, :n], size[b, :n], span[b, :n] = r.x, r.pos, r.size, r.span
+            valid[b, :n] = True
+            slot_of[b, :r.n_prompt] = r.slot_of
+            n_prompt[b] = r.n_prompt
+        cont_ids = cont_valid = None
+        if conts is not None:
+            K = shapes.bucket(max(len(c) for c in conts), shapes.CONT_BUCKETS, "continuation")
+            cont_ids = np.zeros((batch_size, K), np.int32)
+            cont_valid = np.zeros((batch_size, K), bool)
+            for b, c in enumerate(conts):
+                cont_ids[b, :len(c)] = c
+                cont_valid[b, :len(c)] = True
+            emb = np.asarray(self.host(self._fn("embed_tokens", _embed_tokens)(self.state, self.put(cont_ids))))
+            for b, (r, c) in enumerate(zip(rows, conts)):
+                n, k = len(r.x), len(c)
+                x[b, n:n + k] = emb[b, :k]
+                valid[b, n:n + k] = True
+                # a continuation token is text: its original position under first/mean, its slot under reindex
+                pos[b, n:n + k] = (n if self.pooling.positions == "reindex" else r.n_prompt) + np.arange(k)
+                slot_of[b, r.n_prompt:r.n_prompt + k] = n + np.arange(k)
+        seq = Seq(*map(self.put, (x, valid, pos, size, span, slot_of)))
+        return PackedRows(seq, n_prompt, cont_ids, cont_valid, rows=len(rows), slots=batch_size * T,
+                          tokens=int(valid.sum()))
+
+    def run_packed(self, packed: PackedRows, n_front_stages: int, *, max_new_tokens: int = 0):
+        """The rest of the prefill for packed rows, then scoring (continuations given: per-row
+        summed log-probs) or greedy decoding (token lists). Returns (results, stats of the stages
+        run here), on the host."""
+        score = packed.cont_ids is not None
+        out = self.prefill_rest(packed.seq, packed.n_prompt, [None] * n_front_stages,
+                                extra=0 if score else max_new_tokens, score=score, cont_ids=packed.cont_ids,
+                                cont_valid=packed.cont_valid)
+        later = self.host(out.stats[n_front_stages:])
+        if score:
+            return np.asarray(self.host(out.logprobs), np.float64).sum(1)[:packed.rows], later
+        return self.decode(out, packed.rows, max_new_tokens), later
+
     def _pool_bucketed(self, seq: Seq, stage) -> tuple[Seq, dict]:
         """One stage at full capacity, then the buffer sliced to the bucket of the longest row."""
         pool = self._in_mesh(self._rec("pool", _pool_jit))
-        seq, st = pool(seq, stage=stage, positions=self.pooling.positions, capacity=seq.x.shape[1], retention=None)
+        # tau traced (a float32 scalar): stages that differ only in tau share one program
+        seq, st = pool(seq, np.float32(stage.tau), stage=stage.static, positions=self.pooling.positions,
+                       capacity=seq.x.shape[1], retention=None)
         n_max = int(shd.host_value(st["n_valid"]).max())  # over every process's rows
         return _slice_seq(seq, min(shapes.bucket(max(n_max, 1)), seq.x.shape[1])), st
 
@@ -359,81 +423,41 @@ class Engine:
         out = fn(self.state, *self._device_batch(batch), self._put(batch.n_prompt),
                  None if not score else self._put(batch.cont_ids),
                  None if not score else self._put(batch.cont_valid),
-                 groups=tuple(self.groups), stages=tuple(self.pooling.stages), positions=self.pooling.positions,
+                 tuple(np.float32(st.tau) for st in self.pooling.stages),  # traced: no compile per tau
+                 groups=tuple(self.groups), stages=tuple(st.static for st in self.pooling.stages),
+                 positions=self.pooling.positions,
                  caps=caps, retention=r, extra=extra, proportional=self.pooling.proportional, score=score)
         head, caches, group_len, group_pos0, group_bias, stats = out
         return PrefillOut(None if score else head, head if score else None, caches, group_len, group_pos0,
                           group_bias, stats)
 
     # -- compiled-program costs (affjax.flops) -------------------------------------------------------
-    def unpooled_programs(self, batch: Batch, *, extra: int = 0, score: bool = False) -> list[Program]:
+    def unpooled_programs(self, batch: Batch, *, extra: int = 0, score: bool = False) -> list[costs.Program]:
         """The programs an unpooled prefill of `batch` runs (embed, all layers, head), built from
         shapes alone: nothing runs, and TRACES and the pieces' trace caches are left as they were."""
         saved, rec = TRACES.copy(), self.record
         self.record = False
         try:
             L = self.cfg.text.layers
-            state, dev = _abstract(self.state), _abstract(self._device_batch(batch))
-            embed = Program("embed", self._fn("embed", _embed), (state,) + dev, {}, fresh=True)
-            seq = _abstract(embed.lower().out_info)
+            state, dev = costs.abstract(self.state), costs.abstract(self._device_batch(batch))
+            embed = costs.Program("embed", self._fn("embed", _embed), (state,) + dev, {}, fresh=True)
+            seq = costs.abstract(embed.lower().out_info)
             gkw = dict(start=0, end=L, extra=extra, proportional=False, keep_cache=not score)
-            group = Program(f"layers[0:{L})", self._fn("group", _run_group, static=tuple(gkw)), (state, seq), gkw,
+            group = costs.Program(f"layers[0:{L})", self._fn("group", _run_group, static=tuple(gkw)), (state, seq), gkw,
                             fresh=True)
             n_prompt = jax.ShapeDtypeStruct(batch.n_prompt.shape, jnp.int32)
             if score:
-                cont = _abstract((jnp.asarray(batch.cont_ids), jnp.asarray(batch.cont_valid)))
-                head = Program("score_head", self._fn("score_head", _cont_logprobs), (state, seq, n_prompt) + cont,
+                cont = costs.abstract((jnp.asarray(batch.cont_ids), jnp.asarray(batch.cont_valid)))
+                head = costs.Program("score_head", self._fn("score_head", _cont_logprobs), (state, seq, n_prompt) + cont,
                                {}, fresh=True)
             else:
-                head = Program("last_head", self._fn("last_head", _last_logits), (state, seq, n_prompt), {},
+                head = costs.Program("last_head", self._fn("last_head", _last_logits), (state, seq, n_prompt), {},
                                fresh=True)
             return [embed, group, head]
         finally:
             self.record = rec
             TRACES.clear()
             TRACES.update(saved)
-
-    def program_costs(self, programs: list[Program]) -> dict[str, dict]:
-        """{label: affjax.flops.xla_cost(...)} of each program, compiled at its recorded shapes with
-        its static arguments (cached per shape; TRACES is left as it was). A label seen twice gets
-        a #k suffix."""
-        from affjax.flops import xla_cost
-        out: dict[str, dict] = {}
-        saved = TRACES.copy()
-        try:
-            for p in programs:
-                leaves, tree = jax.tree.flatten(p.args)
-                fn = (p.fn.func, tuple(sorted(p.fn.keywords.items()))) if isinstance(p.fn, functools.partial) else p.fn
-                key = (fn, p.fresh, tree,
-                       tuple((l.shape, str(l.dtype)) for l in leaves), tuple(sorted(p.kwargs.items(), key=str)))
-                if key not in _COSTS:
-                    _COSTS[key] = xla_cost(p.lower().compile())
-                label, k = p.label, 2
-                while label in out:
-                    label, k = f"{p.label}#{k}", k + 1
-                out[label] = _COSTS[key]
-        finally:
-            TRACES.clear()
-            TRACES.update(saved)
-        return out
-
-    def prefill_cost(self, batch: Batch, *, extra: int = 0, score: bool = False, unpooled: bool = False) -> dict:
-        """{program label: FLOPs} of this batch's prefill, from XLA's cost analysis of the programs
-        compiled at the same shapes and static arguments as a real prefill (bucketed mode: embed,
-        each pool stage and layer group, the head; fixed mode: one prefill_fixed program). A pooled
-        bucketed prefill is run once to learn its data-dependent buckets; `unpooled=True` gives the
-        unpooled prefill of the same batch without running anything."""
-        if unpooled:
-            programs = self.unpooled_programs(batch, extra=extra, score=score)
-        else:
-            rec, self.record = self.record, True
-            try:
-                out = self.prefill(batch, extra=extra, score=score)
-                jax.block_until_ready(out.logits if out.logits is not None else out.logprobs)
-            finally:
-                self.record = rec
-            programs = self.programs
-        return {k: v["flops"] for k, v in self.program_costs(programs).items()}
 
     # -- public jobs --------------------------------------------------------------------------------
     def score(self, batch: Batch) -> tuple[np.ndarray, list]:
@@ -474,9 +498,11 @@ class _InMesh(functools.partial):
 
 @functools.partial(jax.jit, static_argnames=("stage", "positions", "capacity", "retention"),
                    compiler_options=POOL_COMPILER_OPTIONS)
-def _pool_jit(seq, *, stage, positions, capacity, retention):
+def _pool_jit(seq, tau=None, *, stage, positions, capacity, retention):
+    """`stage` static: pass Stage.static with `tau` (float32, traced) so every threshold of a stage
+    shape shares one program; a whole Stage with tau=None bakes its tau in (one program per tau)."""
     _traced("pool")
-    return _pool(seq, stage, positions, capacity, retention, dots="reduce")
+    return _pool(seq, stage, positions, capacity, retention, dots="reduce", tau=tau)
 
 
 def _chained_capacity(span, valid, retentions) -> list[int]:
@@ -494,7 +520,7 @@ def _chained_capacity(span, valid, retentions) -> list[int]:
 
 def _first_decode_pos(positions: str, n_prompt, n_g):
     """Position id of the first decoded token in a layer group: the unpooled prompt length under
-    `first`/`mean`, the group's own next id under `reindex` (spec section 3)."""
+    `first`/`mean`, the group's own next id under `reindex` (docs/pooling.md section 3)."""
     return (n_g if positions == "reindex" else n_prompt).astype(jnp.float32)
 
 
@@ -516,13 +542,14 @@ def _pad_bias(seq: Seq, extra: int):
 
 
 def _prefill_fixed_body(model, ids, valid, span, audio_index, features, feature_lengths, n_prompt, cont_ids,
-                        cont_valid, *, groups, stages, positions, caps, retention, extra, proportional, score):
+                        cont_valid, taus, *, groups, stages, positions, caps, retention, extra, proportional, score):
+    """`stages`: each stage's static part (Stage.static); `taus`: their thresholds, float32 (traced)."""
     seq = _embed(model, ids, valid, span, audio_index, features, feature_lengths)
     caches, group_len, group_pos0, group_bias, stats = [], [], [], [], []
     for g, (start, end) in enumerate(groups):
         if g > 0:
             r = retention[g - 1] if isinstance(retention, tuple) else retention
-            seq, st = _pool(seq, stages[g - 1], positions, caps[g - 1], r)
+            seq, st = _pool(seq, stages[g - 1], positions, caps[g - 1], r, tau=taus[g - 1])
             stats.append(st)
         seq, c = _run_group(model, seq, start, end, extra, proportional and g > 0, keep_cache=not score)
         caches += c
@@ -534,6 +561,21 @@ def _prefill_fixed_body(model, ids, valid, span, audio_index, features, feature_
     return head, caches, group_len, group_pos0, group_bias, stats
 
 
+@dataclasses.dataclass
+class DecodeState:
+    """The greedy loop's carry (one lax.while_loop): step, tokens so far, per-row done flags and
+    lengths (EOS excluded), and the per-layer KV caches."""
+    step: jax.Array       # Int32[]
+    tokens: jax.Array     # Int32['B max_new']
+    done: jax.Array       # Bool['B']
+    lengths: jax.Array    # Int32['B']
+    caches: list          # per layer (K, V), each ['B S_g kv_heads head_dim']
+
+
+jax.tree_util.register_dataclass(DecodeState, data_fields=[f.name for f in dataclasses.fields(DecodeState)],
+                                 meta_fields=[])
+
+
 def _decode_loop(model, first_logits, caches, group_len, group_pos0, group_bias, row_ok, *, groups, max_new,
                  eos, pad_id):
     """Greedy decoding as one lax.while_loop. Returns tokens ['B max_new'] and lengths ['B'] (EOS excluded)."""
@@ -541,35 +583,34 @@ def _decode_loop(model, first_logits, caches, group_len, group_pos0, group_bias,
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
     b = first_logits.shape[0]
     first = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)
-    tokens = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first)
-    done = ~row_ok | jnp.isin(first, eos_arr)
-    lengths = jnp.where(jnp.isin(first, eos_arr), 0, 1).astype(jnp.int32)
+    is_eos = jnp.isin(first, eos_arr)
+    init = DecodeState(step=jnp.int32(0), tokens=jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first),
+                       done=~row_ok | is_eos, lengths=jnp.where(is_eos, 0, 1).astype(jnp.int32), caches=caches)
 
-    def cond(carry):
-        step, _, done, _, _ = carry
-        return (step + 1 < max_new) & ~jnp.all(done)
+    def cond(st: DecodeState):
+        return (st.step + 1 < max_new) & ~jnp.all(st.done)
 
-    def body(carry):
-        step, tokens, done, lengths, caches = carry
-        tok = jax.lax.dynamic_slice_in_dim(tokens, step, 1, axis=1)  # ['B 1']
+    def body(st: DecodeState) -> DecodeState:
+        tok = jax.lax.dynamic_slice_in_dim(st.tokens, st.step, 1, axis=1)  # ['B 1']
         x = lm.embed(tok)
         new_caches, li = [], 0
         for g, (start, end) in enumerate(groups):
-            write = (group_len[g] + step)[:, None]
-            pos = (group_pos0[g] + step)[:, None]
+            write = (group_len[g] + st.step)[:, None]
+            pos = (group_pos0[g] + st.step)[:, None]
             cos, sin = rope_cos_sin(pos, lm.cfg.head_dim, lm.cfg.rope_theta, x.dtype)
-            s_len = caches[li][0].shape[1] if end > start else 0
+            s_len = st.caches[li][0].shape[1] if end > start else 0
             key_valid = jnp.arange(s_len)[None, :] <= write
             for layer in lm.layers[start:end]:
-                x, kv = layer(x, cos, sin, key_valid, group_bias[g], cache=caches[li], write=write)
+                x, kv = layer(x, cos, sin, key_valid, group_bias[g], cache=st.caches[li], write=write)
                 new_caches.append(kv)
                 li += 1
         nxt = jnp.argmax(lm.logits(x[:, 0]), axis=-1).astype(jnp.int32)
         is_eos = jnp.isin(nxt, eos_arr)
-        nxt = jnp.where(done, pad_id, nxt)
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], step + 1, axis=1)
-        lengths = lengths + (~done & ~is_eos).astype(jnp.int32)
-        return step + 1, tokens, done | is_eos, lengths, new_caches
+        nxt = jnp.where(st.done, pad_id, nxt)
+        return DecodeState(step=st.step + 1,
+                           tokens=jax.lax.dynamic_update_slice_in_dim(st.tokens, nxt[:, None], st.step + 1, axis=1),
+                           done=st.done | is_eos, lengths=st.lengths + (~st.done & ~is_eos).astype(jnp.int32),
+                           caches=new_caches)
 
-    _, tokens, _, lengths, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), tokens, done, lengths, caches))
-    return tokens, lengths
+    final = jax.lax.while_loop(cond, body, init)
+    return final.tokens, final.lengths

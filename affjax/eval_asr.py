@@ -10,19 +10,21 @@ CTranslate2 package (affjax.assets), converts it once into `$AFFJAX_CACHE/models
 `~/.cache/affjax/models/<name>`) and reuses it.
 
 Data. `--manifest M`: JSON lines with `id`, `audio` (path, relative to the manifest's folder) and
-`text` (the reference; rows without one are transcribed but not scored). `--data librivox`: the
+`text` (the reference; `reference`, `transcript`, `transcription` and `sentence` are taken too;
+rows without one are transcribed but not scored). `--data librivox`: the
 five LibriVox clips of Debian's pocketsphinx-testdata with their transcripts.
 
-Pooling. The spec's text form with LAYER = encoder layer (0 .. L, L = the encoder output: see
+Pooling. The text form of docs/pooling.md section 2, with LAYER = encoder layer (0 .. L, L = the encoder output: see
 affjax/models/whisper/asr.py). `--positions` does not apply to Whisper (absolute positions, added
 before layer 1) and is ignored. Without `--pooling` the job runs two settings, the unpooled model
 and the default pooled one (`asr.default_pooling`: the encoder output, tau 0.95, window 1,
 proportional); with `--pooling` (`none` included) it runs that one setting.
 
-Outputs. One setting: `DIR/results.jsonl` (per item, manifest order: `id`, `reference`, `text`,
-`audio_tokens` [audio frames before, after each stage], `enc_frames` (frames the decoder attends
-to), `finished`, `truncated` for clips over 30 s (short-form: only the first 30 s are heard); or
-`id` and `error`) and `DIR/summary.json`. Two settings: the same files in
+Outputs (through the one runner, affjax.runner: rows stored per batch, resumable, a rerun with
+other inputs or settings refused unless `--restart`). One setting: `DIR/results.jsonl` (per item,
+manifest order: `id`, `reference`, `text`, `audio_tokens` [audio frames before, after each stage],
+`layer_tokens`, `enc_frames` (frames the decoder attends to), `finished`, `truncated` for clips over
+30 s (short-form: only the first 30 s are heard); or `id` and `error`) and `DIR/summary.json`. Two settings: the same files in
 `DIR/unpooled/` and `DIR/pooled/`, and `DIR/summary.json` = {"runs": [summary, summary]}. A summary
 holds corpus WER (Whisper's English normaliser, `EnglishTextNormalizer` with the tokenizer's
 spelling mapping when it has one; `--normalizer basic` for `BasicTextNormalizer`; jiwer),
@@ -47,45 +49,18 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
+from affjax import runner
+from affjax.data.audio import load_audio
+from affjax.data.manifest import ManifestRow, read_manifest
 from affjax.metrics import corpus_wer, make_normalizer  # scoring lives in affjax/metrics.py
+from affjax.results import ResultStore, fingerprint_checkpoint, fingerprint_file, open_run
+from affjax.summary import command_line, retention_summary, versions, write_summary
 
-__all__ = ["MODEL_NAMES", "DATASETS", "EvalConfig", "resolve_checkpoint", "run_eval", "RUNNERS",
-           "make_normalizer", "corpus_wer", "format_summary"]
+__all__ = ["MODEL_NAMES", "DATASETS", "resolve_checkpoint", "run_eval", "RUNNERS", "make_normalizer", "corpus_wer",
+           "format_summary"]
 
 MODEL_NAMES = {"whisper-base": "base", "whisper-tiny.en": "tiny.en"}  # --model -> assets name
 DATASETS = ("librivox",)
-TASKS = ("asr", "qa", "st")
-
-
-@dataclasses.dataclass
-class EvalConfig:
-    ckpt: str | None = None
-    model: str | None = None          # a MODEL_NAMES key (instead of ckpt)
-    task: str = "asr"
-    manifest: str | None = None
-    data: str | None = None           # a DATASETS name (instead of manifest)
-    out: str | None = None            # default runs/<model>-<data>
-    batch_size: int = 8
-    pooling: str | None = None        # None: unpooled + the default pooled setting
-    proportional: bool = False
-    positions: str = "first"          # not used by Whisper
-    max_new_tokens: int = 128
-    dtype: str | None = None
-    normalizer: str = "english"       # english | basic
-    drop_padding: bool = False        # diagnostic: remove the frames past each clip
-    language: str = "en"
-    progress: bool = True
-    # Qwen2-Audio checkpoints (affjax.eval_lslm)
-    task_given: bool = False          # --task was given explicitly (checked against an hf: recipe's task)
-    pool_mode: str = "bucketed"
-    capacity: float | tuple[float, ...] | None = None
-    schedule: str = "two-pass"        # two-pass | in-order
-    window: int = 256                 # items per two-pass scheduling window
-    retry_errors: bool = False
-    limit: int | None = None          # first N items only
-    mesh: str | None = None           # e.g. "data=4,model=2"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,17 +72,17 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "affjax"
 
 
-def resolve_checkpoint(cfg: EvalConfig, log=print) -> tuple[Path, str]:
+def resolve_checkpoint(cfg: runner.JobConfig, log=print) -> tuple[Path, str]:
     """(checkpoint dir, model label); converts a `--model` package on first use."""
     if (cfg.ckpt is None) == (cfg.model is None):
-        raise ValueError("give exactly one of --ckpt and --model")
+        raise runner.UsageError("give exactly one of --ckpt and --model")
     if cfg.ckpt is not None:
         p = Path(cfg.ckpt)
         if not p.is_dir():
             raise FileNotFoundError(f"checkpoint not found: {p}")
         return p, p.resolve().name
     if cfg.model not in MODEL_NAMES:
-        raise ValueError(f"unknown --model {cfg.model!r}; known: {', '.join(MODEL_NAMES)}")
+        raise runner.UsageError(f"unknown --model {cfg.model!r}; known: {', '.join(MODEL_NAMES)}")
     from affjax.assets import whisper_ct2_dir
     from affjax.checkpoint import CONFIG_NAME, FORMAT, convert
 
@@ -120,27 +95,27 @@ def resolve_checkpoint(cfg: EvalConfig, log=print) -> tuple[Path, str]:
     return dst, cfg.model
 
 
-def _rows(cfg: EvalConfig):
-    """(rows, data label): rows are ManifestRow-like objects with id, item, error, ok."""
-    from affjax.data.manifest import ManifestRow, read_manifest
-
-    if (cfg.manifest is None) == (cfg.data is None):
-        raise ValueError("give exactly one of --manifest and --data")
+def _rows(cfg: runner.JobConfig, log=print):
+    """(rows, data label, data fingerprint)."""
     if cfg.data and cfg.data.startswith("hf:"):
-        raise ValueError("--data hf:... recipes are for Qwen2-Audio checkpoints (they carry its prompts)")
+        raise runner.UsageError("--data hf:... recipes are for Qwen2-Audio checkpoints (they carry its prompts)")
     if cfg.manifest is not None:
-        return read_manifest(cfg.manifest, required=("id", "audio")), Path(cfg.manifest).stem
+        rows = read_manifest(cfg.manifest, required=("id", "audio"))
+        runner.reference_field(rows, cfg.manifest, log)
+        rows = rows[:cfg.limit] if cfg.limit else rows
+        return rows, Path(cfg.manifest).stem, fingerprint_file(cfg.manifest)
     if cfg.data not in DATASETS:
-        raise ValueError(f"unknown --data {cfg.data!r}; known: {', '.join(DATASETS)}")
+        raise runner.UsageError(f"unknown --data {cfg.data!r}; known: {', '.join(DATASETS)}")
     from affjax.assets import librivox_items
 
-    items = librivox_items()
-    return [ManifestRow(i + 1, it["id"], {**it, "audio": str(it["audio"])}, None)
-            for i, it in enumerate(items)], cfg.data
+    items = [{**it, "audio": str(it["audio"]), "reference": it["text"]} for it in librivox_items()]
+    rows = [ManifestRow(i + 1, it["id"], it, None) for i, it in enumerate(items)]
+    rows = rows[:cfg.limit] if cfg.limit else rows
+    return rows, cfg.data, json.dumps(items, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------------------------
-# the Whisper ASR runner
+# the Whisper ASR task
 
 
 def _load_whisper(ckpt: Path, dtype: str | None):
@@ -157,167 +132,168 @@ def _load_whisper(ckpt: Path, dtype: str | None):
     return model, processor
 
 
-def _settings(cfg: EvalConfig, wcfg) -> list[tuple[str, object]]:
+def _settings(cfg: runner.JobConfig, wcfg) -> list[tuple[str, object]]:
     from affjax.models.whisper import asr
 
-    if cfg.pooling is None:
-        return [("unpooled", asr.parse_whisper_pooling("none", wcfg)), ("pooled", asr.default_pooling(wcfg))]
-    return [("", asr.parse_whisper_pooling(cfg.pooling, wcfg, cfg.proportional))]
+    try:
+        if cfg.pooling is None:
+            return [("unpooled", asr.parse_whisper_pooling("none", wcfg)), ("pooled", asr.default_pooling(wcfg))]
+        return [("", asr.parse_whisper_pooling(cfg.pooling, wcfg, cfg.proportional))]
+    except ValueError as e:
+        raise runner.UsageError(f"--pooling {cfg.pooling!r}: {e}") from None
 
 
-def _run_setting(model, processor, rows, pooling, cfg: EvalConfig, out_dir: Path, labels: dict, norm,
-                 norm_name: str) -> dict:
-    from tqdm import tqdm
+@dataclasses.dataclass
+class _Clip:
+    id: str
+    wave: object
+    reference: str | None
 
-    from affjax.data.audio import load_audio
+
+class WhisperAsrTask:
+    """Short-form greedy transcription with pooling on the encoder (affjax.runner's task protocol)."""
+
+    def __init__(self, model, processor, pooling, cfg: runner.JobConfig, clock: runner.Clock, log=print):
+        self.model, self.processor, self.pooling, self.cfg, self.clock, self.log = \
+            model, processor, pooling, cfg, clock, log
+        self.sr = processor.feature_extractor.sampling_rate
+        self.chunk_samples = processor.feature_extractor.n_samples
+
+    def prepare(self, row) -> _Clip:
+        ref = row.item.get("reference")
+        return _Clip(row.id, load_audio(row.item["audio"], sr=self.sr), ref if isinstance(ref, str) else None)
+
+    def run_window(self, items: list[_Clip], sink: runner.Sink) -> None:
+        bsz = max(1, min(self.cfg.batch_size, len(items)))  # never pad a small job to a large batch
+        for i in range(0, len(items), bsz):
+            for clip, rec in runner.run_batch(lambda b: self._batch(b, bsz), items[i:i + bsz],
+                                              lambda c, cause: sink.fail(c.id, cause), log=self.log):
+                sink.done(clip.id, rec)
+            sink.store.flush()
+
+    def _batch(self, clips: list[_Clip], bsz: int) -> list[dict]:
+        from affjax.models.whisper import asr
+
+        secs = sum(min(len(c.wave), self.chunk_samples) for c in clips) / self.sr
+        out = self.clock.timed(lambda: asr.transcribe_pooled(
+            self.model, self.processor, [c.wave for c in clips], self.pooling, drop_padding=self.cfg.drop_padding,
+            max_new_tokens=self.cfg.max_new_tokens, batch_size=bsz, language=self.cfg.language,
+            sampling_rate=self.sr), len(clips), secs)
+        recs = []
+        for i, c in enumerate(clips):
+            rec = {"reference": c.reference, "text": out.texts[i], "audio_tokens": out.audio_tokens[i],
+                   "layer_tokens": out.layer_tokens[i], "enc_frames": out.enc_len[i], "finished": out.finished[i],
+                   "generated": len(out.tokens[i]) + (1 if out.finished[i] else 0), "prompt_len": out.prompt_len}
+            if len(c.wave) > self.chunk_samples:  # short-form only: Whisper hears the first 30 s
+                rec["truncated"] = True
+            recs.append(rec)
+        return recs
+
+
+def summarize_asr(rows: list[dict], wcfg, pooling, norm, norm_name: str) -> dict:
+    """WER, retention and analytic encoder / decoder FLOPs relative to unpooled, from result rows."""
     from affjax.models.whisper import asr
 
-    wcfg = model.cfg
-    sr = processor.feature_extractor.sampling_rate
-    good = [r for r in rows if r.error is None]
-    bsz = max(1, min(cfg.batch_size, len(good)))  # never pad a small job to a large batch
-    n_unpooled = wcfg.encoder.max_source_positions
-    results: dict[int, dict] = {}
-    t0 = time.perf_counter()
-    first_batch = None
-    bar = tqdm(total=len(rows), unit="item", disable=not cfg.progress,
-               desc=f"asr {pooling.to_text() if pooling.stages else 'unpooled'}")
-    enc_f = enc_f0 = dec_f = dec_f0 = 0
-    audio_counts, frames_kept = [], []
-    chunk_samples = processor.feature_extractor.n_samples
-
-    def flush(pending):
-        nonlocal first_batch, enc_f, enc_f0, dec_f, dec_f0
-        if not pending:
-            return
-        tb = time.perf_counter()
-        out = asr.transcribe_pooled(model, processor, [w for _, w in pending], pooling,
-                                    drop_padding=cfg.drop_padding, max_new_tokens=cfg.max_new_tokens,
-                                    batch_size=bsz, language=cfg.language, sampling_rate=sr)
-        if first_batch is None:
-            first_batch = time.perf_counter() - tb
-        for i, (row, _) in enumerate(pending):
-            ref = row.item.get("text")
-            n_gen = len(out.tokens[i]) + (1 if out.finished[i] else 0)
-            enc_f += asr.encoder_flops(wcfg.encoder, out.layer_tokens[i])
-            enc_f0 += asr.encoder_flops(wcfg.encoder, [n_unpooled] * wcfg.encoder.layers)
-            dec_f += asr.decoder_flops(wcfg, out.enc_len[i], out.prompt_len, n_gen)
-            dec_f0 += asr.decoder_flops(wcfg, n_unpooled, out.prompt_len, n_gen)
-            audio_counts.append(out.audio_tokens[i])
-            frames_kept.append(out.enc_len[i])
-            results[row.index] = {"id": row.id, "reference": ref if isinstance(ref, str) else None,
-                                  "text": out.texts[i], "audio_tokens": out.audio_tokens[i],
-                                  "enc_frames": out.enc_len[i], "finished": out.finished[i]}
-            if len(pending[i][1]) > chunk_samples:  # short-form only: Whisper hears the first 30 s
-                results[row.index]["truncated"] = True
-        bar.update(len(pending))
-
-    pending = []
-    for row in rows:
-        if row.error is not None:
-            results[row.index] = {"id": row.id, "error": row.error}
-            bar.update(1)
-            continue
-        try:
-            wave = load_audio(row.item["audio"], sr=sr)
-        except Exception as e:  # one bad item never stops the job  # noqa: BLE001
-            results[row.index] = {"id": row.id, "error": f"{type(e).__name__}: {e}"}
-            bar.update(1)
-            continue
-        pending.append((row, wave))
-        if len(pending) == bsz:
-            flush(pending)
-            pending = []
-    flush(pending)
-    bar.close()
-    seconds = time.perf_counter() - t0
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "results.jsonl", "w", encoding="utf-8") as f:
-        for idx in sorted(results):
-            f.write(json.dumps(results[idx], ensure_ascii=False) + "\n")
-
-    ok = [r for r in results.values() if "error" not in r]
-    scored = [r for r in ok if r["reference"] is not None]
+    ok = [r for r in rows if "error" not in r]
+    scored = [r for r in ok if r.get("reference") is not None]
     wer = corpus_wer([norm(r["reference"]) for r in scored], [norm(r["text"]) for r in scored])
-    summary = {
-        "task": "asr", "model": labels["model"], "data": labels["data"],
-        "pooling": pooling.to_text(), "proportional": bool(pooling.proportional and pooling.stages),
-        "drop_padding": cfg.drop_padding,
-        "items": len(rows), "ok": len(ok), "errors": len(rows) - len(ok), "scored": len(scored),
-        "unfinished": sum(1 for r in ok if not r["finished"]),
-        "wer": None if wer is None else round(wer, 6), "normalizer": norm_name,
-    }
-    if audio_counts:
-        a = np.asarray(audio_counts, np.float64)
-        base = np.maximum(a[:, :1], 1)
-        summary["retention_per_stage"] = [round(float((a[:, k:k + 1] / base).mean()), 4) for k in range(1, a.shape[1])]
-        summary["final_retention"] = round(float(a[:, -1].sum() / max(a[:, 0].sum(), 1)), 4)
-        summary["enc_frames_kept"] = round(float(np.mean(frames_kept)) / n_unpooled, 4)
-        summary["encoder_flops_rel"] = round(enc_f / enc_f0, 4)
-        summary["decoder_flops_rel"] = round(dec_f / dec_f0, 4)
-        summary["flops_rel"] = round((enc_f + dec_f) / (enc_f0 + dec_f0), 4)
-        summary["gflops_per_item"] = round((enc_f + dec_f) / len(ok) / 1e9, 2)
-    summary["seconds"] = round(seconds, 2)
-    summary["first_batch_seconds_incl_compile"] = None if first_batch is None else round(first_batch, 2)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    s = {"task": "asr", "pooling": pooling.to_text(), "proportional": bool(pooling.proportional and pooling.stages),
+         "items": len(rows), "ok": len(ok), "errors": len(rows) - len(ok), "scored": len(scored),
+         "unfinished": sum(1 for r in ok if not r["finished"]), "wer": None if wer is None else round(wer, 6),
+         "normalizer": norm_name}
+    if ok:
+        n0 = wcfg.encoder.max_source_positions
+        enc = sum(asr.encoder_flops(wcfg.encoder, r["layer_tokens"]) for r in ok)
+        enc0 = len(ok) * asr.encoder_flops(wcfg.encoder, [n0] * wcfg.encoder.layers)
+        dec = sum(asr.decoder_flops(wcfg, r["enc_frames"], r["prompt_len"], r["generated"]) for r in ok)
+        dec0 = sum(asr.decoder_flops(wcfg, n0, r["prompt_len"], r["generated"]) for r in ok)
+        s.update(retention_summary([r["audio_tokens"] for r in ok]))
+        s.update(enc_frames_kept=round(sum(r["enc_frames"] for r in ok) / len(ok) / n0, 4),
+                 encoder_flops_rel=round(enc / enc0, 4), decoder_flops_rel=round(dec / dec0, 4),
+                 flops_rel=round((enc + dec) / (enc0 + dec0), 4), gflops_per_item=round((enc + dec) / len(ok) / 1e9, 2))
+    return s
 
 
-def run_whisper_asr(cfg: EvalConfig, ckpt: Path, labels: dict, log=print) -> dict:
+def run_whisper_asr(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=print) -> dict:
     t0 = time.perf_counter()
+    rows, data_label, data_fp = _rows(cfg, log)
+    runner.check_rows(rows, f"manifest {cfg.manifest or cfg.data}")
+    runner.dedupe_ids(rows)
+    from affjax.checkpoint import CONFIG_NAME, get_spec
+    meta = json.loads((ckpt / CONFIG_NAME).read_text())
+    wcfg = get_spec(meta["model_type"]).config_from_hf(meta["hf_config"])
+    settings = _settings(cfg, wcfg)
+    out = Path(cfg.out or Path("runs") / f"{model_label}-{data_label}")
+    ckpt_fp = fingerprint_checkpoint(ckpt)
+    records = []
+    for name, pooling in settings:  # every run record checked before the model loads
+        record = {"task": "asr", "model_type": "whisper", "ckpt": ckpt_fp, "data": data_fp,
+                  "pooling": pooling.to_text(), "proportional": bool(pooling.proportional),
+                  "drop_padding": cfg.drop_padding, "max_new_tokens": cfg.max_new_tokens, "dtype": cfg.dtype,
+                  "language": cfg.language}
+        results = (out / name if name else out) / "results.jsonl"
+        open_run(results, record, restart=cfg.restart, log=log)
+        records.append(results)
     model, processor = _load_whisper(ckpt, cfg.dtype)
     t_load = time.perf_counter() - t0
-    rows, _ = _rows(cfg)
     norm, norm_name = make_normalizer(processor.tokenizer, cfg.normalizer)
-    out = Path(cfg.out or Path("runs") / f"{labels['model']}-{labels['data']}")
-    settings = _settings(cfg, model.cfg)
     runs = []
-    for name, pooling in settings:
-        s = _run_setting(model, processor, rows, pooling, cfg, out / name if name else out, labels, norm,
-                         norm_name)
+    for (name, pooling), results in zip(settings, records):
+        traces0 = dict(runner.TRACES)
+        store = ResultStore(results, log=log)
+        clock = runner.Clock()
+        task = WhisperAsrTask(model, processor, pooling, cfg, clock, log=log)
+        try:
+            runner.run_items(task, rows, store, window=cfg.window, retry_errors=cfg.retry_errors,
+                             progress=cfg.progress, desc=f"asr {pooling.to_text() if pooling.stages else 'unpooled'}",
+                             log=log, clock=clock)
+            store.compact([r.id for r in rows])
+        finally:
+            store.close()
+        s = summarize_asr(store.ordered([r.id for r in rows]), wcfg, pooling, norm, norm_name)
+        s.update(model=model_label, data=data_label, drop_padding=cfg.drop_padding, **clock.summary(),
+                 seconds=round(clock.run_seconds, 2), compiles=runner.compiles_since(traces0))
         if name:
             s["setting"] = name
+        write_summary(results.with_name("summary.json"), s)
         runs.append(s)
     total = round(time.perf_counter() - t0, 2)
-    if len(runs) == 1:
-        summary = dict(runs[0], load_seconds=round(t_load, 2), total_seconds=total)
-    else:
-        summary = {"runs": runs, "load_seconds": round(t_load, 2), "total_seconds": total}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    common = {"load_seconds": round(t_load, 2), "total_seconds": total, "versions": versions(),
+              "command": command_line()}
+    summary = dict(runs[0], **common) if len(runs) == 1 else {"runs": runs, **common}
+    write_summary(out / "summary.json", summary)
     summary["out"] = str(out)
     return summary
 
 
-def _run_lslm(cfg: EvalConfig, ckpt: Path, labels: dict, log=print) -> dict:
-    from affjax.eval_lslm import run_lslm_eval
-    return run_lslm_eval(cfg, ckpt, labels, log=log)
+def _run_lslm(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=print) -> dict:
+    from affjax.eval_lslm import run_lslm
+    return run_lslm(cfg, ckpt, model_label, log=log)
 
 
-# (model_type, task) -> runner(cfg, ckpt, labels)
-RUNNERS = {("whisper", "asr"): run_whisper_asr, **{("qwen2_audio", t): _run_lslm for t in TASKS}}
+# model_type -> (tasks, runner(cfg, ckpt, model label))
+RUNNERS = {"whisper": (("asr",), run_whisper_asr),
+           "qwen2_audio": (("score", "generate", "asr", "qa", "st"), _run_lslm)}
 
 
-def run_eval(cfg: EvalConfig, log=print) -> dict:
-    """Resolve the checkpoint and data, dispatch on (model_type, task), return the summary."""
-    if cfg.task not in TASKS:
-        raise ValueError(f"unknown --task {cfg.task!r}; known: {', '.join(TASKS)}")
-    if cfg.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+def run_eval(cfg: runner.JobConfig, log=print) -> dict:
+    """Validate the options, resolve the checkpoint, dispatch on (model_type, task); the summary.
+    Every job (score, generate, eval) comes here."""
+    runner.validate(cfg)
     from affjax.checkpoint import CONFIG_NAME
 
     ckpt, model_label = resolve_checkpoint(cfg, log)
     try:
         meta = json.loads((ckpt / CONFIG_NAME).read_text())
     except OSError:
-        raise ValueError(f"{ckpt}: no {CONFIG_NAME} (not an affjax checkpoint)") from None
-    key = (meta.get("model_type"), cfg.task)
-    if key not in RUNNERS:
-        raise ValueError(f"eval --task {cfg.task} is not available for model_type {key[0]!r} "
-                         f"(available: {', '.join(f'{m}/{t}' for m, t in RUNNERS)})")
-    data_label = (cfg.data.split(":", 1)[1].replace("/", "_").replace(":", "-") if cfg.data and cfg.data.startswith("hf:")
-                  else cfg.data if cfg.data else Path(cfg.manifest or "data").stem)
-    return RUNNERS[key](cfg, ckpt, {"model": model_label, "data": data_label}, log=log)
+        raise runner.UsageError(f"{ckpt}: no {CONFIG_NAME} (not an affjax checkpoint)") from None
+    mt = meta.get("model_type")
+    tasks, run = RUNNERS.get(mt, ((), None))
+    task = cfg.task or ("asr" if not (cfg.data or "").startswith("hf:") else None)
+    if run is None or (task is not None and task not in tasks):
+        raise runner.UsageError(f"task {cfg.task or 'asr'} is not available for model_type {mt!r} (available: "
+                                + "; ".join(f"{m}: {', '.join(t)}" for m, (t, _) in RUNNERS.items()) + ")")
+    return run(dataclasses.replace(cfg, task=task), ckpt, model_label, log=log)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,7 +305,7 @@ def _pct(x):
 
 
 def format_summary(summary: dict) -> str:
-    if "primary" in summary:  # a Qwen2-Audio eval (affjax.eval_lslm)
+    if summary.get("task") in ("score", "generate", "qa", "st") or "primary" in summary:  # affjax.eval_lslm
         from affjax.eval_lslm import format_lslm_summary
         return format_lslm_summary(summary)
     runs = summary.get("runs") or [summary]

@@ -1,4 +1,4 @@
-"""Prefill FLOPs of the language model, counted the two ways the pooling spec asks for (section 5).
+"""Prefill FLOPs of the language model, counted the two ways docs/pooling.md section 5 asks for.
 
 Analytic (`lm_prefill_flops`, `analytic_lm_flops`, `pooled_vs_unpooled`): 2 FLOPs per multiply-add
 over every matrix product of each decoder layer (q/k/v/o projections with their real GQA widths,
@@ -26,12 +26,12 @@ import re
 from typing import Sequence
 
 # ----------------------------------------------------------------------------------------------
-# Analytic count (spec section 5)
+# Analytic count (docs/pooling.md section 5)
 
 
 def lm_prefill_flops(t, tokens_per_layer, items: int = 1) -> int:
-    """The pooling spec's analytic count: q/k/v/o with real GQA widths, the full n x n attention
-    square, three SwiGLU matrices per layer at that layer's n, plus the LM head on one position per
+    """The analytic count of docs/pooling.md section 5: q/k/v/o with real GQA widths, the full
+    n x n attention square, three SwiGLU matrices per layer at that layer's n, plus the LM head on one position per
     item. `t`: a TextConfig; `tokens_per_layer`: n for each decoder layer, summed over `items`."""
     qo = 2 * t.hidden * t.heads * t.head_dim
     kv = 2 * t.hidden * t.kv_heads * t.head_dim

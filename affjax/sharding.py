@@ -33,7 +33,7 @@ Multi-host flow (one process per host, every process runs the same program):
      with `empty_batch` (see `agree_max` for the count).
   6. `gather_to_host0(records)`: every host's records, in host order, on process 0 (None elsewhere);
      process 0 writes the output.
-affjax.jobs.run (`affjax score/generate --mesh`) follows these steps; tests/test_sharding.py runs the
+affjax.eval_lslm.run_lslm (`affjax score/generate/eval --mesh`) follows these steps; tests/test_sharding.py runs the
 engine part with 2 processes x 4 CPU devices (jax.distributed on localhost).
 """
 

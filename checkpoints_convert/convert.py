@@ -7,19 +7,33 @@ A CTranslate2 (faster-whisper) folder (model.bin + config.json + tokenizer.json)
 Whisper checkpoint with its processor and generation config.
 
 Runs from the repository root without installing. On any error prints `error: <message>` to
-stderr, exits 1, and leaves nothing at --dst.
+stderr, exits 1, and leaves nothing at --dst and no temporary directory beside it; SIGTERM and
+Ctrl-C count as errors. A run killed outright (SIGKILL, out of memory) leaves its temporary
+directory `.DST.tmp-HOST-PID-*` beside --dst: the next conversion to the same --dst removes it and
+says so on stderr (see `affjax.checkpoint._remove_stale_temps`).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 try:
     import affjax  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so that the conversion's cleanup runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,14 +48,32 @@ def main(argv: list[str] | None = None) -> int:
 
     from affjax.checkpoint import convert
 
+    # the converter's log lines (stale temporary directories removed or kept) go to stderr as they
+    # are, whatever handlers jax / absl put on the root logger
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    conv_log = logging.getLogger("affjax.checkpoint")
+    saved = conv_log.level, conv_log.propagate
+    conv_log.addHandler(handler)
+    conv_log.setLevel(logging.INFO)
+    conv_log.propagate = False
+    # default SIGTERM ends the process without running the conversion's cleanup: raise instead
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except (KeyboardInterrupt, _Terminated) as e:
+        print(f"error: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - every failure is reported the same way
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        conv_log.removeHandler(handler)
+        conv_log.setLevel(saved[0])
+        conv_log.propagate = saved[1]
     return 0
 
 

@@ -1,4 +1,9 @@
-"""Shared test setup: single-threaded numerics and small real-format fixtures."""
+"""Shared test setup: single-threaded numerics, small real-format fixtures, and the one place that
+decides what a missing real asset (or torch, the reference) does to a test: skip it, or, in strict
+mode (``AFFJAX_STRICT_ASSETS=1``, or ``CI`` set as CI sets it), fail it with the same message, so a
+CI run cannot pass with the parity checks skipped. Tests call :func:`missing`, :func:`need_asset`
+or :func:`need_module` (``from conftest import ...``), never ``pytest.skip`` for these.
+"""
 
 import os
 
@@ -15,36 +20,75 @@ try:
 except ImportError:  # torch is only needed for reference/parity tests
     torch = None
 
+import importlib
+
 import pytest
+
+_OFF = ("", "0", "false", "no", "off")
+
+
+def strict_assets() -> bool:
+    """True when a missing asset or torch must fail: ``AFFJAX_STRICT_ASSETS`` or ``CI`` set to
+    anything but empty / 0 / false / no / off (CI runners set CI=true; .ci/run sets the other)."""
+    return any(os.environ.get(k, "").strip().lower() not in _OFF for k in ("AFFJAX_STRICT_ASSETS", "CI"))
+
+
+def missing(reason: str):
+    """A real asset or torch is missing: skip the test, or fail it in strict mode (same message)."""
+    if strict_assets():
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def need_asset(lookup, *args, **kw):
+    """``lookup(*args, **kw)`` (an affjax.assets lookup) or :func:`missing` with its AssetMissing message."""
+    from affjax.assets import AssetMissing
+
+    try:
+        return lookup(*args, **kw)
+    except AssetMissing as e:
+        missing(str(e))
+
+
+def need_module(name: str, reason: str | None = None):
+    """``pytest.importorskip`` for torch and the other references: the module, or :func:`missing`."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        missing(reason or f"could not import {name!r}: {e}")
+
+
+def need_qwen2_tokenizer():
+    """torch and the real Qwen2 tokenizer (npm asset): what the tiny Qwen2-Audio checkpoints need."""
+    need_module("torch", "torch is not installed (needed to build the reference checkpoint)")
+    from affjax.assets import qwen2_tokenizer_json
+
+    return need_asset(qwen2_tokenizer_json)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_audio_dir(tmp_path_factory):
     """A tiny random Qwen2-Audio checkpoint + processor (real Qwen2 tokenizer), built once."""
-    if torch is None:
-        pytest.skip("torch is not installed (needed to build the reference checkpoint)")
-    from affjax.assets import AssetMissing
-
-    try:
-        from affjax.assets import qwen2_tokenizer_json
-
-        qwen2_tokenizer_json()
-    except AssetMissing as e:
-        pytest.skip(str(e))
+    need_qwen2_tokenizer()
     from affjax.testing import make_tiny_qwen2_audio
 
     return make_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny_qwen2_audio"), seed=0)
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_audio_ckpt(tiny_qwen2_audio_dir, tmp_path_factory):
+    """`tiny_qwen2_audio_dir` converted to an affjax checkpoint once (read-only: copy it to change it)."""
+    from affjax.checkpoint import convert
+
+    return convert(tiny_qwen2_audio_dir, tmp_path_factory.mktemp("tiny_qwen2_audio_ckpt") / "ckpt", progress=False)
+
+
+@pytest.fixture(scope="session")
 def librivox():
     """[(item, float32 samples at 16 kHz)] for the five real LibriVox clips (skips without the asset)."""
-    from affjax.assets import AssetMissing, librivox_items
+    from affjax.assets import librivox_items
     from affjax.data.audio import load_audio
 
-    try:
-        items = librivox_items()
-    except AssetMissing as e:
-        pytest.skip(str(e))
+    items = need_asset(librivox_items)
     assert len(items) == 5
     return [(it, load_audio(it["audio"])) for it in items]

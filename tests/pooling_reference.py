@@ -1,4 +1,4 @@
-"""A plain sequential implementation of one Affinity Pooling stage (spec section 1, plus the
+"""A plain sequential implementation of one pooling stage (docs/pooling.md section 1, plus the
 positions, sizes and fixed-capacity overflow rule of sections 2-4): the reference the static-shape
 code is tested against. Python loops over numpy, written for reading, not speed."""
 

@@ -231,10 +231,11 @@ def main(argv=None):
         result["meshes"][text] = res
         result["seconds"][text] = round(time.perf_counter() - t1, 1)
     if args.eval:  # affjax eval: two-pass on one process, in-order on several (affjax.eval_lslm)
-        from affjax.eval_asr import EvalConfig, run_eval
+        from affjax.eval_asr import run_eval
+        from affjax.runner import JobConfig
 
         manifest, out_dir, mesh_text = args.eval
-        cfg = EvalConfig(ckpt=args.ckpt, manifest=manifest, out=out_dir, task="qa", batch_size=3,
+        cfg = JobConfig(ckpt=args.ckpt, manifest=manifest, out=out_dir, task="qa", batch_size=3,
                          max_new_tokens=MAX_NEW, pooling=STAGES, proportional=True, progress=False,
                          mesh=None if mesh_text == "none" else mesh_text)
         summary = run_eval(cfg, log=lambda *_: None)

@@ -401,6 +401,130 @@ def test_existing_destination(plain, work):
     assert (empty / CONFIG_NAME).is_file()
 
 
+# ------------------------------------------------------------------ temporary directories
+
+SLOW_WRITER = """
+import sys, time
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/checkpoints_convert"]
+import affjax.checkpoint as ck
+def slow(state, path):
+    path.mkdir(parents=True)
+    (path / "partial").write_bytes(bytes(4096))
+    print("WRITING", flush=True)
+    time.sleep(300)
+ck._save_params = slow
+import convert
+sys.exit(convert.main(["--src", sys.argv[2], "--dst", sys.argv[3], "--quiet"]))
+"""
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def fake_temp(path: Path, nbytes: int = 3000) -> Path:
+    (path / "params").mkdir(parents=True)
+    (path / "params" / "chunk").write_bytes(bytes(nbytes))
+    return path
+
+
+def test_stale_temp_of_same_destination_is_removed_and_logged(plain, work):
+    """A killed run's `.DST.tmp-*` (up to a full model) is removed by the next conversion to DST."""
+    from affjax.checkpoint import _host_tag
+
+    dst = work / "stale-ckpt"
+    stale = fake_temp(work / f".stale-ckpt.tmp-{_host_tag()}-{dead_pid()}-abcd1234")
+    legacy = fake_temp(work / ".stale-ckpt.tmp-k3j9x_2q")  # name of a converter without host/pid
+    r = run_cli("--src", plain[0], "--dst", dst)
+    assert r.returncode == 0, r.stderr
+    assert (dst / CONFIG_NAME).is_file()
+    assert not stale.exists() and not legacy.exists()
+    assert not list(work.glob(".stale-ckpt.*")), "temporary directory left behind"
+    removed = [line for line in r.stderr.splitlines() if line.startswith("removed ")]
+    for d in (stale, legacy):
+        assert [line for line in removed if str(d) in line and "2.9 KiB" in line], r.stderr
+
+
+def test_failing_writer_leaves_no_temp(plain, work, monkeypatch):
+    """An exception midway, after part of the checkpoint is written, removes the temp folder."""
+    import affjax.checkpoint as ck
+
+    seen = []
+
+    def broken(state, path):
+        path.mkdir(parents=True)
+        (path / "partial").write_bytes(bytes(4096))
+        seen.append(path.parent)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "_save_params", broken)
+    dst = work / "broken-writer-ckpt"
+    with pytest.raises(OSError, match="No space left"):
+        convert(plain[0], dst, progress=False)
+    assert seen and seen[0].name.startswith(".broken-writer-ckpt.tmp-")
+    assert_nothing_at(dst)
+
+
+def test_sigterm_leaves_no_temp(plain, work, tmp_path):
+    """`kill` (SIGTERM) of a running CLI conversion still removes its temp folder."""
+    import select
+    import signal
+
+    dst = work / "sigterm-ckpt"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "stderr", "w+") as err:
+        proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(ROOT), str(plain[0]), str(dst)],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            ready, _, _ = select.select([proc.stdout], [], [], 120)
+            assert ready and proc.stdout.readline().strip() == "WRITING", (tmp_path / "stderr").read_text()
+            temps = list(work.glob(".sigterm-ckpt.tmp-*"))
+            assert len(temps) == 1 and (temps[0] / "params" / "partial").is_file()
+            assert temps[0].name.split("-")[-2] == str(proc.pid)  # the temp name carries the writer's pid
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+    stderr = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 1 and "error: interrupted (SIGTERM)" in stderr, stderr
+    assert_nothing_at(dst)
+
+
+def test_temps_of_other_destinations_and_live_runs_survive(plain, work, caplog):
+    from affjax.checkpoint import _host_tag
+
+    host = _host_tag()
+    dst = work / "keep"
+    other = fake_temp(work / f".keep2.tmp-{host}-{dead_pid()}-abcd1234")  # another destination
+    other_legacy = fake_temp(work / ".keeper.tmp-k3j9x_2q")
+    foreign = fake_temp(work / f".keep.tmp-{host}x-{dead_pid()}-abcd1234")  # another host's run
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        live = fake_temp(work / f".keep.tmp-{host}-{sleeper.pid}-abcd1234")  # a run still going
+        with caplog.at_level("WARNING", logger="affjax.checkpoint"):
+            convert(plain[0], dst, progress=False)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert (dst / CONFIG_NAME).is_file()
+    for d in (other, other_legacy, foreign, live):
+        assert (d / "params" / "chunk").is_file(), f"{d} was removed"
+    assert not [r for r in caplog.records if r.getMessage().startswith("removed ")]
+    kept = [r.getMessage() for r in caplog.records if r.getMessage().startswith("leaving ")]
+    assert any(str(live) in m and str(sleeper.pid) in m for m in kept), kept
+    assert any(str(foreign) in m for m in kept), kept
+    # once the live run is gone, its folder is stale and the next conversion removes it
+    shutil.rmtree(dst)
+    convert(plain[0], dst, progress=False)
+    assert not live.exists() and foreign.exists() and other.exists()
+
+
 def test_registry_is_extensible():
     spec = MODELS["qwen2_audio"]
     with pytest.raises(ValueError, match="already registered"):

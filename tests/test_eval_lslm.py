@@ -53,11 +53,12 @@ def _manifest(path, rows):
 
 
 def _eval(ckpt, manifest, out, **kw):
-    from affjax.eval_asr import EvalConfig, run_eval
+    from affjax.eval_asr import run_eval
+    from affjax.runner import JobConfig
     kw.setdefault("progress", False)
     kw.setdefault("batch_size", 2)
     kw.setdefault("max_new_tokens", 8)
-    cfg = EvalConfig(ckpt=str(ckpt), manifest=None if manifest is None else str(manifest), out=str(out), **kw)
+    cfg = JobConfig(ckpt=str(ckpt), manifest=None if manifest is None else str(manifest), out=str(out), **kw)
     return run_eval(cfg, log=lambda *_: None)
 
 
@@ -103,7 +104,7 @@ def test_qa_choice_scores_match_transformers(ckpt, qa_manifest, hf_model, proces
     """Two-pass scheduling: the audio is encoded once per item and each choice is appended to the
     stored row; the choice log-likelihoods equal transformers' on prompt + choice."""
     from affjax.data.audio import load_audio
-    s = _eval(ckpt, qa_manifest, tmp_path / "run", task="qa", task_given=True)
+    s = _eval(ckpt, qa_manifest, tmp_path / "run", task="qa")
     res = _results(tmp_path / "run")
     assert [r["id"] for r in res] == [f"q{i}" for i in range(5)] and s["errors"] == 0
     items = [json.loads(l) for l in qa_manifest.read_text().splitlines()]
@@ -225,7 +226,7 @@ def test_resume_skips_done_items_and_survives_a_torn_line(ckpt, qa_manifest, tmp
     before = sum(TRACES.values())
     done = _eval(ckpt, qa_manifest, out, task="qa")
     assert done["items_this_run"] == 0 and sum(TRACES.values()) == before
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="other inputs or settings"):
         _eval(ckpt, qa_manifest, out, task="qa", pooling="input")
     md = (out / "summary.md").read_text()
     assert "accuracy" in md and "affjax" in json.loads((out / "summary.json").read_text())["versions"]
@@ -233,16 +234,27 @@ def test_resume_skips_done_items_and_survives_a_torn_line(ckpt, qa_manifest, tmp
 
 def test_new_lengths_in_a_bucket_do_not_recompile(ckpt, processor, tmp_path):
     from affjax.engine import TRACES
+    from affjax.models.qwen2_audio.inputs import encode
+    from affjax.shapes import bucket
     d = tmp_path
+    prompt = _prompt(processor, 30, seed=0)
+
+    def n_tokens(seconds):  # the prompt's tokens with a clip of this length (25 audio tokens per second)
+        return len(encode(processor, prompt, [np.zeros(int(seconds * SR), np.float32)]).ids)
+
+    # eight clip lengths whose sequences share one bucket of the grid: the runs differ in length only
+    base = next(b for b in np.arange(10.0, 20.0, 0.04) if bucket(n_tokens(b)) == bucket(n_tokens(b + 0.3)))
+    a, b = [base + 0.08 * k for k in range(4)], [base + 0.04 + 0.08 * k for k in range(4)]
+    assert len({n_tokens(x) for x in a + b}) > 4  # the lengths really differ
 
     def run(tag, seconds):
-        rows = [{"id": f"{tag}{i}", "audio": _wav(d / f"{tag}{i}.wav", s, seed=i).name,
-                 "prompt": _prompt(processor, 30, seed=i)} for i, s in enumerate(seconds)]
+        rows = [{"id": f"{tag}{i}", "audio": _wav(d / f"{tag}{i}.wav", s, seed=i).name, "prompt": prompt}
+                for i, s in enumerate(seconds)]
         return _eval(ckpt, _manifest(d / f"{tag}.jsonl", rows), d / tag, pooling="none", max_new_tokens=4)
 
-    run("a", [10.0, 10.5, 11.0, 11.5])
+    run("a", a)
     before = dict(TRACES)
-    s = run("b", [10.2, 10.7, 11.2, 11.7])
+    s = run("b", b)
     assert s["compiles"] == {} and dict(TRACES) == before
 
 
@@ -263,7 +275,7 @@ def test_hf_recipe_end_to_end(ckpt, tmp_path):
     ds = datasets.Dataset.from_dict(cols).cast_column("audio", datasets.Audio(sampling_rate=16000))
     src = tmp_path / "voicebench"
     datasets.DatasetDict({"test": ds}).save_to_disk(str(src))
-    s = _eval(ckpt, None, tmp_path / "run", data=f"hf:{src}:openbookqa:test", task="qa", task_given=True)
+    s = _eval(ckpt, None, tmp_path / "run", data=f"hf:{src}:openbookqa:test", task="qa")
     res = _results(tmp_path / "run")
     assert len(res) == 3 and s["ok"] == 2 and s["errors"] == 1
     assert "missing audio" in res[2]["error"]
@@ -271,4 +283,4 @@ def test_hf_recipe_end_to_end(ckpt, tmp_path):
     assert s["primary"][0] == "accuracy" and s["metrics"]["mc"] == 2
     assert json.loads((tmp_path / "run" / "data" / "recipe.json").read_text())["task"] == "qa"
     with pytest.raises(ValueError, match="qa data set"):
-        _eval(ckpt, None, tmp_path / "run2", data=f"hf:{src}:openbookqa:test", task="asr", task_given=True)
+        _eval(ckpt, None, tmp_path / "run2", data=f"hf:{src}:openbookqa:test", task="asr")

@@ -1,4 +1,4 @@
-"""Prefill FLOPs: the spec's analytic count (section 5), XLA's cost analysis of the engine's
+"""Prefill FLOPs: the analytic count (docs/pooling.md section 5), XLA's cost analysis of the engine's
 compiled programs, per-stage fixed-capacity retention, and the ratios in a pooled job summary."""
 
 import json
@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from affjax.costs import prefill_cost, program_costs
 from affjax.flops import (analytic_lm_flops, lm_prefill_flops, lm_xla_flops, loop_corrected_flops,
                           pooled_vs_unpooled, tokens_per_layer, total_flops)
 from affjax.models.qwen2.modeling import TextConfig
@@ -128,14 +129,14 @@ def test_xla_unpooled_prefill_matches_analytic(small):
     model, cfg, batch, n, _ = small
     engine = Engine(model)
     before = TRACES.copy()
-    costs = engine.prefill_cost(batch, unpooled=True)  # shapes only: nothing runs
+    costs = prefill_cost(engine, batch, unpooled=True)  # shapes only: nothing runs
     assert TRACES == before
     assert list(costs) == ["embed", "layers[0:3)", "last_head"]
     lm = sum(costs.values()) - costs["embed"]
     analytic = analytic_lm_flops(cfg.text, [[n] * 3] * 2)
     assert 1.0 <= lm / analytic < 1.05, (lm, analytic)
     # a real unpooled prefill runs the same programs at the same shapes
-    assert engine.prefill_cost(batch) == costs
+    assert prefill_cost(engine, batch) == costs
 
 
 def test_fixed_capacity_per_stage_and_cost(small):
@@ -153,9 +154,9 @@ def test_fixed_capacity_per_stage_and_cost(small):
     first = math.ceil(0.5 * n_audio)
     assert list(st[0]["audio_out"]) == [first] * 2 and list(st[0]["forced"]) == [n_audio - first] * 2
     assert list(st[1]["audio_out"]) == [math.ceil(0.3 * first)] * 2
-    costs = engine.prefill_cost(batch)
+    costs = prefill_cost(engine, batch)
     assert list(costs) == ["prefill_fixed"]
-    unpooled = engine.prefill_cost(batch, unpooled=True)
+    unpooled = prefill_cost(engine, batch, unpooled=True)
     pooled_lm, unpooled_lm = costs["prefill_fixed"] - unpooled["embed"], sum(unpooled.values()) - unpooled["embed"]
     counts = [[n, int(st[0]["n_valid"][b]), int(st[1]["n_valid"][b])] for b in range(2)]
     analytic = pooled_vs_unpooled(cfg.text, pooling.stages, counts)
@@ -172,8 +173,8 @@ def test_bucketed_programs_recorded(small):
     engine.prefill(batch)
     labels = [p.label for p in engine.programs]
     assert labels == ["embed", "pool@0", "layers[0:2)", "pool@2", "layers[2:3)", "last_head"]
-    costs = engine.program_costs(engine.programs)
-    unpooled = engine.program_costs(engine.unpooled_programs(batch))
+    costs = program_costs(engine.programs)
+    unpooled = program_costs(engine.unpooled_programs(batch))
     assert costs["embed"] == unpooled["embed"]
     ratio = lm_xla_flops(costs, unpooled["embed"]["flops"]) / lm_xla_flops(unpooled, unpooled["embed"]["flops"])
     # each clip merged into one token: 15 of 114 tokens left, in the smallest bucket (64)
@@ -186,14 +187,14 @@ def test_bucketed_programs_recorded(small):
 # job summary
 
 
-def test_pooled_job_summary_has_flops_ratios(tiny_qwen2_audio_dir, tmp_path):
+@pytest.mark.slow
+def test_pooled_job_summary_has_flops_ratios(tiny_qwen2_audio_ckpt, tmp_path):
     import soundfile as sf
 
-    from affjax.checkpoint import convert
-    from affjax.jobs import JobConfig, run
+    from affjax.eval_asr import run_eval
+    from affjax.runner import JobConfig
     from affjax.testing import AUDIO_PLACEHOLDER, synth_speech_like
-    ckpt = tmp_path / "ckpt"
-    convert(tiny_qwen2_audio_dir, ckpt, progress=False)
+    ckpt = tiny_qwen2_audio_ckpt
     rows = []
     for i, secs in enumerate((2.0, 3.5)):
         wav = tmp_path / f"a{i}.wav"
@@ -202,7 +203,7 @@ def test_pooled_job_summary_has_flops_ratios(tiny_qwen2_audio_dir, tmp_path):
                      "continuation": " a sound"})
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = run(JobConfig(task="score", ckpt=str(ckpt), manifest=str(manifest), out=str(tmp_path / "o.jsonl"),
+    summary = run_eval(JobConfig(task="score", ckpt=str(ckpt), manifest=str(manifest), out=str(tmp_path / "o.jsonl"),
                             batch_size=2, pooling="0:tau=2,window=1;1:tau=-1,window=1", progress=False),
                   log=lambda *a: None)
     assert summary["ok"] == 2

@@ -8,6 +8,7 @@ import copy
 import json
 
 import pytest
+from conftest import need_module
 
 from affjax.plan import (DTYPE_BYTES, GiB, QWEN2_AUDIO_7B_CONFIG, TOPOLOGIES, format_plan, param_bytes_per_chip,
                          param_counts, plan)
@@ -81,7 +82,7 @@ def test_7b_param_count_from_abstract_shapes(plan_7b):
 
 
 def test_7b_param_count_matches_transformers_on_meta_device():
-    torch = pytest.importorskip("torch")
+    torch = need_module("torch")
     import transformers
 
     with torch.device("meta"):  # shapes only, no memory
@@ -186,7 +187,7 @@ def test_tiny_configs_match_instantiated_models():
     assert llama["total"] == real_count(Qwen2ForCausalLM(TextConfig.from_hf(TINY_LLAMA), rngs=nnx.Rngs(0)))
     assert llama["lm_head"] == 0 and llama["embeddings"] == 90 * 24
 
-    torch = pytest.importorskip("torch")
+    torch = need_module("torch")
     import transformers
 
     with torch.device("meta"):

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from conftest import need_module, need_qwen2_tokenizer
 
-from affjax.assets import AssetMissing  # noqa: E402
+torch = need_module("torch")
+
 from affjax.pooling.spec import Stage  # noqa: E402
 from pooling_reference import ref_cos, ref_stage  # noqa: E402
 
@@ -31,13 +32,9 @@ def _hf_model():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from affjax.assets import qwen2_tokenizer_json
-    try:
-        qwen2_tokenizer_json()
-    except AssetMissing as e:
-        pytest.skip(str(e))
+    need_qwen2_tokenizer()
     from affjax.checkpoint import convert
-    from affjax.jobs import load_for_inference
+    from affjax.eval_lslm import load_for_inference
     from affjax.models.qwen2_audio.inputs import encode
     from affjax.testing import AUDIO_PLACEHOLDER, long_prompt, synth_speech_like
     from affjax.testing import make_tiny_qwen2_audio
@@ -67,12 +64,13 @@ _AUDIO_CACHE = {}
 
 
 def _clip_tokens(model, enc, k):
-    """Encoder output of one clip, alone (memoised: the reference calls this per decoding step)."""
-    key = (id(enc), k)
+    """Encoder output of one clip, alone (memoised by the clip's features: the score and generate
+    encodings of an item hold the same clips, and the reference calls this for every setting)."""
+    feats, length = enc.features[k:k + 1], enc.feature_lengths[k:k + 1]
+    key = (id(model), feats.shape, feats.tobytes(), length.tobytes())
     if key not in _AUDIO_CACHE:
-        _AUDIO_CACHE[key] = (enc, np.asarray(model.encode_audio(jnp.asarray(enc.features[k:k + 1]),
-                                                               jnp.asarray(enc.feature_lengths[k:k + 1])))[0])
-    return _AUDIO_CACHE[key][1]
+        _AUDIO_CACHE[key] = np.asarray(model.encode_audio(jnp.asarray(feats), jnp.asarray(length)))[0]
+    return _AUDIO_CACHE[key]
 
 
 def _item_embeddings(model, cfg, enc, extra_ids=()):
@@ -138,12 +136,14 @@ def ref_score(model, cfg, enc, stages, positions, proportional):
     return float(np.asarray(lp)[np.arange(len(slots)), enc.cont_ids].sum()), counts, margin
 
 
-def ref_generate(model, cfg, enc, stages, positions, proportional, steps):
-    out = []
-    for _ in range(steps):
-        x, slot_of, _, _ = reference(model, cfg, enc, stages, positions, proportional, out)
-        out.append(int(np.argmax(np.asarray(model.language_model.logits(jnp.asarray(x[slot_of[-1]]))))))
-    return out
+def ref_generate(model, cfg, enc, stages, positions, proportional, tokens):
+    """The reference's greedy choice after the prompt and after each prefix of `tokens`, from one
+    causal pass over prompt + tokens[:-1] (teacher forcing): it equals `tokens` iff greedy decoding
+    of the reference gives `tokens`. Appended text tokens never join a group nor change an earlier
+    token's states, so each position sees what step-by-step decoding would."""
+    x, slot_of, _, _ = reference(model, cfg, enc, stages, positions, proportional, list(tokens[:-1]))
+    slots = slot_of[len(enc.ids) - 1 + np.arange(len(tokens))]
+    return [int(t) for t in np.argmax(np.asarray(model.language_model.logits(jnp.asarray(x[slots]))), axis=-1)]
 
 
 def _gap_tau(sims, q):
@@ -185,6 +185,8 @@ CASES = [("input", "first", False), ("deep", "first", False), ("dap", "first", F
          ("input", "mean", False), ("deep", "mean", True), ("dap", "mean", False),
          ("input", "reindex", True), ("deep", "reindex", False), ("dap", "reindex", True),
          ("dap", "first", True)]
+FAST_CASE = ("dap", "first", True)  # both stages and the proportional bias; the others are slow
+CASES = [c if c == FAST_CASE else pytest.param(*c, marks=pytest.mark.slow) for c in CASES]
 
 
 @pytest.mark.parametrize("kind,positions,proportional", CASES)
@@ -209,9 +211,11 @@ def test_pooled_score_and_generate_match_reference(setup, kind, positions, propo
     assert merged > 0, "thresholds merged nothing: the test would not exercise pooling"
     toks, _ = engine.generate(mk([g for _, g in items]), 8)
     for b, (_, g_enc) in enumerate(items):
-        assert toks[b] == ref_generate(model, cfg, g_enc, pooling.stages, positions, proportional, 8), b
+        assert len(toks[b]) == 8, toks[b]  # no EOS ids: every row decodes 8 tokens
+        assert toks[b] == ref_generate(model, cfg, g_enc, pooling.stages, positions, proportional, toks[b]), b
 
 
+@pytest.mark.slow
 def test_fixed_capacity_with_room_equals_bucketed(setup):
     from affjax.engine import Engine
     from affjax.models.qwen2_audio.inputs import collate
@@ -231,6 +235,7 @@ def test_fixed_capacity_with_room_equals_bucketed(setup):
     assert int(sc[0]["forced"][:3].sum()) > 0
 
 
+@pytest.mark.slow
 def test_stage_programs_and_ynnpack_fusions(setup):
     """The bucketed mode's stage program is compiled without XLA:CPU's YNNPACK fusions (its
     multiply-and-sum lag dots are fastest so); the layer programs and the one-program fixed-capacity
@@ -267,17 +272,51 @@ def test_tau_above_one_is_the_unpooled_model(setup):
     np.testing.assert_allclose(plain[:3], pooled[:3], atol=1e-6)
 
 
+def test_a_new_tau_does_not_recompile(setup):
+    """tau is a traced value of the pooling programs: stages that differ only in tau run the same
+    compiled stage program (bucketed: the input stage of `front`) and the same one-program prefill
+    (fixed capacity, the settings of test_stage_programs_and_ynnpack_fusions), and each engine
+    still pools with its own tau (other counts)."""
+    from affjax.engine import TRACES, Engine
+    from affjax.models.qwen2_audio.inputs import collate
+    from affjax.pooling.spec import parse_pooling
+    model, cfg, processor, eos, pad, items, taus = setup
+    batch = collate([s for s, _ in items], batch_size=4, audio_token_id=cfg.audio_token_id,
+                    out_frames_of=cfg.audio.output_lengths, pad_id=pad)
+
+    def counts(t):
+        _, front = Engine(model, pooling=parse_pooling(_settings("input", t), LAYERS)).front(batch)
+        _, fixed = Engine(model, pooling=parse_pooling(_settings("dap", t), LAYERS), pool_mode="fixed",
+                          capacity=0.5).score(batch)
+        return [[np.asarray(st["audio_out"])[:3].tolist() for st in stats] for stats in (front, fixed)]
+
+    first = counts(taus)
+    before = TRACES.copy()
+    second = counts((-1.0, -1.0))  # every span merged into one token
+    assert before["pool"] >= 1 and before["prefill_fixed"] >= 1, before
+    assert TRACES["pool"] == before["pool"] and TRACES["prefill_fixed"] == before["prefill_fixed"], TRACES
+    assert first[0] != second[0] and first[1] != second[1], (first, second)
+    assert counts(taus) == first  # the cached programs give the first taus' counts again
+
+
+@pytest.mark.slow
 def test_each_segment_compiles_once(setup):
-    """12 items of different audio and prompt lengths whose pooled lengths share one bucket
-    (tau = -1 leaves one token per clip): every segment compiles once over 3 batches."""
+    """12 items of different lengths (clips one audio token, 0.04 s, apart) in one bucket of
+    affjax.shapes.SEQ_BUCKETS, whose pooled lengths share one bucket too (tau = -1 leaves one token
+    per clip): every segment compiles once over 3 batches."""
+    from affjax import shapes
     from affjax.engine import TRACES, Engine
     from affjax.models.qwen2_audio.inputs import collate, encode
     from affjax.pooling.spec import parse_pooling
     from affjax.testing import long_prompt, synth_speech_like
     model, cfg, processor, eos, pad, items, taus = setup
-    encs = [encode(processor, long_prompt(60 + 2 * i, seed=50 + i), [synth_speech_like(13 + 0.3 * i, seed=i)])
-            for i in range(12)]
-    assert len({len(e.ids) for e in encs}) == 12 and all(384 < len(e.ids) <= 512 for e in encs)
+    prompt = long_prompt(60, seed=50)
+    n0 = len(encode(processor, prompt, [synth_speech_like(13.0, seed=0)]).ids)
+    lo = max(b for b in shapes.SEQ_BUCKETS if b < n0)  # start the 12 lengths just above a bucket edge
+    start = 13.0 + 0.04 * (lo + 1 - n0)
+    encs = [encode(processor, prompt, [synth_speech_like(start + 0.04 * i + 0.01, seed=i)]) for i in range(12)]
+    lengths = [len(e.ids) for e in encs]
+    assert len(set(lengths)) == 12 and len({shapes.bucket(n) for n in lengths}) == 1, lengths
     engine = Engine(model, pooling=parse_pooling(f"0:tau=-1,window=1;{DEEP}:tau=0.5,window=2", LAYERS))
     jax.clear_caches()
     TRACES.clear()

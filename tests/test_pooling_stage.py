@@ -1,4 +1,4 @@
-"""One pooling stage (spec sections 1-4) against a plain sequential reference, plus properties."""
+"""One pooling stage (docs/pooling.md sections 1-4) against a sequential reference, plus properties."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ HYP = settings(max_examples=30, deadline=None, suppress_health_check=[HealthChec
 
 
 # ----------------------------------------------------------------------------------------------
-# Plain sequential reference of spec section 1 (+ positions, sizes, fixed-capacity overflow).
+# Sequential reference of docs/pooling.md section 1 (+ positions, sizes, fixed-capacity overflow).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -327,15 +327,50 @@ def test_chained_stages(data, stage1, stage2):
         assert second.size[b].sum() == len(item[1])
 
 
-def test_compiles_once_across_valid_lengths():
+def test_compiles_once_across_valid_lengths_and_thresholds():
+    """tau is traced: every valid length and every threshold runs one program (window 4: settings
+    no other test uses)."""
     rng = np.random.default_rng(5)
-    kw = dict(tau=0.6180339, window=2, capacity=N)  # settings no other test uses
+    kw = dict(window=4, capacity=N)
     before = pool_stage_jit._cache_size()
     for n in range(1, 13):
         items = random_items(rng, [n + 20, n, 2 * n, 1])
-        out = run(make_batch(rng, items), **kw)
+        tau = TAUS[n % len(TAUS)] + 0.001 * n  # a new threshold each call
+        out = run(make_batch(rng, items), tau=tau, **kw)
         assert out.n_valid[1] <= n
+        assert compare_batch(items, out, tau=tau, window=4) >= 1
     assert pool_stage_jit._cache_size() - before == 1
+
+
+def test_tau_per_row_and_float32_ties():
+    """One threshold per row equals each row run alone with its own; the comparison is
+    ``float32 cos >= float32(tau)``, an exact tie joins (orthogonal: cos 0, equal: cos 1)."""
+    rng = np.random.default_rng(13)
+    items = random_items(rng, [N, 20, 9, 3], structured=True)
+    batch = make_batch(rng, items)
+    taus = (0.5, 0.8, -1.0, 0.95)
+    per_row = run(batch, tau=jnp.asarray(taus, jnp.float32), window=3)
+    for b, tau in enumerate(taus):
+        alone = run(batch, tau=tau, window=3)
+        for name, x, y in zip(per_row._fields, per_row, alone):
+            np.testing.assert_array_equal(x[b], y[b], err_msg=name)
+    with pytest.raises(ValueError, match="one per row"):
+        run(batch, tau=jnp.zeros((B + 1,), jnp.float32), window=3)
+
+    # rows: e0 e1 | e0 e0 (cos 0, then cos 1 exactly), all one span
+    h = np.eye(D, dtype=np.float32)[[0, 1, 1, 0]]
+    item = (h, np.ones(4, np.int32), np.arange(4, dtype=np.float32), np.ones(4, np.float32))
+    one = np.float32(1.0)
+    cases = [  # (tau, groups): a tie joins; float32(1 + 1e-10) == 1 is a tie too (XLA:CPU flushes
+        # subnormals, so the smallest tau above 0 here is the smallest normal float32)
+        (0.0, [0, 0, 0, 0]), (-0.0, [0, 0, 0, 0]), (np.finfo(np.float32).tiny, [0, 1, 1, 2]),
+        (1.0, [0, 1, 1, 2]), (1.0 + 1e-10, [0, 1, 1, 2]), (np.nextafter(one, np.float32(2)), [0, 1, 2, 3]),
+    ]
+    for tau, groups in cases:
+        for t in (tau, jnp.full((B,), tau, jnp.float32)):
+            out = run(make_batch(rng, [item] * B), tau=t, window=1)
+            np.testing.assert_array_equal(out.group_of[:, :4], np.tile(groups, (B, 1)), err_msg=repr(tau))
+        np.testing.assert_array_equal(ref_stage(*item, tau=float(tau), window=1)["group_of"], groups)
 
 
 def test_rejects_bad_arguments():

@@ -11,25 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from conftest import need_module, need_qwen2_tokenizer
 
-from affjax.assets import AssetMissing  # noqa: E402
+torch = need_module("torch")
 
 SECONDS = (1.0, 7.5, 18.0, 30.0)
 CONTINUATIONS = (" The speaker says hello.", " twelve", " It is raining in the city tonight.", " yes")
 
 
-def _tok_or_skip():
-    from affjax.assets import qwen2_tokenizer_json
-    try:
-        qwen2_tokenizer_json()
-    except AssetMissing as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module", params=["gqa", "mha", "tied"])
+@pytest.fixture(scope="module", params=["gqa", pytest.param("mha", marks=pytest.mark.slow),
+                                        pytest.param("tied", marks=pytest.mark.slow)])
 def ckpt(request, tmp_path_factory):
-    _tok_or_skip()
+    need_qwen2_tokenizer()
     from affjax.checkpoint import convert
     from affjax.testing import make_tiny_qwen2_audio
     variant = request.param
@@ -44,7 +37,7 @@ def ckpt(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(ckpt):
     from transformers import Qwen2AudioForConditionalGeneration
-    from affjax.jobs import load_for_inference
+    from affjax.eval_lslm import load_for_inference
     from affjax.testing import long_prompt, synth_speech_like
     variant, src, dst = ckpt
     model, cfg, processor, eos, pad = load_for_inference(str(dst))
@@ -142,16 +135,20 @@ def test_greedy_tokens_identical(loaded):
 
 @pytest.mark.parametrize("ckpt", ["gqa"], indirect=True)
 def test_one_compile_per_bucket(loaded):
-    """12 items of different audio and prompt lengths, all in the 768 bucket: prefill and decode
-    compile once each, over 3 batches."""
+    """12 items of different lengths (clips one audio token, 0.04 s, apart), all in one bucket of
+    affjax.shapes.SEQ_BUCKETS: prefill and decode compile once each, over 3 batches."""
+    from affjax import shapes
     from affjax.engine import TRACES, Engine
     from affjax.models.qwen2_audio.inputs import collate, encode
     from affjax.testing import long_prompt, synth_speech_like
     variant, model, cfg, processor, eos, pad, hf, items = loaded
-    enc = [encode(processor, long_prompt(80 + 3 * i, seed=100 + i), [synth_speech_like(18 + 0.5 * i, seed=i)])
-           for i in range(12)]
+    prompt = long_prompt(80, seed=100)
+    n0 = len(encode(processor, prompt, [synth_speech_like(18.0, seed=0)]).ids)
+    lo = max(b for b in shapes.SEQ_BUCKETS if b < n0)  # start the 12 lengths just above a bucket edge
+    start = 18.0 + 0.04 * (lo + 1 - n0)
+    enc = [encode(processor, prompt, [synth_speech_like(start + 0.04 * i + 0.01, seed=i)]) for i in range(12)]
     lengths = [len(e.ids) for e in enc]
-    assert len(set(lengths)) == 12 and 512 < min(lengths) and max(lengths) <= 768, lengths
+    assert len(set(lengths)) == 12 and len({shapes.bucket(n) for n in lengths}) == 1, lengths
     engine = Engine(model, eos_ids=eos, pad_id=pad)
     jax.clear_caches()  # jitted pieces are shared across engines: start cold
     TRACES.clear()

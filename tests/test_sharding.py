@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import need_qwen2_tokenizer
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from affjax import sharding
@@ -195,13 +196,7 @@ def test_initialize_distributed_is_a_no_op_alone(monkeypatch):
 
 @pytest.fixture(scope="module")
 def shard_ckpt(tmp_path_factory):
-    pytest.importorskip("torch")
-    from affjax.assets import AssetMissing, qwen2_tokenizer_json
-
-    try:
-        qwen2_tokenizer_json()
-    except AssetMissing as e:
-        pytest.skip(str(e))
+    need_qwen2_tokenizer()
     from affjax.checkpoint import convert
     from affjax.testing import make_tiny_qwen2_audio
 
@@ -287,6 +282,7 @@ def _same_as_reference(ref, got, where, settings=SETTINGS):
         assert all(len(t) > 0 for t in g["tokens"])
 
 
+@pytest.mark.slow
 def test_reference_pools_part_of_the_audio(runs):
     ref = runs["reference"]
     assert len(ref["none"]["logprobs"]) == 5 and "audio_score" not in ref["none"]
@@ -299,6 +295,7 @@ def test_reference_pools_part_of_the_audio(runs):
 
 
 @pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.slow
 def test_mesh_matches_one_device(runs, mesh):
     got = runs["meshes"][mesh]
     settings = [s for s in SETTINGS if s in got]
@@ -317,6 +314,7 @@ def test_mesh_matches_one_device(runs, mesh):
 
 
 @pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.slow
 def test_parameters_restored_onto_their_shards(runs, mesh, shard_ckpt):
     facts = runs["meshes"][mesh]["params"]
     model = int(mesh.split("model=")[1])
@@ -340,18 +338,21 @@ def test_parameters_restored_onto_their_shards(runs, mesh, shard_ckpt):
     assert facts["bytes_on_first_device"] == param_bytes_per_chip(hf, model=model, dtype_bytes=4)
 
 
+@pytest.mark.slow
 def test_engine_places_a_one_device_model(runs):
     got = runs["meshes"]["data=1,model=8"]
     assert got["replaced_q_spec"] == [None, "model"]
     assert np.abs(np.asarray(got["replaced_logprobs"]) - runs["reference"]["none"]["logprobs"]).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_device(runs):
     got = runs["multiprocess"]
     _same_as_reference(runs["reference"], got, "2 processes x 4 devices", ["bucketed-proportional"])
     assert got["params"]["q_proj"]["shard_shape"] == [64, 32]
 
 
+@pytest.mark.slow
 def test_score_job_with_mesh_option(runs):
     """`affjax score --mesh data=2,model=4 --batch-size 3`: batches padded to 4 rows, same scores."""
     job = runs["job"]
@@ -362,6 +363,7 @@ def test_score_job_with_mesh_option(runs):
     assert np.abs(got - runs["reference"]["none"]["logprobs"]).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_eval_under_a_mesh_and_on_two_processes(runs):
     """`affjax eval --task qa --mesh ...` (choices scored, open answers generated, pooled): a mesh in
     one process (two-pass scheduling) and 2 processes x 4 devices (each its share, in order, process

@@ -13,11 +13,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from affjax.assets import AssetMissing, smollm2_gguf
+from affjax.assets import smollm2_gguf
 from affjax.models.qwen2.gguf import (gguf_to_hf_state_dict, gguf_tokenizer, permute_rope_rows,
                                       unpermute_rope_rows)
 
-torch = pytest.importorskip("torch")
+from conftest import need_asset, need_module
+
+torch = need_module("torch")
 
 PROMPTS = (
     "Speech recognition systems have changed a great deal over the last few decades. Early "
@@ -59,10 +61,7 @@ LENGTHS = (310, 257)  # tokens per batch row (row 1 shorter: right-padded)
 
 @pytest.fixture(scope="module")
 def gguf_path():
-    try:
-        return smollm2_gguf()
-    except AssetMissing as e:
-        pytest.skip(str(e))
+    return need_asset(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +139,10 @@ def test_unpermute_turns_interleaved_rope_into_rotate_half():
     np.testing.assert_allclose(cpp, hf, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_weights_match_transformers_own_gguf_loader(gguf_path, converted):
     """transformers un-permutes GGUF q/k itself: our dequantized tensors must equal its weights."""
-    pytest.importorskip("accelerate", reason="transformers' GGUF loading needs accelerate")
+    need_module("accelerate", reason="transformers' GGUF loading needs accelerate")
     from transformers import LlamaForCausalLM
 
     sd, _ = converted
@@ -155,6 +155,7 @@ def test_weights_match_transformers_own_gguf_loader(gguf_path, converted):
     np.testing.assert_array_equal(ref["lm_head.weight"].numpy(), sd["model.embed_tokens.weight"])
 
 
+@pytest.mark.slow
 def test_qwen2_decoder_matches_llama_reference_on_real_weights(converted, token_rows):
     import jax.numpy as jnp
     from flax import nnx

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from affjax.assets import AssetMissing
+from conftest import need_asset, need_module
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_convert_hf_whisper_dir(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = need_module("torch")
     from transformers import WhisperConfig as HFConfig
     from transformers import WhisperForConditionalGeneration
 
@@ -89,10 +89,7 @@ def clips(librivox):
 
 def _ct2(name):
     from affjax.assets import whisper_ct2_dir
-    try:
-        return whisper_ct2_dir(name)
-    except AssetMissing as e:
-        pytest.skip(str(e))
+    return need_asset(whisper_ct2_dir, name)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +106,7 @@ def tiny_ckpt(tmp_path_factory):
 def tiny(tiny_ckpt, clips):
     """(model, processor, unpooled tokens of the five clips) from the converted checkpoint."""
     from affjax.eval_asr import _load_whisper
-    from affjax.models.whisper.modeling import transcribe
+    from affjax.models.whisper.decoding import transcribe
     model, processor = _load_whisper(tiny_ckpt[0], None)
     ref = transcribe(model, processor, clips[1], batch_size=5)
     return model, processor, ref
@@ -141,18 +138,19 @@ def test_convert_ct2_folder(tiny_ckpt):
 def test_cached_model_of_an_older_converter_is_converted_again(tmp_path, monkeypatch):
     """`--model` reconverts a cached checkpoint whose format is older than the converter's."""
     from affjax.checkpoint import CONFIG_NAME, FORMAT
-    from affjax.eval_asr import EvalConfig, resolve_checkpoint
+    from affjax.eval_asr import resolve_checkpoint
+    from affjax.runner import JobConfig
     _ct2("tiny.en")
     monkeypatch.setenv("AFFJAX_CACHE", str(tmp_path))
     stale = tmp_path / "models" / "whisper-tiny.en"
     stale.mkdir(parents=True)
     (stale / CONFIG_NAME).write_text(json.dumps({"model_type": "whisper"}))  # format 1: no "format" key
     logs = []
-    dst, _ = resolve_checkpoint(EvalConfig(model="whisper-tiny.en"), log=logs.append)
+    dst, _ = resolve_checkpoint(JobConfig(model="whisper-tiny.en"), log=logs.append)
     assert dst == stale and "older converter" in logs[0]
     assert json.loads((dst / CONFIG_NAME).read_text())["format"] == FORMAT
     logs.clear()
-    resolve_checkpoint(EvalConfig(model="whisper-tiny.en"), log=logs.append)
+    resolve_checkpoint(JobConfig(model="whisper-tiny.en"), log=logs.append)
     assert logs == []
 
 
@@ -175,7 +173,7 @@ def test_pooled_encoder_output_matches_reference(tiny, clips):
     from pooling_reference import ref_stage
 
     from affjax.models.whisper import asr
-    from affjax.models.whisper.modeling import encode, whisper_features
+    from affjax.models.whisper.decoding import encode, whisper_features
     model, processor, _ = tiny
     wave = clips[1][1]
     feats = whisper_features(processor, [wave], 2, model.cfg)
@@ -204,12 +202,13 @@ def test_deep_stage_runs_with_fewer_encoder_flops(tiny, clips):
         assert asr.encoder_flops(model.cfg.encoder, lt) < full
 
 
+@pytest.mark.slow
 def test_base_wer_unpooled_and_pooled(clips):
     """The accuracy bench: Whisper base on the five LibriVox clips, unpooled and at the main
     job's default pooled setting (encoder output, tau 0.95, window 1, proportional)."""
     from affjax.eval_asr import corpus_wer, make_normalizer
     from affjax.models.whisper import asr
-    from affjax.models.whisper.modeling import load_whisper_ct2
+    from affjax.models.whisper.ct2 import load_whisper_ct2
     items, waves = clips
     model, processor, _ = load_whisper_ct2(_ct2("base"))
     norm, _ = make_normalizer(processor.tokenizer)
@@ -224,8 +223,10 @@ def test_base_wer_unpooled_and_pooled(clips):
     assert wers["unpooled"] <= 0.05 and wers["pooled"] <= 0.05, wers
 
 
+@pytest.mark.slow
 def test_eval_job_error_rows(tiny_ckpt, clips, tmp_path):
-    from affjax.eval_asr import EvalConfig, run_eval
+    from affjax.eval_asr import run_eval
+    from affjax.runner import JobConfig
     items, _ = clips
     (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage" * 3)
     lines = [json.dumps({"id": "good", "audio": str(items[4]["audio"]), "text": items[4]["text"]}),
@@ -234,7 +235,7 @@ def test_eval_job_error_rows(tiny_ckpt, clips, tmp_path):
              "{not json",
              json.dumps({"id": "noref", "audio": str(items[4]["audio"])})]
     (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
-    s = run_eval(EvalConfig(ckpt=str(tiny_ckpt[0]), manifest=str(tmp_path / "m.jsonl"), out=str(tmp_path / "out"),
+    s = run_eval(JobConfig(ckpt=str(tiny_ckpt[0]), manifest=str(tmp_path / "m.jsonl"), out=str(tmp_path / "out"),
                             pooling="4:tau=0.95,window=1", proportional=True, progress=False))
     rows = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["good", "missing", "corrupt", "line-4", "noref"]
@@ -246,6 +247,7 @@ def test_eval_job_error_rows(tiny_ckpt, clips, tmp_path):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["wer"] == 0.0
 
 
+@pytest.mark.slow
 def test_cli_eval_model_librivox(tiny_ckpt, clips, tmp_path):
     """`affjax eval --model whisper-tiny.en --data librivox` end to end in a subprocess (the
     converted model is found in $AFFJAX_CACHE): unpooled and the default pooled setting."""

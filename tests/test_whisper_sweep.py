@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from affjax.assets import AssetMissing
+from conftest import missing, need_asset, need_module
 from affjax.models.whisper import asr
 
 # ----------------------------------------------------------------------------------------------
@@ -107,17 +107,41 @@ def test_uniform_stage_shapes_are_static():
     assert len(traces) == 1
 
 
+def test_encoder_stage_compiles_once_for_every_tau():
+    """The Whisper similarity stage passes tau traced: a threshold sweep runs one stage program
+    (a state of 2 x 24 frames, width 5: a shape no other test uses), with each tau's own counts."""
+    from affjax.pooling.affinity import pool_stage_jit
+    from affjax.pooling.spec import Stage
+    rng = np.random.default_rng(0)
+    b, n = 2, 24
+    x = np.repeat(rng.normal(size=(b, n // 3, 5)), 3, axis=1) + 0.3 * rng.normal(size=(b, n, 5))
+    frames = np.array([n, 17])
+    audio = np.arange(n)[None, :] < frames[:, None]
+    st = asr.EncoderState(
+        x=jnp.asarray(x, jnp.float32), valid=jnp.ones((b, n), bool), span=jnp.asarray(audio.astype(np.int32)),
+        size=jnp.ones((b, n)), pos=jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32), (b, n)), key_valid=None,
+        bias=None, present=np.full(b, n), layer_tokens=np.zeros((b, 4), np.int64),
+        audio_tokens=[audio.sum(1)], buffers=[])
+    before = pool_stage_jit._cache_size()
+    kept = [asr.encoder_stage(st, Stage(4, tau, 1), buckets=(8, 16, n)).audio_tokens[-1].tolist()
+            for tau in (1.1, 0.9, 0.5, -1.0)]
+    assert pool_stage_jit._cache_size() - before == 1
+    assert kept[0] == frames.tolist() and kept[-1] == [1, 1], kept
+    assert len({tuple(k) for k in kept}) >= 3, kept
+
+
 # ----------------------------------------------------------------------------------------------
 # Suppressed tokens vs transformers' generate (tiny random Whisper)
 
 
 def test_greedy_suppression_matches_generate():
-    torch = pytest.importorskip("torch")
+    torch = need_module("torch")
     from flax import nnx
     from transformers import GenerationConfig
     from transformers.modeling_outputs import BaseModelOutput
 
-    from affjax.models.whisper.modeling import Whisper, WhisperConfig, greedy_decode
+    from affjax.models.whisper.decoding import greedy_decode
+    from affjax.models.whisper.modeling import Whisper, WhisperConfig
     from affjax.models.whisper.params import KEYS, TIED_KEYS
     from affjax.weights import KeyTable, load_streaming
     sys.path.insert(0, str(Path(__file__).parent))
@@ -166,17 +190,14 @@ def test_greedy_suppression_matches_generate():
 
 
 def _skip_missing(fn):
-    try:
-        return fn()
-    except AssetMissing as e:
-        pytest.skip(str(e))
+    return need_asset(fn)
 
 
 @pytest.fixture(scope="module")
 def tiny_en():
     from affjax.assets import librivox_items, whisper_ct2_dir
     from affjax.data.audio import load_audio
-    from affjax.models.whisper.modeling import load_whisper_ct2
+    from affjax.models.whisper.ct2 import load_whisper_ct2
     items = _skip_missing(librivox_items)
     model, processor, _ = load_whisper_ct2(_skip_missing(lambda: whisper_ct2_dir("tiny.en")))
     return model, processor, [load_audio(it["audio"]) for it in items[:3]]
@@ -188,11 +209,12 @@ def test_suppress_tokens_come_from_the_ct2_config(tiny_en):
     assert model.decoder.cfg.suppress_tokens == model.cfg.suppress_tokens
 
 
+@pytest.mark.slow
 def test_controls_keeping_every_frame_are_unpooled(tiny_en):
     """r = 1 (k = the clip's frames): uniform average and uniform dropping, at the encoder output
     and after layer 2, with and without proportional (sizes are all 1, so the bias is 0): the
     unpooled transcripts."""
-    from affjax.models.whisper.modeling import prompt_ids, whisper_features
+    from affjax.models.whisper.decoding import prompt_ids, whisper_features
     from affjax.pooling.spec import Stage
     model, processor, waves = tiny_en
     cfg = model.cfg
@@ -213,6 +235,7 @@ def test_controls_keeping_every_frame_are_unpooled(tiny_en):
         assert toks == base, (st.layer, control, prop)
 
 
+@pytest.mark.slow
 def test_tiny_sweep_end_to_end_and_resumed(tmp_path):
     """2 LibriVox clips, Whisper tiny.en, one threshold at the encoder output with the controls:
     the JSON, table and plot; a second run resumes (computes no cell again)."""
@@ -264,7 +287,7 @@ def test_piper_generation(tmp_path):
     from affjax.data import tts
     reason = tts.piper_missing()
     if reason:
-        pytest.skip(reason)
+        missing(reason)  # piper and its voice ship in the assets extra
     text = "The committee met on Tuesday and approved a budget of three million dollars."
     (wave,) = tts.synthesize([text], cache_dir=tmp_path)
     seconds = len(wave) / tts.SAMPLE_RATE

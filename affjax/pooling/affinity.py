@@ -1,9 +1,9 @@
-"""One Affinity Pooling stage as a pure function over static shapes (spec sections 1, 3, 4).
+"""One Affinity Pooling stage, a pure function over static shapes (docs/pooling.md sections 1, 3, 4).
 
 ``pool_stage`` takes a packed batch (valid tokens at the front of each row, padding after) and
 returns the pooled batch packed into a buffer of static capacity ``C``. Nothing has a
-data-dependent shape, so one compiled program serves every valid length for given
-``(B, N, C)`` and static settings.
+data-dependent shape, so one compiled program serves every valid length and every threshold
+``tau`` (a traced float32 value) for given ``(B, N, C)`` and static settings.
 
 How the sequential rule of section 1 runs without a Python loop over time:
 
@@ -141,6 +141,22 @@ def _span_slots_device(lengths: jax.Array, p: int, q: int) -> jax.Array:
     return jnp.where(lengths > 0, jnp.maximum(slots, 1), 0)
 
 
+def _tau_f32(tau, rows: int) -> jax.Array:
+    """The threshold as float32: a scalar, or ``(rows, 1)`` for one per row. Host numbers are rounded
+    to float32 by numpy (as ``np.float32(tau)``); arrays and tracers are cast in the program (also
+    round to nearest)."""
+    if isinstance(tau, (int, float, np.integer, np.floating)) and not isinstance(tau, bool):
+        return jnp.asarray(np.float32(tau))
+    t = jnp.asarray(tau)
+    if t.dtype != jnp.float32:
+        t = t.astype(jnp.float32)
+    if t.ndim == 0:
+        return t
+    if t.shape == (rows,):
+        return t[:, None]
+    raise ValueError(f"tau must be a scalar or one per row ({rows},), got shape {t.shape}")
+
+
 def pool_stage(
     h: jax.Array,
     span: jax.Array,
@@ -148,7 +164,7 @@ def pool_stage(
     pos: jax.Array,
     size: jax.Array,
     *,
-    tau: float,
+    tau,
     window: int,
     capacity: int,
     weighted: bool = False,
@@ -156,7 +172,7 @@ def pool_stage(
     retention: float | None = None,
     dots: str = "matvec",
 ) -> StageOut:
-    """One pooling stage (spec section 1) over a padded batch.
+    """One pooling stage (docs/pooling.md section 1) over a padded batch.
 
     Args:
       h: Float['B N D'] hidden states, any float dtype (similarity and means run in float32).
@@ -164,8 +180,10 @@ def pool_stage(
       valid: Bool['B N'] valid tokens packed at the front of each row.
       pos: Float32['B N'] position ids.
       size: Float32['B N'] original tokens each slot stands for (1 before any stage).
-      tau: join when ``max cos >= float32(tau)``; ``tau > 1`` merges nothing, ``tau = -1`` merges
-        each span into one token.
+      tau: join when ``max cos >= float32(tau)`` (an exact tie joins); ``tau > 1`` merges nothing,
+        ``tau = -1`` merges each span into one token. A number, a float32 scalar array or one
+        threshold per row (``['B']``); traced under jit, so every threshold shares one program
+        (host numbers are rounded to float32 on the host, arrays of another dtype in the program).
       window: lookback ``omega >= 1`` over the current group's last members.
       capacity: static output length ``C``. Bucketed mode: the caller guarantees ``C >=`` groups
         (check ``n_valid <= C``); fixed-capacity mode: ``C >=`` text tokens + sum of span slots
@@ -179,7 +197,7 @@ def pool_stage(
       dots: how the lag dot products are computed (``"matvec"`` or ``"reduce"``, see
         :func:`_lag_dots`): a speed choice for the program the stage is compiled into.
 
-    All keyword arguments are static under jit (see :data:`pool_stage_jit`).
+    Every keyword argument but ``tau`` is static under jit (see :data:`pool_stage_jit`).
     """
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
@@ -191,7 +209,7 @@ def pool_stage(
         raise ValueError(f"h must be (B, N, D), got shape {h.shape}")
     B, N, _ = h.shape
     W, C = int(window), int(capacity)
-    tau32 = np.float32(tau)
+    tau32 = _tau_f32(tau, B)  # () or (B, 1)
 
     span = span.astype(jnp.int32)
     valid = valid.astype(bool)
@@ -216,7 +234,7 @@ def pool_stage(
         s = cos[..., 0]
     else:
         nxt = jnp.minimum(jnp.arange(W, dtype=jnp.int32) + 1, W - 1)
-        ok = allowed[..., None] & (s_prefix >= tau32)
+        ok = allowed[..., None] & (s_prefix >= tau32[..., None])
         step_maps = jnp.where(ok, nxt, 0).astype(jnp.int32)  # (B, N, W): state -> next state
         composed = jax.lax.associative_scan(
             lambda a, b: jnp.take_along_axis(b, a, axis=-1), step_maps, axis=1
@@ -296,7 +314,8 @@ def pool_stage(
     )
 
 
-STATIC_ARGNAMES = ("tau", "window", "capacity", "weighted", "positions", "retention", "dots")
+STATIC_ARGNAMES = ("window", "capacity", "weighted", "positions", "retention", "dots")
 
-#: ``pool_stage`` jitted with every keyword static: one compile per (shapes, settings).
+#: ``pool_stage`` jitted with every keyword but ``tau`` static: one compile per (shapes, settings);
+#: ``tau`` is a traced argument, so any threshold (and one per row) runs the same program.
 pool_stage_jit = jax.jit(pool_stage, static_argnames=STATIC_ARGNAMES)

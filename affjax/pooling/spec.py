@@ -1,4 +1,4 @@
-"""Pooling settings: which stages run where, and their text form (spec section 2).
+"""Pooling settings: which stages run where, and their text form (docs/pooling.md section 2).
 
 Pure Python, no JAX. The text form is a preset name or stages separated by ``;``, each
 ``LAYER:tau=F,window=N[,weighted]``, e.g. ``0:tau=0.8,window=1;29:tau=0.7,window=3``.
@@ -36,6 +36,21 @@ class Stage:
     def to_text(self) -> str:
         text = f"{self.layer}:tau={self.tau!r},window={self.window}"
         return text + ",weighted" if self.weighted else text
+
+    @property
+    def static(self) -> "StageStatic":
+        """What a compiled pooling program depends on (layer, window, weighted); ``tau`` is passed
+        to it as a traced float32 value, so stages that differ only in tau share one program."""
+        return StageStatic(self.layer, self.window, self.weighted)
+
+
+@dataclass(frozen=True)
+class StageStatic:
+    """The static part of a :class:`Stage` (no tau): a static argument of the jitted pieces."""
+
+    layer: int
+    window: int
+    weighted: bool = False
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,30 @@ def encode(processor, prompt: str, audios: list[np.ndarray], continuation: str |
     return Encoded(ids, feats, flen, cont)
 
 
+def _placeholder_runs(ids: np.ndarray, audio_token_id: int) -> list[tuple[int, int]]:
+    """[(start, end)] of each run of audio placeholder tokens, in order."""
+    is_audio = ids == audio_token_id
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], is_audio.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def check_clips(e: Encoded, audio_token_id: int, out_frames_of, sampling_rate: int | None = None) -> None:
+    """One item's audio placeholders pair up with its clips, each clip giving at least one audio
+    token; else ValueError naming the clip and the cause (a clip of 20 ms or less gives none)."""
+    runs = _placeholder_runs(e.ids, audio_token_id)
+    want = [int(out_frames_of(np.asarray(f))) for f in e.feature_lengths]
+    for k, w in enumerate(want):
+        if w < 1:
+            secs = "" if sampling_rate is None else f" ({int(e.feature_lengths[k]) * 160 / sampling_rate:.3f} s)"
+            raise ValueError(f"audio clip {k + 1}{secs} is too short: it gives no audio token (the encoder needs "
+                             "more than 20 ms)")
+    if len(runs) != len(want):
+        raise ValueError(f"prompt has {len(runs)} audio placeholder runs but {len(want)} clips")
+    for k, ((s0, s1), w) in enumerate(zip(runs, want)):
+        if s1 - s0 != w:
+            raise ValueError(f"audio clip {k + 1}: {s1 - s0} placeholder tokens but the encoder gives {w}")
+
+
 def collate(items: list[Encoded], *, batch_size: int, audio_token_id: int, out_frames_of,
             pad_id: int = 0, seq_len: int | None = None, cont_len: int | None = None) -> Batch:
     """Pad encoded items into one Batch. `out_frames_of(feature_lengths)` gives audio tokens per clip
@@ -117,17 +141,8 @@ def collate(items: list[Encoded], *, batch_size: int, audio_token_id: int, out_f
         valid[b, :len(seq)] = True
         n_prompt[b] = n
         # placeholder runs, in order, belong to this item's clips in order
-        is_audio = e.ids == audio_token_id
-        starts = np.flatnonzero(is_audio & ~np.concatenate([[False], is_audio[:-1]]))
-        if len(starts) != len(e.feature_lengths):
-            raise ValueError(f"prompt has {len(starts)} audio placeholder runs but {len(e.feature_lengths)} clips")
-        for k, s0 in enumerate(starts):
-            run = s0
-            while run < n and is_audio[run]:
-                run += 1
-            want = int(out_frames_of(np.asarray(e.feature_lengths[k])))
-            if run - s0 != want:
-                raise ValueError(f"audio clip {k}: {run - s0} placeholder tokens but the encoder gives {want}")
+        check_clips(e, audio_token_id, out_frames_of)
+        for k, (s0, run) in enumerate(_placeholder_runs(e.ids, audio_token_id)):
             feats[a] = e.features[k]
             flen[a] = e.feature_lengths[k]
             span[b, s0:run] = k + 1

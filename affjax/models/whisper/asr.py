@@ -1,25 +1,28 @@
 """Whisper speech recognition with Affinity Pooling on the encoder: pooled encoding, greedy
 transcription, and the analytic FLOPs count.
 
-Where stages sit (spec section 2, with LAYER meaning an *encoder* layer of a model with L of them):
+Where stages sit (docs/pooling.md section 2, with LAYER meaning an *encoder* layer of a model with
+L of them):
 
 - ``0``: on the conv stem output plus positions, before encoder layer 1;
 - ``1 <= l < L`` ("deep"): on the residual stream after encoder layer l; layers l+1 .. L run on
   the shortened sequence and the final LayerNorm follows;
 - ``L`` ("encoder output"): after the final LayerNorm, on the sequence the decoder cross-attends to.
 
-Several stages chain as in the spec. Presets are the Qwen2-Audio ones, placed by the same rule with
-``L + 1`` stage positions (``dap-*`` put their deep stage at ``L - 2``).
+Several stages chain as in docs/pooling.md section 2. Presets are the Qwen2-Audio ones, placed by
+the same rule with ``L + 1`` stage positions (``dap-*`` put their deep stage at ``L - 2``).
 
 Spans. The feature extractor pads every clip to 30 s; encoder frame j covers samples
 ``[320 j, 320 (j + 1))`` (hop 160, conv stride 2). Frames ``[0, ceil(n_samples / 320))`` hold the
 clip: they form one audio span (span id 1) and are the only frames pooled. The frames after them
-encode the zero padding; they are kept as they are (span 0, never merged, like text tokens in the
-spec), because Whisper's decoder relies on them: masking them out of the cross-attention, with no
-pooling at all, breaks transcription (see ``drop_padding`` and docs in ``affjax/eval_asr.py``).
+encode the zero padding; they are kept as they are (span 0, never merged, like text tokens in
+docs/pooling.md section 1), because Whisper's decoder relies on them: masking them out of the
+cross-attention, with no pooling at all, breaks transcription (see ``drop_padding`` and docs in
+``affjax/eval_asr.py``).
 
 Positions. Whisper's encoder adds absolute position embeddings once, before layer 1, and has no
-RoPE, so the ``positions`` policy of the spec does not apply; it is ignored for Whisper.
+RoPE, so the ``positions`` policy (docs/pooling.md section 3) does not apply; it is ignored for
+Whisper.
 
 Proportional. Under ``PoolingConfig.proportional`` every attention after a stage adds
 ``log(size)`` to the logit of each key that stands for ``size`` frames: the self-attention of the
@@ -35,17 +38,16 @@ dropping (k evenly spaced frames kept), with k given per row, e.g. the count a s
 kept for that item (equal retention). They yield the same packed buffers as ``pool_stage``, so
 everything after a stage (proportional included) treats them alike; padding frames are kept.
 
-Static shapes (bucketed mode, spec section 4). The encoder runs as jitted pieces: the stem, each
-group of layers between two stages, the pooling stages (``pool_stage_jit``) and the greedy loop.
-After a stage the host reads the batch's largest valid length and slices the packed buffer to the
-smallest bucket of :func:`encoder_buckets` that holds it, so thresholds are exact and each
-(piece, bucket, batch size) compiles once. Padding rows of a batch are marked invalid from the
+Static shapes (bucketed mode, docs/pooling.md section 4). The encoder runs as jitted pieces: the
+stem, each group of layers between two stages, the pooling stages (``pool_stage_jit``) and the
+greedy loop. After a stage the host reads the batch's largest valid length and slices the packed
+buffer to the smallest bucket of :func:`encoder_buckets` that holds it, so thresholds are exact and
+each (piece, bucket, batch size) compiles once. Padding rows of a batch are marked invalid from the
 start, so they never hold a bucket open.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import math
@@ -56,8 +58,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from affjax.models.whisper.modeling import (
-    EncoderConfig, Whisper, WhisperConfig, greedy_decode, prompt_ids, whisper_features)
+from affjax.compiles import TRACES, traced
+from affjax.models.whisper.decoding import greedy_tokens, prompt_ids, whisper_features
+from affjax.models.whisper.modeling import EncoderConfig, Whisper, WhisperConfig
 from affjax.pooling.affinity import StageOut, pool_stage_jit
 from affjax.pooling.spec import PoolingConfig, Stage, parse_pooling
 
@@ -70,7 +73,6 @@ __all__ = [
 
 SAMPLES_PER_FRAME = 320  # feature hop (160 samples) x conv2 stride (2)
 BUCKET_STEP = 128
-TRACES: collections.Counter = collections.Counter()  # traces (= compilations) per jitted piece
 
 
 def encoder_buckets(max_frames: int, step: int = BUCKET_STEP) -> tuple[int, ...]:
@@ -92,7 +94,8 @@ def audio_frames(n_samples: int, cfg: EncoderConfig) -> int:
 
 
 def parse_whisper_pooling(text: str | None, cfg: WhisperConfig, proportional: bool = False) -> PoolingConfig:
-    """The spec's text form with LAYER = encoder layer, 0 .. L (L = the encoder output)."""
+    """The text form of docs/pooling.md section 2, with LAYER = encoder layer, 0 .. L (L = the
+    encoder output)."""
     return parse_pooling(text, cfg.encoder.layers + 1, positions="first", proportional=proportional)
 
 
@@ -107,23 +110,16 @@ def default_pooling(cfg: WhisperConfig) -> PoolingConfig:
 
 @jax.jit
 def _embed_jit(graphdef, params, features):
-    TRACES["embed"] += 1
+    traced("whisper_embed")
     return nnx.merge(graphdef, params).embed(features)
 
 
 @functools.partial(jax.jit, static_argnames=("start", "end", "finish"))
 def _group_jit(graphdef, params, x, key_valid, key_bias, *, start, end, finish):
-    TRACES["layers"] += 1
+    traced("whisper_layers")
     enc = nnx.merge(graphdef, params)
     x = enc.run_layers(x, key_valid, start, end, key_bias)
     return enc.layer_norm(x) if finish else x
-
-
-@functools.partial(jax.jit, static_argnames=("max_new_tokens",))
-def _greedy_jit(graphdef, params, enc, enc_valid, enc_bias, prompt, row_valid, max_new_tokens):
-    TRACES["greedy"] += 1
-    return greedy_decode(nnx.merge(graphdef, params), enc, prompt, row_valid, max_new_tokens=max_new_tokens,
-                         enc_valid=enc_valid, enc_bias=enc_bias)
 
 
 @jax.jit
@@ -279,8 +275,9 @@ def encoder_stage(st: EncoderState, stage: Stage, *, proportional: bool = False,
     n = int(st.x.shape[1])
     buckets = buckets or encoder_buckets(n)
     if control is None:
-        out = pool_stage_jit(st.x, st.span, st.valid, st.pos, st.size, tau=stage.tau, window=stage.window,
-                             capacity=n, weighted=stage.weighted, positions="first")
+        # tau is traced (float32): every threshold of a (window, weighted, shape) shares one program
+        out = pool_stage_jit(st.x, st.span, st.valid, st.pos, st.size, tau=np.float32(stage.tau),
+                             window=stage.window, capacity=n, weighted=stage.weighted, positions="first")
     else:
         if groups is None:
             raise ValueError("a control stage needs groups (audio groups to keep per row)")
@@ -366,18 +363,8 @@ def decode_encoded(model: Whisper, e: EncodeOut, prompt: Sequence[int], n_valid_
                    max_new_tokens: int) -> tuple[list[list[int]], list[bool]]:
     """Jitted greedy decoding over a (pooled) encoder output: per real row, the generated ids (no
     prompt, no final eos) and whether it ended with eos before ``max_new_tokens``."""
-    dec_graph, dec_params = nnx.split(model.decoder)
-    b = int(e.enc.shape[0])
-    prompt = jnp.asarray(prompt, jnp.int32)
-    toks, done = _greedy_jit(dec_graph, dec_params, e.enc, e.valid, e.bias, prompt, jnp.arange(b) < n_valid_rows,
-                             max_new_tokens)
-    toks, done = np.asarray(toks), np.asarray(done)
-    eos, p = model.cfg.eos_token_id, int(prompt.shape[0])
-    tokens = []
-    for i in range(n_valid_rows):
-        gen = toks[i, p:].tolist()
-        tokens.append(gen[:gen.index(eos)] if eos in gen else gen)
-    return tokens, [bool(d) for d in done[:n_valid_rows]]
+    return greedy_tokens(model, e.enc, n_valid_rows, prompt, max_new_tokens=max_new_tokens, enc_valid=e.valid,
+                         enc_bias=e.bias)
 
 
 def transcribe_pooled(model: Whisper, processor, waveforms, pooling: PoolingConfig | None = None, *,

@@ -393,3 +393,45 @@ def ct2_processor(ct2_dir: str | os.PathLike, dst: str | os.PathLike, *, languag
         gen.alignment_heads = ids["alignment_heads"]
     gen.save_pretrained(str(dst))
     return proc
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading from a CTranslate2 folder
+
+
+def load_whisper_ct2(ct2_dir, dtype=None, *, processor_dir=None):
+    """Build `Whisper` + `WhisperProcessor` from a CTranslate2 Whisper folder (model.bin,
+    config.json, tokenizer.json), without torch. float16 weights are widened to `dtype`.
+
+    Returns (model, processor, hf_config dict). The processor is also saved to `processor_dir`
+    when given (loadable with `WhisperProcessor.from_pretrained`). The model's config takes the
+    suppressed tokens from the folder's config.json (`suppress_ids`, `suppress_ids_begin`, through
+    `ct2_hf_config`), so greedy decoding matches transformers' `generate` on the original checkpoint.
+    """
+    import tempfile
+
+    from affjax.models.whisper.modeling import Whisper, WhisperConfig
+    from affjax.models.whisper.params import KEYS, TIED_KEYS
+    from affjax.weights import KeyTable, load_streaming
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    dtype = dtype or jnp.float32
+    ct2_dir = Path(ct2_dir)
+    ct2_vars = read_ct2(ct2_dir / "model.bin")
+    hf_cfg = ct2_hf_config(ct2_dir, ct2_vars)
+    sd = ct2_to_hf_state_dict(ct2_vars, hf_cfg)
+    del ct2_vars
+    cfg = WhisperConfig.from_hf(hf_cfg)
+    abstract = nnx.eval_shape(lambda: Whisper(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    state = load_streaming(abstract, KeyTable(KEYS), ((k, lambda a=a: a) for k, a in sd.items()),
+                           dtype=dtype, ignore=lambda k: k in TIED_KEYS)
+    graphdef, _ = nnx.split(abstract)
+    model = nnx.merge(graphdef, state)
+    if processor_dir is not None:
+        processor = ct2_processor(ct2_dir, processor_dir, hf_config=hf_cfg)
+    else:
+        with tempfile.TemporaryDirectory(prefix="affjax-whisper-proc-") as td:
+            processor = ct2_processor(ct2_dir, td, hf_config=hf_cfg)
+    return model, processor, hf_cfg
