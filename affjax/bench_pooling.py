@@ -47,7 +47,8 @@ Reported per case (batch size x audio length x buffer policy), each as a ratio t
   layer group;
 - compiles: the traces (= compilations, affjax.compiles.TRACES) the first call of each engine
   caused, the programs its prefill runs, and for the run as a whole the buckets its sequences can
-  hit (shapes.buckets_between; the old grid's count beside it);
+  hit (shapes.buckets_between; the other grids' counts beside it). --seq-grid runs the whole bench
+  under another grid of shapes.SEQ_GRIDS (16 per octave, or the old grid) to compare policies;
 - optionally (--stage-timing) the pooling stage alone vs one decoder layer at the same buffer.
 
 Run: ``python -m affjax.bench_pooling --batch 1 --audio-seconds 5 10 15 20 25 30 --methods dap``
@@ -86,8 +87,6 @@ PAPER_DAP_FLOPS = 0.7252
 BUFFERS = ("bucket", "exact")
 POOL_MODES = ("bucketed", "fixed")
 METHODS = ("input", "deep", "dap")
-# the grid before affjax.shapes.SEQ_GRID (for the compile-count comparison only)
-OLD_SEQ_BUCKETS = (64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 6144, 8192, 12288, 16384)
 
 
 def build_model(config: dict | None = None, seed: int = 0):
@@ -492,21 +491,34 @@ def _buffers(eng, programs, batch) -> list[int]:
     return [int(p.args[1].x.shape[1]) for p in programs if p.label.startswith("layers[")]
 
 
-def grid_report(lengths: dict[str, tuple[int, int]]) -> dict:
-    """The bucket grid and the buckets a job over these length ranges can hit (compiles per piece)."""
+def grid_report(lengths: dict[str, tuple[int, int]], grid_name: str = "32") -> dict:
+    """The bucket grid in force and the buckets a job over these length ranges can hit (compiles
+    per piece), beside the same counts for the other grids of shapes.SEQ_GRIDS."""
     from affjax import shapes
-    return {"grid": [list(g) for g in shapes.SEQ_GRID], "first_bucket": shapes.SEQ_MIN,
+    others = {k: shapes._grid(shapes.SEQ_MIN, g) for k, g in shapes.SEQ_GRIDS.items() if k != grid_name}
+    return {"name": grid_name, "grid": [list(g) for g in shapes.SEQ_GRIDS[grid_name]], "first_bucket": shapes.SEQ_MIN,
             "buckets": len(shapes.SEQ_BUCKETS),
             "buckets_up_to_fine_end": sum(1 for x in shapes.SEQ_BUCKETS if x <= shapes.FINE_UP_TO),
-            "fine_up_to": shapes.FINE_UP_TO, "pad_bound": shapes.PAD_BOUND,
+            "fine_up_to": shapes.FINE_UP_TO,
             "ranges": {k: {"tokens": list(v), "buckets": shapes.buckets_between(*v),
-                           "buckets_old_grid": shapes.buckets_between(*v, buckets=OLD_SEQ_BUCKETS)}
+                           **{f"buckets_grid_{name}": shapes.buckets_between(*v, buckets=b)
+                              for name, b in others.items()}}
                        for k, v in lengths.items()}}
 
 
 def run_bench_pooling(batches=(1,), repeats=5, audio_seconds=(30.0,), text_tokens=40, buffers=BUFFERS,
                       methods_run=METHODS, pool_modes=POOL_MODES, stage_timing=None, config: dict | None = None,
-                      log=print, command: str | None = None) -> dict:
+                      log=print, command: str | None = None, seq_grid: str = "32") -> dict:
+    """The bench (see the module docstring). `seq_grid`: a key of shapes.SEQ_GRIDS; another than
+    the policy's own ("32") runs the whole bench under that grid (shapes.seq_grid)."""
+    from affjax import shapes
+    with shapes.seq_grid(shapes.SEQ_GRIDS[seq_grid]):
+        return _run(batches, repeats, audio_seconds, text_tokens, buffers, methods_run, pool_modes, stage_timing,
+                    config, log, command, seq_grid)
+
+
+def _run(batches, repeats, audio_seconds, text_tokens, buffers, methods_run, pool_modes, stage_timing, config, log,
+         command, seq_grid) -> dict:
     import jax
 
     from affjax.compiles import TRACES
@@ -545,7 +557,7 @@ def run_bench_pooling(batches=(1,), repeats=5, audio_seconds=(30.0,), text_token
         valid = [c["methods"][label]["tokens_per_stage"] for c in res["cases"] if label in c["methods"]]
         for k in range(len(valid[0]) if valid else 0):
             ranges[f"{label} layer group {k}"] = (min(v[k] for v in valid), max(v[k] for v in valid))
-    res["grid"] = grid_report(ranges)
+    res["grid"] = grid_report(ranges, seq_grid)
     return res
 
 
@@ -653,16 +665,19 @@ def format_bench_pooling(r: dict) -> str:
              f"{r['text_tokens']} text tokens; buffer policies: {', '.join(r['sequence_buffers'])}; pooling modes: "
              f"{', '.join(r['pool_modes'])}; TTFT: {r['repeats']} rounds (round-robin); {r['device']}, jax {r['jax']}",
              f"retention: fixed: {r['retention_driver']['fixed']}; bucketed: {r['retention_driver']['bucketed']}",
-             f"bucket grid (affjax.shapes.SEQ_GRID): from {gr['first_bucket']}, (up to, step) "
+             f"bucket grid `{gr.get('name', '32')}` (affjax.shapes.SEQ_GRIDS): from {gr['first_bucket']}, (up to, step) "
              f"{', '.join(f'({a}, {b})' for a, b in gr['grid'])}: {gr['buckets']} buckets, "
              f"{gr['buckets_up_to_fine_end']} up to {gr['fine_up_to']}", ""]
     for c in r["cases"]:
         lines += format_case(r, c)
     for method in r["methods"]:
         lines += format_sweep(r, method)
-    lines += ["| buckets a job can hit (= compiles per piece) | valid tokens | this grid | old grid |", "|---|---|---|---|"]
+    others = [k[len("buckets_grid_"):] for k in next(iter(gr["ranges"].values()), {}) if k.startswith("buckets_grid_")]
+    lines += [f"| buckets a job can hit (= compiles per piece) | valid tokens | this grid ({gr.get('name', '32')}) | "
+              + " | ".join(f"grid {o}" for o in others) + " |", "|---|---|---|" + "---|" * len(others)]
     for k, v in gr["ranges"].items():
-        lines.append(f"| {k} | {v['tokens'][0]}-{v['tokens'][1]} | {v['buckets']} | {v['buckets_old_grid']} |")
+        lines.append(f"| {k} | {v['tokens'][0]}-{v['tokens'][1]} | {v['buckets']} | "
+                     + " | ".join(str(v[f"buckets_grid_{o}"]) for o in others) + " |")
     lines += ["", f"compiles in this run: {sum(r['compiles_total'].values())} "
               f"({', '.join(f'{k} {v}' for k, v in sorted(r['compiles_total'].items()))}); wall {r['wall_s']:.0f} s", ""]
     for method in r["methods"]:
@@ -687,6 +702,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--stage-timing", action=argparse.BooleanOptionalAction, default=None,
                    help="time the pooling stage against one decoder layer (default: with one audio length)")
+    p.add_argument("--seq-grid", default="32", choices=("32", "16", "old"),
+                   help="sequence bucket grid (affjax.shapes.SEQ_GRIDS): 32 = the policy in force; 16 per octave "
+                        "and the old grid to compare")
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -697,7 +715,8 @@ def main_bench_pooling(args) -> int:
                           tuple(getattr(args, "methods", METHODS)), tuple(getattr(args, "pool_modes", POOL_MODES)),
                           getattr(args, "stage_timing", None), log=lambda s: print(s, flush=True),
                           command=" ".join(["affjax" if sys.argv[0].endswith("affjax") else
-                                            "python -m affjax.bench_pooling"] + sys.argv[1:]))
+                                            "python -m affjax.bench_pooling"] + sys.argv[1:]),
+                          seq_grid=getattr(args, "seq_grid", "32"))
     print(format_bench_pooling(r))
     if args.out:
         with open(args.out, "w") as f:

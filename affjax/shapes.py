@@ -13,46 +13,66 @@ The sequence grid (SEQ_GRID -> SEQ_BUCKETS; `bucket` is the one function every c
 ------------------------------------------------------------------------------------------------
 From 64 tokens, buckets every `step` tokens up to each `upper end` of SEQ_GRID:
 
-    64 .. 256 every 8, .. 512 every 16, .. 1024 every 32, .. 2048 every 64      (73 buckets)
-    .. 4096 every 256, .. 8192 every 512, .. 16384 every 1024                    (24 more)
+    64 .. 256 every 4, .. 512 every 8, .. 1024 every 16, .. 2048 every 32     (145 buckets)
+    .. 4096 every 256, .. 8192 every 512, .. 16384 every 1024                   (24 more)
 
-that is sixteen buckets per octave from 128 to 2048 (the step is a 16th of the octave's start,
-at least 8 tokens, a multiple of 8 everywhere), eight per octave above. The bound it gives
-(`PAD_BOUND`, checked in tests/test_shapes.py): a buffer holds at most
+that is 32 buckets per octave from 128 to 2048 (the step is a 32nd of the octave's start), 16
+from 64 to 128, 8 per octave above 2048. The bound it gives (`PAD_BOUND`, tests/test_shapes.py):
 
-    bucket(n) / n < 1 + 1/16  for 128 < n <= 2048,
-    bucket(n) / n < 1 + 1/8   for  64 < n <= 128 and for n > 2048,
+    bucket(n) / n < 1 + 1/32  for 128 < n <= 2048,
+    bucket(n) / n < 1 + 1/16  for  64 < n <= 128,    < 1 + 1/8 above 2048,
 
-and bucket(n) = 64 for n <= 64. Padding costs FLOPs, time and memory in proportion (the attention
-square more), so a pooled and an unpooled sequence padded within 6.25 % each compare within a few
-points of what their valid lengths say: the DAP prefill's XLA-realized FLOPs ratio stays near
-its analytic ratio at every audio length (`affjax bench-pooling --audio-seconds 5 10 ... 30`,
-docs/benchmarks.md). The old grid (64, 128, 256, 384, 512, 768, 1024, ...) padded up to 50 %
-(513 -> 768): whether pooling paid depended on where a length fell in it (790 -> 1024 unpooled
-but 630 -> 768 pooled favoured pooling at 30 s; 790 exact against 630 -> 768 disfavoured it).
+and bucket(n) = 64 for n <= 64.
+
+Why so fine. Padding costs FLOPs, time and memory in proportion (the attention square more), and
+a pooled and an unpooled sequence are padded independently, so the realized saving drifts from
+the one the valid lengths give by up to about the padding fraction. The goal this grid is sized
+for: the DAP prefill's XLA-realized LM FLOPs ratio within 5 points of its analytic ratio at every
+audio length from 5 to 30 s, in the bucketed job path and with exact-length inputs
+(`affjax bench-pooling`, docs/benchmarks.md). About 2-3 of those points are not padding at all:
+the analytic count (docs/pooling.md section 5) takes the full attention square, XLA counts the
+blocked causal attention the engine runs, so a pooled prefill's realized ratio sits that much
+above its analytic one even without padding. That leaves the grid about 2 points, i.e. about 3 %
+of padding. The old grid (64, 128, 256, 384, 512, 768, 1024, ...) padded up to 50 % (513 ->
+768), and whether pooling paid depended on where a length fell in it: at 30 s, 790 -> 1024
+unpooled against 630 -> 768 pooled favoured pooling, 790 exact against 630 -> 768 disfavoured
+it. A grid of 16 per octave (6.25 %) still missed the goal by up to 0.9 points between the 5 s
+marks (docs/results/pooling_bench_grid16_*.json).
 
 The price is compilations. Every distinct bucket a piece meets compiles it once (per batch size
-and static settings): the embedding/encoder program, each layer group, each pooling stage, the
+and static settings): the encoder/embedding program, each layer group, each pooling stage, the
 head and the decode loop. `buckets_between(lo, hi)` counts the buckets a job whose sequences range
 over [lo, hi] tokens can hit, i.e. the compiles per piece: for 5-30 s of audio with a 40-token
-prompt (165-790 tokens) 37 buckets, against 5 with the old grid; the pooled layer groups after a
-stage add the buckets of their own, shorter range. Above 2048 tokens compiles are dearer and such
-jobs rarer, so the grid coarsens to eight per octave there. A job that cannot afford that many
-compiles can bucket its inputs itself (collate's `seq_len`), or use JAX's persistent compilation
-cache, which keeps every compiled bucket across runs.
+prompt (165-790 tokens) 73 buckets, against 37 at 16 per octave and 5 with the old grid; the
+pooled layer groups after a stage add the buckets of their own, shorter ranges. Jobs keep their
+compiled programs in JAX's persistent compilation cache (the CLI turns it on), so a bucket
+compiles once per machine and setting, not once per run. Above 2048 tokens compiles are dearer
+and such jobs rarer, so the grid coarsens to eight per octave there.
+
+`seq_grid` swaps the grid for a benchmark of another policy (`affjax bench-pooling --seq-grid`,
+with the alternatives in SEQ_GRIDS); jobs never call it.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
 SEQ_MIN = 64
 # (upper end, step): buckets every `step` tokens from the previous upper end (SEQ_MIN first) up to this one
-SEQ_GRID: tuple[tuple[int, int], ...] = ((256, 8), (512, 16), (1024, 32), (2048, 64),
+SEQ_GRID: tuple[tuple[int, int], ...] = ((256, 4), (512, 8), (1024, 16), (2048, 32),
                                          (4096, 256), (8192, 512), (16384, 1024))
-FINE_UP_TO = 2048   # sixteen buckets per octave up to here (steps <= 64), eight above
-FINE_STEP_MAX = 64  # the largest step up to FINE_UP_TO
-PAD_BOUND = 1 / 16  # bucket(n) / n < 1 + PAD_BOUND for 128 < n <= FINE_UP_TO (1/8 elsewhere above 64)
+FINE_UP_TO = 2048   # 32 buckets per octave from 128 up to here (steps <= 32), eight per octave above
+FINE_STEP_MAX = 32  # the largest step up to FINE_UP_TO
+PAD_BOUND = 1 / 32  # bucket(n) / n < 1 + PAD_BOUND for 128 < n <= FINE_UP_TO
+
+# other policies, for benchmarks only (seq_grid): 16 per octave, and the grid before this one
+SEQ_GRIDS: dict[str, tuple[tuple[int, int], ...]] = {
+    "32": SEQ_GRID,
+    "16": ((256, 8), (512, 16), (1024, 32), (2048, 64), (4096, 256), (8192, 512), (16384, 1024)),
+    "old": ((128, 64), (512, 128), (1536, 256), (3072, 512), (4096, 1024), (8192, 2048), (16384, 4096)),
+}
 
 
 def _grid(start: int, grid: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
@@ -72,20 +92,34 @@ class BucketError(ValueError):
     pass
 
 
-def bucket(n: int, buckets: tuple[int, ...] = SEQ_BUCKETS, what: str = "sequence") -> int:
-    """The smallest bucket that holds n."""
+def bucket(n: int, buckets: tuple[int, ...] | None = None, what: str = "sequence") -> int:
+    """The smallest bucket that holds n (of SEQ_BUCKETS unless `buckets` is given)."""
+    buckets = SEQ_BUCKETS if buckets is None else buckets
     i = int(np.searchsorted(buckets, n, side="left"))
     if i == len(buckets):
         raise BucketError(f"{what} length {n} exceeds the largest bucket {buckets[-1]}")
     return int(buckets[i])
 
 
-def buckets_between(lo: int, hi: int, buckets: tuple[int, ...] = SEQ_BUCKETS) -> int:
+def buckets_between(lo: int, hi: int, buckets: tuple[int, ...] | None = None) -> int:
     """How many buckets sequences of lo..hi tokens can land in: the compiles per piece of a job
     whose sequences range over [lo, hi]."""
+    buckets = SEQ_BUCKETS if buckets is None else buckets
     if hi < lo:
         return 0
     return buckets.index(bucket(hi, buckets)) - buckets.index(bucket(lo, buckets)) + 1
+
+
+@contextlib.contextmanager
+def seq_grid(grid: tuple[tuple[int, int], ...]):
+    """Benchmarks only: SEQ_BUCKETS built from `grid` (from SEQ_MIN) inside the block."""
+    global SEQ_BUCKETS
+    saved = SEQ_BUCKETS
+    SEQ_BUCKETS = _grid(SEQ_MIN, grid)
+    try:
+        yield SEQ_BUCKETS
+    finally:
+        SEQ_BUCKETS = saved
 
 
 def audio_slots(n_audio: int, batch_size: int) -> int:

@@ -139,6 +139,7 @@ def test_xla_unpooled_prefill_matches_analytic(small):
     assert prefill_cost(engine, batch) == costs
 
 
+@pytest.mark.slow
 def test_fixed_capacity_per_stage_and_cost(small):
     """Fixed mode with one retention per stage and tau > 1 (no natural merges): each stage keeps
     exactly ceil(r * T) of the tokens each span has when entering it; one compiled program."""
@@ -164,6 +165,7 @@ def test_fixed_capacity_per_stage_and_cost(small):
     assert analytic < pooled_lm / unpooled_lm < 1
 
 
+@pytest.mark.slow
 def test_bucketed_programs_recorded(small):
     from affjax.engine import Engine
     from affjax.pooling.spec import PoolingConfig, Stage

@@ -70,6 +70,7 @@ def test_7b_config_is_the_real_geometry():
     json.dumps(QWEN2_AUDIO_7B_CONFIG)  # config.json form
 
 
+@pytest.mark.slow
 def test_7b_param_count_from_abstract_shapes(plan_7b):
     counts = plan_7b["params"]
     want = analytic_qwen2_audio_params(QWEN2_AUDIO_7B_CONFIG)
@@ -81,6 +82,7 @@ def test_7b_param_count_from_abstract_shapes(plan_7b):
     assert plan_7b["param_bytes"]["float32"] == 4 * counts["total"]
 
 
+@pytest.mark.slow
 def test_7b_param_count_matches_transformers_on_meta_device():
     torch = need_module("torch")
     import transformers
@@ -118,6 +120,7 @@ def test_activation_estimate_terms():
     assert longer["attention"] > 3.5 * dec["attention"]  # quadratic in length
 
 
+@pytest.mark.slow
 def test_bf16_7b_needs_model_parallelism_on_v5e(plan_7b):
     topo = plan_7b["topology"]
     assert topo["chips"] == 8 and topo["hbm_per_chip"] == 16 * GiB
@@ -153,6 +156,7 @@ def test_other_topologies():
     assert bad and all(not m["fits"] and "does not divide" in m["note"] for m in bad)
 
 
+@pytest.mark.slow
 def test_params_per_chip_follow_the_sharding_rules(plan_7b):
     """Per-chip parameter bytes come from affjax.sharding's table: attention, MLP and vocabulary
     split over the model axis; the rest (norms, biases, conv stem, positions, projector) whole, and
@@ -169,6 +173,7 @@ def test_params_per_chip_follow_the_sharding_rules(plan_7b):
     assert rows[("bfloat16", 8)]["params"] == per[8] and rows[("float32", 4)]["params"] == 2 * per[4]
 
 
+@pytest.mark.slow
 def test_tiny_configs_match_instantiated_models():
     import jax
     from flax import nnx
@@ -198,6 +203,7 @@ def test_tiny_configs_match_instantiated_models():
     assert sum(p.numel() for p in hf_llama.parameters()) == llama["total"]  # tied head counted once
 
 
+@pytest.mark.slow
 def test_format_plan_and_cli(plan_7b, tmp_path, capsys):
     text = format_plan(plan_7b)
     assert "8,397,094,912" in text and "v5e-8" in text and "choice for bfloat16" in text

@@ -259,6 +259,7 @@ def batches(draw, sizes=False):
     return items, make_batch(rng, items)
 
 
+@pytest.mark.slow  # hypothesis: 30 examples
 @HYP
 @given(batches(), st.sampled_from(TAUS), st.sampled_from(WINDOWS))
 def test_properties(data, tau, window):
@@ -291,6 +292,7 @@ def test_properties(data, tau, window):
         assert int(out.audio_in[b]) == np.sum(isp > 0)
 
 
+@pytest.mark.slow  # hypothesis: 30 examples
 @HYP
 @given(batches(), st.sampled_from(TAUS), st.sampled_from(WINDOWS), st.integers(0, 2**31 - 1))
 def test_padding_and_neighbours_never_matter(data, tau, window, seed):
@@ -307,6 +309,7 @@ def test_padding_and_neighbours_never_matter(data, tau, window, seed):
             np.testing.assert_allclose(x[perm[i]], y[i], atol=1e-6)
 
 
+@pytest.mark.slow  # hypothesis: 30 examples
 @HYP
 @given(batches(), st.sampled_from([(0.95, 1), (0.8, 2), (0.5, 3)]),
        st.sampled_from([(0.8, 1, False, "first"), (0.5, 3, True, "mean"), (0.7, 2, False, "mean")]))

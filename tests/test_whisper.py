@@ -333,6 +333,7 @@ def test_real_wer(real, clips):
     assert wer <= limit, f"{name}: WER {wer:.3f}\n" + "\n".join(f"  {h!r} | {t!r}" for h, t in zip(hyp, ref))
 
 
+@pytest.mark.slow
 def test_real_transcribe_compiles_once(clips, tmp_path_factory):
     """The public API with a fixed batch size of 8: a second batch of different content (3 of the
     clips, reversed, so 5 padding rows) compiles neither the encoder nor the greedy loop again

@@ -154,6 +154,7 @@ def test_cached_model_of_an_older_converter_is_converted_again(tmp_path, monkeyp
     assert logs == []
 
 
+@pytest.mark.slow
 def test_pooling_that_merges_nothing_is_unpooled(tiny, clips):
     """tau > 1 at every kind of stage (stem, deep, encoder output), proportional on: the same
     tokens as the unpooled model, and every frame kept."""
@@ -190,6 +191,7 @@ def test_pooled_encoder_output_matches_reference(tiny, clips):
     assert not np.asarray(e.valid[0, n:]).any() and not np.asarray(e.valid[1]).any()
 
 
+@pytest.mark.slow
 def test_deep_stage_runs_with_fewer_encoder_flops(tiny, clips):
     from affjax.models.whisper import asr
     model, processor, _ = tiny

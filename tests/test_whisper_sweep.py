@@ -134,6 +134,7 @@ def test_encoder_stage_compiles_once_for_every_tau():
 # Suppressed tokens vs transformers' generate (tiny random Whisper)
 
 
+@pytest.mark.slow
 def test_greedy_suppression_matches_generate():
     torch = need_module("torch")
     from flax import nnx
