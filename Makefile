@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
-	$(BIN)/python -m affjax.assets install
+	$(BIN)/python -m affjax.data.assets install
 
 main: setup
 	$(BIN)/affjax eval --model whisper-base --data librivox

@@ -34,7 +34,7 @@ Reported per case (batch size x audio length x buffer policy), each as a ratio t
 - LM prefill FLOPs: analytic (valid tokens, docs/pooling.md section 5: the full attention square);
   XLA-realized (cost analysis of the compiled programs the prefill ran, at their padded buffers,
   while-loop bodies times their trip counts, the audio encoder + embedding program subtracted:
-  affjax.flops); and XLA at the valid lengths (one decoder layer compiled at each stage's exact
+  affjax.runtime.flops); and XLA at the valid lengths (one decoder layer compiled at each stage's exact
   valid length, times its layers): the part of the realized-vs-analytic gap that is not padding
   but counting (XLA counts the blocked causal attention, about half the square above 256 tokens);
   the gap is realized - analytic in points;
@@ -45,7 +45,7 @@ Reported per case (batch size x audio length x buffer policy), each as a ratio t
   output - aliased) plus the KV caches of the layer groups already run (a bucketed prefill holds
   them while its later programs run), with and without the parameters; the KV cache bytes of each
   layer group;
-- compiles: the traces (= compilations, affjax.compiles.TRACES) the first call of each engine
+- compiles: the traces (= compilations, affjax.runtime.compiles.TRACES) the first call of each engine
   caused, the programs its prefill runs, and for the run as a whole the buckets its sequences can
   hit (shapes.buckets_between; the other grids' counts beside it). --seq-grid runs the whole bench
   under another grid of shapes.SEQ_GRIDS (16 per octave, or the old grid) to compare policies;
@@ -185,7 +185,7 @@ def _stage_timing(engine, batch, retentions, deep_layer: int, repeats: int) -> l
     import jax.numpy as jnp
 
     from affjax import shapes
-    from affjax.engine import _chained_capacity, _embed, _pool, _pool_jit, _run_group
+    from affjax.runtime.engine import _chained_capacity, _embed, _pool, _pool_jit, _run_group
     from affjax.pooling.spec import Stage
     rin, rdap = retentions
     embed = engine._fn("embed", _embed)
@@ -243,7 +243,7 @@ def _calib_fns(graphdef):
     import jax
     from flax import nnx
 
-    from affjax.engine import POOL_COMPILER_OPTIONS, _embed, _pool, _run_group
+    from affjax.runtime.engine import POOL_COMPILER_OPTIONS, _embed, _pool, _run_group
 
     def embed(state, *args):
         return _embed(nnx.merge(graphdef, state), *args)
@@ -297,7 +297,7 @@ def calibrate_bucketed(engine_state, graphdef, batch, stages, retentions, positi
     import jax.numpy as jnp
 
     from affjax import shapes
-    from affjax.engine import _slice_seq
+    from affjax.runtime.engine import _slice_seq
     from affjax.pooling.affinity import retention_slots
     from affjax.pooling.spec import Stage
     embed, group, pool = _calib_fns(graphdef)
@@ -327,7 +327,7 @@ def _layer_fn(graphdef):
     import jax
     from flax import nnx
 
-    from affjax.engine import _run_group
+    from affjax.runtime.engine import _run_group
 
     def one_layer(state, seq):
         return _run_group(nnx.merge(graphdef, state), seq, 0, 1, 1, False, keep_cache=True)
@@ -342,8 +342,8 @@ def _layer_xla_flops(graphdef, state, n: int, d: int) -> float:
     import jax
     import jax.numpy as jnp
 
-    from affjax.engine import Seq
-    from affjax.flops import xla_cost
+    from affjax.runtime.engine import Seq
+    from affjax.runtime.flops import xla_cost
     if n not in _LAYER_FLOPS:
         s = lambda *shape, dt=jnp.float32: jax.ShapeDtypeStruct(shape, dt)
         seq = Seq(s(1, n, d), s(1, n, dt=bool), s(1, n), s(1, n), s(1, n, dt=jnp.int32), s(1, n, dt=jnp.int32))
@@ -354,7 +354,7 @@ def _layer_xla_flops(graphdef, state, n: int, d: int) -> float:
 
 def _engines(model, cfg, batch, methods_run, pool_modes, log):
     """{label: (Engine, calibration)}: unpooled first, then each method in each pooling mode."""
-    from affjax.engine import Engine
+    from affjax.runtime.engine import Engine
     from affjax.pooling.spec import PoolingConfig, Stage
     L = cfg.text.layers
     engines = {"unpooled": (Engine(model), None)}
@@ -379,8 +379,8 @@ def _measure_case(model, cfg, b, seconds, text_tokens, buffer, methods_run, pool
                   params_bytes, log):
     import jax
 
-    from affjax.compiles import TRACES
-    from affjax.flops import analytic_lm_flops, lm_xla_flops, tokens_per_layer, total_flops
+    from affjax.runtime.compiles import TRACES
+    from affjax.runtime.flops import analytic_lm_flops, lm_xla_flops, tokens_per_layer, total_flops
     L = cfg.text.layers
     batch = pooling_inputs(cfg, b, seconds, text_tokens, exact=buffer == "exact")
     n_valid = int(batch.valid[0].sum())
@@ -407,7 +407,7 @@ def _measure_case(model, cfg, b, seconds, text_tokens, buffer, methods_run, pool
                        "bytes": _tree_bytes(out.caches[li:li + n])})
             li += n
         del out
-        from affjax.costs import program_costs
+        from affjax.runtime.costs import program_costs
         costs = program_costs(programs)
         embed = program_costs(eng.unpooled_programs(batch, extra=1))["embed"]
         counts = [[int(batch.valid[i].sum())] + [int(s["n_valid"][i]) for s in stats] for i in range(b)]
@@ -482,7 +482,7 @@ def _buffers(eng, programs, batch) -> list[int]:
     """The sequence buffer of each (non-empty) layer group as the prefill ran it: the input buffer
     before the first stage, then each stage's (bucketed: the sliced bucket; fixed: the cap's bucket)."""
     from affjax import shapes
-    from affjax.engine import _chained_capacity
+    from affjax.runtime.engine import _chained_capacity
     if eng.pool_mode == "fixed" and eng.pooling.stages:
         T = int(batch.ids.shape[1])
         need = _chained_capacity(batch.span, batch.valid, eng.capacity)
@@ -521,7 +521,7 @@ def _run(batches, repeats, audio_seconds, text_tokens, buffers, methods_run, poo
          command, seq_grid) -> dict:
     import jax
 
-    from affjax.compiles import TRACES
+    from affjax.runtime.compiles import TRACES
     if isinstance(audio_seconds, (int, float)):
         audio_seconds = (float(audio_seconds),)
     stage_timing = len(audio_seconds) == 1 if stage_timing is None else stage_timing

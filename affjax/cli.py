@@ -51,7 +51,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run(p: argparse.ArgumentParser, schedule_default: str) -> None:
-    """Options of every job that goes through the runner (affjax.runner): resume, scheduling."""
+    """Options of every job that goes through the runner (affjax.eval.runner): resume, scheduling."""
     p.add_argument("--schedule", default=None, choices=("two-pass", "in-order"),
                    help="Qwen2-Audio: encode first, then batch the language model by pooled length (two-pass), "
                         f"or batches in manifest order (default: {schedule_default})")
@@ -68,9 +68,8 @@ def _add_run(p: argparse.ArgumentParser, schedule_default: str) -> None:
 def _run_job(args) -> int:
     """score / generate / eval through the one runner; one line and exit 1 on bad options or input,
     on an empty manifest and on a run in which every item failed."""
-    from affjax.assets import AssetMissing
-    from affjax.eval_asr import format_summary, run_eval
-    from affjax.runner import JobConfig, enable_compile_cache
+    from affjax.data.assets import AssetMissing
+    from affjax.eval.runner import JobConfig, enable_compile_cache, format_summary, run_eval
 
     file_job = args.cmd in ("score", "generate")
     cfg = JobConfig(task=args.cmd if file_job else args.task, ckpt=args.ckpt, model=getattr(args, "model", None),
@@ -214,22 +213,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd in ("eval", "score", "generate"):
         return _run_job(args)
     if args.cmd == "report":
-        from affjax.report import main_report
+        from affjax.eval.report import main_report
         return main_report(args)
     if args.cmd == "plan":
-        from affjax.plan import main_plan
+        from affjax.runtime.plan import main_plan
         return main_plan(args)
     if args.cmd == "bench":
-        from affjax.bench import main_bench
+        from affjax.bench.prefill import main_bench
         return main_bench(args)
     if args.cmd == "bench-eval":
-        from affjax.bench_eval import main_bench_eval
+        from affjax.bench.eval import main_bench_eval
         return main_bench_eval(args)
     if args.cmd == "bench-pooling":
         from affjax.bench_pooling import main_bench_pooling
         return main_bench_pooling(args)
     if args.cmd == "bench-whisper-pooling":
-        from affjax.bench_whisper_pooling import main_bench_whisper_pooling
+        from affjax.bench.whisper_pooling import main_bench_whisper_pooling
         return main_bench_whisper_pooling(args)
     return 2
 

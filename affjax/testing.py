@@ -1,7 +1,7 @@
 """Tiny real-format checkpoints and deterministic inputs for tests.
 
 Everything is built locally: the tokenizer is the real Qwen2 byte-level BPE
-(:func:`affjax.assets.qwen2_tokenizer_json`) plus Qwen2-Audio's three audio special tokens, and the
+(:func:`affjax.data.assets.qwen2_tokenizer_json`) plus Qwen2-Audio's three audio special tokens, and the
 checkpoint is a randomly initialised ``transformers.Qwen2AudioForConditionalGeneration`` written with
 ``save_pretrained`` (so the on-disk key layout is exactly what transformers writes).
 
@@ -61,7 +61,7 @@ def build_qwen2_tokenizer(dst_dir: str | os.PathLike | None = None):
     """
     from transformers import PreTrainedTokenizerFast
 
-    from affjax.assets import qwen2_tokenizer_json
+    from affjax.data.assets import qwen2_tokenizer_json
 
     tok = PreTrainedTokenizerFast(
         tokenizer_file=str(qwen2_tokenizer_json()),

@@ -10,7 +10,7 @@ Runs from the repository root without installing. On any error prints `error: <m
 stderr, exits 1, and leaves nothing at --dst and no temporary directory beside it; SIGTERM and
 Ctrl-C count as errors. A run killed outright (SIGKILL, out of memory) leaves its temporary
 directory `.DST.tmp-HOST-PID-*` beside --dst: the next conversion to the same --dst removes it and
-says so on stderr (see `affjax.checkpoint._remove_stale_temps`).
+says so on stderr (see `affjax.models.checkpoint._remove_stale_temps`).
 """
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     args = p.parse_args(argv)
 
-    from affjax.checkpoint import convert
+    from affjax.models.checkpoint import convert
 
     # the converter's log lines (stale temporary directories removed or kept) go to stderr as they
     # are, whatever handlers jax / absl put on the root logger
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    conv_log = logging.getLogger("affjax.checkpoint")
+    conv_log = logging.getLogger("affjax.models.checkpoint")
     saved = conv_log.level, conv_log.propagate
     conv_log.addHandler(handler)
     conv_log.setLevel(logging.INFO)

@@ -41,8 +41,8 @@ def missing(reason: str):
 
 
 def need_asset(lookup, *args, **kw):
-    """``lookup(*args, **kw)`` (an affjax.assets lookup) or :func:`missing` with its AssetMissing message."""
-    from affjax.assets import AssetMissing
+    """``lookup(*args, **kw)`` (an affjax.data.assets lookup) or :func:`missing` with its AssetMissing message."""
+    from affjax.data.assets import AssetMissing
 
     try:
         return lookup(*args, **kw)
@@ -61,7 +61,7 @@ def need_module(name: str, reason: str | None = None):
 def need_qwen2_tokenizer():
     """torch and the real Qwen2 tokenizer (npm asset): what the tiny Qwen2-Audio checkpoints need."""
     need_module("torch", "torch is not installed (needed to build the reference checkpoint)")
-    from affjax.assets import qwen2_tokenizer_json
+    from affjax.data.assets import qwen2_tokenizer_json
 
     return need_asset(qwen2_tokenizer_json)
 
@@ -78,7 +78,7 @@ def tiny_qwen2_audio_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen2_audio_ckpt(tiny_qwen2_audio_dir, tmp_path_factory):
     """`tiny_qwen2_audio_dir` converted to an affjax checkpoint once (read-only: copy it to change it)."""
-    from affjax.checkpoint import convert
+    from affjax.models.checkpoint import convert
 
     return convert(tiny_qwen2_audio_dir, tmp_path_factory.mktemp("tiny_qwen2_audio_ckpt") / "ckpt", progress=False)
 
@@ -86,7 +86,7 @@ def tiny_qwen2_audio_ckpt(tiny_qwen2_audio_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def librivox():
     """[(item, float32 samples at 16 kHz)] for the five real LibriVox clips (skips without the asset)."""
-    from affjax.assets import librivox_items
+    from affjax.data.assets import librivox_items
     from affjax.data.audio import load_audio
 
     items = need_asset(librivox_items)

@@ -92,7 +92,7 @@ def write_eval_manifest(directory) -> str:
 
 def run_settings(model, cfg, pad, mesh, encoded, batch_size, settings=tuple(SETTINGS)):
     """{setting: {"logprobs": [...], "tokens": [[...]...]}} for the given encoded items."""
-    from affjax.engine import Engine
+    from affjax.runtime.engine import Engine
     from affjax.models.qwen2_audio.inputs import collate
     from affjax.pooling.spec import parse_pooling
 
@@ -145,7 +145,7 @@ def param_facts(model, mesh):
     # every leaf exactly where the rules put it, straight out of the orbax restore
     from flax import nnx
 
-    from affjax import sharding
+    from affjax.runtime import sharding
 
     rule = sharding.param_sharding(mesh, model.cfg)
     pure = nnx.to_pure_dict(nnx.state(model))
@@ -179,12 +179,12 @@ def main(argv=None):
 
     import jax
 
-    from affjax import sharding
+    from affjax.runtime import sharding
 
     if args.multiprocess:
         port, pid, n = args.multiprocess
         sharding.initialize_distributed(coordinator_address=f"localhost:{port}", num_processes=n, process_id=pid)
-    from affjax.checkpoint import load
+    from affjax.models.checkpoint import load
 
     t0 = time.perf_counter()
     if args.items is None:
@@ -218,7 +218,7 @@ def main(argv=None):
             res = run_settings(model, cfg, pad, mesh, encoded, 8, args.settings)
         res["params"] = facts
         if args.replace:  # a model loaded on one device, placed by the Engine itself
-            from affjax.engine import Engine
+            from affjax.runtime.engine import Engine
             from affjax.models.qwen2_audio.inputs import collate
 
             single, _, _ = load(args.ckpt)
@@ -230,9 +230,8 @@ def main(argv=None):
                                           ["kernel"][...].sharding.spec)
         result["meshes"][text] = res
         result["seconds"][text] = round(time.perf_counter() - t1, 1)
-    if args.eval:  # affjax eval: two-pass on one process, in-order on several (affjax.eval_lslm)
-        from affjax.eval_asr import run_eval
-        from affjax.runner import JobConfig
+    if args.eval:  # affjax eval: two-pass on one process, in-order on several (affjax.eval.lslm)
+        from affjax.eval.runner import JobConfig, run_eval
 
         manifest, out_dir, mesh_text = args.eval
         cfg = JobConfig(ckpt=args.ckpt, manifest=manifest, out=out_dir, task="qa", batch_size=3,

@@ -1,4 +1,4 @@
-"""Hugging Face Qwen2-Audio -> affjax checkpoint conversion (affjax.checkpoint, checkpoints_convert/).
+"""Hugging Face Qwen2-Audio -> affjax checkpoint conversion (affjax.models.checkpoint, checkpoints_convert/).
 
 Every source checkpoint is a tiny randomly initialised transformers model written with
 save_pretrained, built here; nothing is downloaded.
@@ -24,10 +24,10 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from affjax.checkpoint import (  # noqa: E402
+from affjax.models.checkpoint import (  # noqa: E402
     CONFIG_NAME, MODELS, ConversionError, ModelSpec, convert, get_spec, load, load_hf_model, register,
 )
-from affjax.weights import TRANSFORMS, WeightError  # noqa: E402
+from affjax.models.weights import TRANSFORMS, WeightError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = ROOT / "checkpoints_convert" / "convert.py"
@@ -406,7 +406,7 @@ def test_existing_destination(plain, work):
 SLOW_WRITER = """
 import sys, time
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/checkpoints_convert"]
-import affjax.checkpoint as ck
+import affjax.models.checkpoint as ck
 def slow(state, path):
     path.mkdir(parents=True)
     (path / "partial").write_bytes(bytes(4096))
@@ -433,7 +433,7 @@ def fake_temp(path: Path, nbytes: int = 3000) -> Path:
 
 def test_stale_temp_of_same_destination_is_removed_and_logged(plain, work):
     """A killed run's `.DST.tmp-*` (up to a full model) is removed by the next conversion to DST."""
-    from affjax.checkpoint import _host_tag
+    from affjax.models.checkpoint import _host_tag
 
     dst = work / "stale-ckpt"
     stale = fake_temp(work / f".stale-ckpt.tmp-{_host_tag()}-{dead_pid()}-abcd1234")
@@ -450,7 +450,7 @@ def test_stale_temp_of_same_destination_is_removed_and_logged(plain, work):
 
 def test_failing_writer_leaves_no_temp(plain, work, monkeypatch):
     """An exception midway, after part of the checkpoint is written, removes the temp folder."""
-    import affjax.checkpoint as ck
+    import affjax.models.checkpoint as ck
 
     seen = []
 
@@ -497,7 +497,7 @@ def test_sigterm_leaves_no_temp(plain, work, tmp_path):
 
 
 def test_temps_of_other_destinations_and_live_runs_survive(plain, work, caplog):
-    from affjax.checkpoint import _host_tag
+    from affjax.models.checkpoint import _host_tag
 
     host = _host_tag()
     dst = work / "keep"
@@ -507,7 +507,7 @@ def test_temps_of_other_destinations_and_live_runs_survive(plain, work, caplog):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     try:
         live = fake_temp(work / f".keep.tmp-{host}-{sleeper.pid}-abcd1234")  # a run still going
-        with caplog.at_level("WARNING", logger="affjax.checkpoint"):
+        with caplog.at_level("WARNING", logger="affjax.models.checkpoint"):
             convert(plain[0], dst, progress=False)
     finally:
         sleeper.kill()

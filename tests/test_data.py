@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from affjax import assets
-from affjax.assets import AssetMissing
+from affjax.data import assets
+from affjax.data.assets import AssetMissing
 from affjax.data.audio import AudioError, load_audio
 from affjax.data.manifest import ManifestRow, read_manifest
 
@@ -170,7 +170,7 @@ def test_manifest_crlf_and_bom(tmp_path):
 
 def test_asset_missing_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("AFFJAX_ASSETS", str(tmp_path / "empty"))
-    with pytest.raises(AssetMissing, match="python -m affjax.assets install"):
+    with pytest.raises(AssetMissing, match="python -m affjax.data.assets install"):
         assets.qwen2_tokenizer_json()
     assert assets.main(["check"]) == 1
     out = capsys.readouterr().out

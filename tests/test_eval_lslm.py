@@ -1,4 +1,4 @@
-"""`affjax eval` on Qwen2-Audio checkpoints (affjax.eval_lslm): tiny random checkpoints written
+"""`affjax eval` on Qwen2-Audio checkpoints (affjax.eval.lslm): tiny random checkpoints written
 with save_pretrained, checked against transformers (PyTorch, float32), plus the job's behaviour:
 two-pass scheduling equal to in-order, 30 s windowing, resuming, error rows, compile counts.
 
@@ -20,7 +20,7 @@ SR = 16000
 
 @pytest.fixture(scope="module")
 def ckpt(tiny_qwen2_audio_dir, tmp_path_factory):
-    from affjax.checkpoint import convert
+    from affjax.models.checkpoint import convert
     dst = tmp_path_factory.mktemp("lslm_ckpt") / "ckpt"
     convert(tiny_qwen2_audio_dir, dst, progress=False)
     return dst
@@ -53,8 +53,7 @@ def _manifest(path, rows):
 
 
 def _eval(ckpt, manifest, out, **kw):
-    from affjax.eval_asr import run_eval
-    from affjax.runner import JobConfig
+    from affjax.eval.runner import JobConfig, run_eval
     kw.setdefault("progress", False)
     kw.setdefault("batch_size", 2)
     kw.setdefault("max_new_tokens", 8)
@@ -213,7 +212,7 @@ def test_bad_items_become_error_rows(ckpt, processor, tmp_path):
 
 
 def test_resume_skips_done_items_and_survives_a_torn_line(ckpt, qa_manifest, tmp_path):
-    from affjax.engine import TRACES
+    from affjax.runtime.engine import TRACES
     out = tmp_path / "run"
     first = _eval(ckpt, qa_manifest, out, task="qa")
     full = (out / "results.jsonl").read_text().splitlines()
@@ -233,7 +232,7 @@ def test_resume_skips_done_items_and_survives_a_torn_line(ckpt, qa_manifest, tmp
 
 
 def test_new_lengths_in_a_bucket_do_not_recompile(ckpt, processor, tmp_path):
-    from affjax.engine import TRACES
+    from affjax.runtime.engine import TRACES
     from affjax.models.qwen2_audio.inputs import encode
     from affjax.shapes import bucket
     d = tmp_path
@@ -262,7 +261,7 @@ def test_hf_recipe_end_to_end(ckpt, tmp_path):
     """`--data hf:PATH:openbookqa:test` on a tiny data set in VoiceBench's form (real LibriVox audio,
     one row without audio): the recipe's manifest, choices scored, the recipe's error cause kept."""
     datasets = pytest.importorskip("datasets")
-    from affjax.assets import AssetMissing, librivox_items
+    from affjax.data.assets import AssetMissing, librivox_items
     try:
         clips = librivox_items()[:2]
     except AssetMissing as e:

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from affjax.costs import prefill_cost, program_costs
-from affjax.flops import (analytic_lm_flops, lm_prefill_flops, lm_xla_flops, loop_corrected_flops,
+from affjax.runtime.costs import prefill_cost, program_costs
+from affjax.runtime.flops import (analytic_lm_flops, lm_prefill_flops, lm_xla_flops, loop_corrected_flops,
                           pooled_vs_unpooled, tokens_per_layer, total_flops)
 from affjax.models.qwen2.modeling import TextConfig
 
@@ -125,7 +125,7 @@ def small():
 def test_xla_unpooled_prefill_matches_analytic(small):
     """Bucket = valid length, LM head on one position: XLA's count of the LM programs is the
     analytic count plus the element-wise work (norms, RoPE, softmax, masks), a few %."""
-    from affjax.engine import TRACES, Engine
+    from affjax.runtime.engine import TRACES, Engine
     model, cfg, batch, n, _ = small
     engine = Engine(model)
     before = TRACES.copy()
@@ -143,7 +143,7 @@ def test_xla_unpooled_prefill_matches_analytic(small):
 def test_fixed_capacity_per_stage_and_cost(small):
     """Fixed mode with one retention per stage and tau > 1 (no natural merges): each stage keeps
     exactly ceil(r * T) of the tokens each span has when entering it; one compiled program."""
-    from affjax.engine import Engine
+    from affjax.runtime.engine import Engine
     from affjax.pooling.spec import PoolingConfig, Stage
     model, cfg, batch, n, n_audio = small
     pooling = PoolingConfig((Stage(0, 2.0, 1), Stage(2, 2.0, 3)))
@@ -167,7 +167,7 @@ def test_fixed_capacity_per_stage_and_cost(small):
 
 @pytest.mark.slow
 def test_bucketed_programs_recorded(small):
-    from affjax.engine import Engine
+    from affjax.runtime.engine import Engine
     from affjax.pooling.spec import PoolingConfig, Stage
     model, cfg, batch, n, n_audio = small
     engine = Engine(model, pooling=PoolingConfig((Stage(0, -1.0, 1), Stage(2, -1.0, 1))))
@@ -193,8 +193,7 @@ def test_bucketed_programs_recorded(small):
 def test_pooled_job_summary_has_flops_ratios(tiny_qwen2_audio_ckpt, tmp_path):
     import soundfile as sf
 
-    from affjax.eval_asr import run_eval
-    from affjax.runner import JobConfig
+    from affjax.eval.runner import JobConfig, run_eval
     from affjax.testing import AUDIO_PLACEHOLDER, synth_speech_like
     ckpt = tiny_qwen2_audio_ckpt
     rows = []

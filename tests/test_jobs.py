@@ -1,4 +1,4 @@
-"""The one job runner (affjax.runner) as a user meets it through the CLI: `score`, `generate` and
+"""The one job runner (affjax.eval.runner) as a user meets it through the CLI: `score`, `generate` and
 `eval` on a tiny random Qwen2-Audio checkpoint. Each test is a defect found by trying the CLI:
 per-item errors, streaming and resuming rows (kill -9 included), content fingerprints, long
 audio, option checks before any heavy work, reference field names, batch failures retried item
@@ -15,18 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-sf = pytest.importorskip("soundfile")
+from conftest import need_module
+
+torch = need_module("torch")
+sf = need_module("soundfile")
 
 SR = 16000
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_qwen2_audio_dir, tmp_path_factory):
-    from affjax.checkpoint import convert
-    dst = tmp_path_factory.mktemp("jobs_ckpt") / "ckpt"
-    convert(tiny_qwen2_audio_dir, dst, progress=False)
-    return dst
+def ckpt(tiny_qwen2_audio_ckpt):
+    return tiny_qwen2_audio_ckpt
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +88,8 @@ def test_short_clip_is_an_error_row_and_the_job_goes_on(ckpt, block, tmp_path, c
 
 
 def test_a_failing_batch_is_retried_item_by_item(ckpt, block, tmp_path, monkeypatch):
-    from affjax.engine import Engine
-    from affjax.eval_asr import run_eval
-    from affjax.runner import JobConfig
+    from affjax.runtime.engine import Engine
+    from affjax.eval.runner import JobConfig, run_eval
 
     real = Engine.score
 
@@ -223,11 +221,11 @@ def test_score_and_generate_window_long_audio(ckpt, block, tmp_path, capsys):
     (["--mesh", "data=x"], "--mesh"),
 ])
 def test_bad_options_fail_before_the_checkpoint_loads(ckpt, block, tmp_path, capsys, monkeypatch, extra, words):
-    import affjax.sharding
+    import affjax.runtime.sharding
 
     def no_load(*a, **k):
         raise AssertionError("the checkpoint was loaded before the options were checked")
-    monkeypatch.setattr(affjax.sharding, "load", no_load)
+    monkeypatch.setattr(affjax.runtime.sharding, "load", no_load)
     m = _manifest(tmp_path / "m.jsonl", _items(tmp_path, block, 1))
     rc, err = _cli(["generate", "--ckpt", str(ckpt), "--manifest", str(m), "--out", str(tmp_path / "o.jsonl")]
                    + extra, capsys)
@@ -251,8 +249,7 @@ def test_empty_manifest_and_all_failed_exit_non_zero(ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("field", ["reference", "text", "transcript"])
 def test_asr_reference_under_common_names(ckpt, block, tmp_path, field):
-    from affjax.eval_asr import run_eval
-    from affjax.runner import JobConfig
+    from affjax.eval.runner import JobConfig, run_eval
     rows = _items(tmp_path, block, 2)
     for r in rows:
         r[field] = r.pop("reference")
@@ -264,8 +261,7 @@ def test_asr_reference_under_common_names(ckpt, block, tmp_path, field):
 
 
 def test_asr_manifest_without_references_says_so(ckpt, block, tmp_path):
-    from affjax.eval_asr import run_eval
-    from affjax.runner import JobConfig
+    from affjax.eval.runner import JobConfig, run_eval
     rows = _items(tmp_path, block, 1)
     rows[0].pop("reference")
     rows[0]["answer_text"] = "a sound"
@@ -278,7 +274,7 @@ def test_asr_manifest_without_references_says_so(ckpt, block, tmp_path):
 
 
 def test_run_batch_rule():
-    from affjax.runner import run_batch
+    from affjax.eval.runner import run_batch
     failed = []
 
     def fn(units):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from affjax.layers import attention, map_rows
+from affjax.models.layers import attention, map_rows
 from affjax.models.whisper.modeling import _gelu_exact
 
 ATOL = 1e-5

@@ -1,10 +1,10 @@
-"""affjax.metrics against hand-computable cases and against sacrebleu / jiwer themselves."""
+"""affjax.eval.metrics against hand-computable cases and against sacrebleu / jiwer themselves."""
 
 import math
 
 import pytest
 
-from affjax import metrics as M
+from affjax.eval import metrics as M
 
 
 def identity(s):
@@ -50,7 +50,7 @@ def test_wer_skips_empty_references():
 
 
 def test_eval_asr_reuses_the_moved_functions():
-    from affjax import eval_asr
+    from affjax.eval import whisper as eval_asr
 
     assert eval_asr.corpus_wer is M.corpus_wer
     assert eval_asr.make_normalizer is M.make_normalizer

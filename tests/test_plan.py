@@ -1,4 +1,4 @@
-"""Memory plans from abstract shapes (affjax.plan): parameter counts of the real Qwen2-Audio-7B
+"""Memory plans from abstract shapes (affjax.runtime.plan): parameter counts of the real Qwen2-Audio-7B
 geometry against an analytic count and transformers, KV-cache arithmetic, TPU mesh picking, and
 tiny configs against really instantiated models."""
 
@@ -10,7 +10,7 @@ import json
 import pytest
 from conftest import need_module
 
-from affjax.plan import (DTYPE_BYTES, GiB, QWEN2_AUDIO_7B_CONFIG, TOPOLOGIES, format_plan, param_bytes_per_chip,
+from affjax.runtime.plan import (DTYPE_BYTES, GiB, QWEN2_AUDIO_7B_CONFIG, TOPOLOGIES, format_plan, param_bytes_per_chip,
                          param_counts, plan)
 
 TINY_AUDIO = {
@@ -158,7 +158,7 @@ def test_other_topologies():
 
 @pytest.mark.slow
 def test_params_per_chip_follow_the_sharding_rules(plan_7b):
-    """Per-chip parameter bytes come from affjax.sharding's table: attention, MLP and vocabulary
+    """Per-chip parameter bytes come from affjax.runtime.sharding's table: attention, MLP and vocabulary
     split over the model axis; the rest (norms, biases, conv stem, positions, projector) whole, and
     the audio encoder's attention too where its 20 heads do not divide the axis."""
     total = param_counts(QWEN2_AUDIO_7B_CONFIG)["total"]

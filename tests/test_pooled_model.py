@@ -33,8 +33,8 @@ def _hf_model():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     need_qwen2_tokenizer()
-    from affjax.checkpoint import convert
-    from affjax.eval_lslm import load_for_inference
+    from affjax.models.checkpoint import convert
+    from affjax.eval.lslm import load_for_inference
     from affjax.models.qwen2_audio.inputs import encode
     from affjax.testing import AUDIO_PLACEHOLDER, long_prompt, synth_speech_like
     from affjax.testing import make_tiny_qwen2_audio
@@ -191,7 +191,7 @@ CASES = [c if c == FAST_CASE else pytest.param(*c, marks=pytest.mark.slow) for c
 
 @pytest.mark.parametrize("kind,positions,proportional", CASES)
 def test_pooled_score_and_generate_match_reference(setup, kind, positions, proportional):
-    from affjax.engine import Engine
+    from affjax.runtime.engine import Engine
     from affjax.models.qwen2_audio.inputs import collate
     from affjax.pooling.spec import parse_pooling
     model, cfg, processor, eos, pad, items, taus = setup
@@ -217,7 +217,7 @@ def test_pooled_score_and_generate_match_reference(setup, kind, positions, propo
 
 @pytest.mark.slow
 def test_fixed_capacity_with_room_equals_bucketed(setup):
-    from affjax.engine import Engine
+    from affjax.runtime.engine import Engine
     from affjax.models.qwen2_audio.inputs import collate
     from affjax.pooling.spec import parse_pooling
     model, cfg, processor, eos, pad, items, taus = setup
@@ -242,7 +242,7 @@ def test_stage_programs_and_ynnpack_fusions(setup):
     prefill keep them (its decoder layers need them; its stage uses the matrix-vector lag dots)."""
     if jax.default_backend() != "cpu":
         pytest.skip("the option is XLA:CPU's")
-    from affjax.engine import Engine
+    from affjax.runtime.engine import Engine
     from affjax.models.qwen2_audio.inputs import collate
     from affjax.pooling.spec import parse_pooling
     model, cfg, processor, eos, pad, items, taus = setup
@@ -261,7 +261,7 @@ def test_stage_programs_and_ynnpack_fusions(setup):
 
 @pytest.mark.slow
 def test_tau_above_one_is_the_unpooled_model(setup):
-    from affjax.engine import Engine
+    from affjax.runtime.engine import Engine
     from affjax.models.qwen2_audio.inputs import collate
     from affjax.pooling.spec import parse_pooling
     model, cfg, processor, eos, pad, items, taus = setup
@@ -278,7 +278,7 @@ def test_a_new_tau_does_not_recompile(setup):
     compiled stage program (bucketed: the input stage of `front`) and the same one-program prefill
     (fixed capacity, the settings of test_stage_programs_and_ynnpack_fusions), and each engine
     still pools with its own tau (other counts)."""
-    from affjax.engine import TRACES, Engine
+    from affjax.runtime.engine import TRACES, Engine
     from affjax.models.qwen2_audio.inputs import collate
     from affjax.pooling.spec import parse_pooling
     model, cfg, processor, eos, pad, items, taus = setup
@@ -306,7 +306,7 @@ def test_each_segment_compiles_once(setup):
     affjax.shapes.SEQ_BUCKETS, whose pooled lengths share one bucket too (tau = -1 leaves one token
     per clip): every segment compiles once over 3 batches."""
     from affjax import shapes
-    from affjax.engine import TRACES, Engine
+    from affjax.runtime.engine import TRACES, Engine
     from affjax.models.qwen2_audio.inputs import collate, encode
     from affjax.pooling.spec import parse_pooling
     from affjax.testing import long_prompt, synth_speech_like

@@ -23,7 +23,7 @@ CONTINUATIONS = (" The speaker says hello.", " twelve", " It is raining in the c
                                         pytest.param("tied", marks=pytest.mark.slow)])
 def ckpt(request, tmp_path_factory):
     need_qwen2_tokenizer()
-    from affjax.checkpoint import convert
+    from affjax.models.checkpoint import convert
     from affjax.testing import make_tiny_qwen2_audio
     variant = request.param
     kw = dict(gqa=dict(heads=4, kv_heads=2), mha=dict(heads=4, kv_heads=4),
@@ -37,7 +37,7 @@ def ckpt(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(ckpt):
     from transformers import Qwen2AudioForConditionalGeneration
-    from affjax.eval_lslm import load_for_inference
+    from affjax.eval.lslm import load_for_inference
     from affjax.testing import long_prompt, synth_speech_like
     variant, src, dst = ckpt
     model, cfg, processor, eos, pad = load_for_inference(str(dst))
@@ -92,7 +92,7 @@ def test_encoder_output_matches(loaded):
 
 def test_logits_match_on_padded_batch(loaded):
     """Logits at every 23rd position and the last of each row, against each item run alone."""
-    from affjax.engine import _embed, _run_group
+    from affjax.runtime.engine import _embed, _run_group
     _, model, cfg, processor, *_, hf, items = loaded
     batch = _batch(loaded, score=False)
     seq = _embed(model, *map(jnp.asarray, (batch.ids, batch.valid, batch.span, batch.audio_index,
@@ -109,7 +109,7 @@ def test_logits_match_on_padded_batch(loaded):
 
 @pytest.mark.slow
 def test_score_matches(loaded):
-    from affjax.engine import Engine
+    from affjax.runtime.engine import Engine
     variant, model, cfg, processor, eos, pad, hf, items = loaded
     lp, _ = Engine(model, eos_ids=eos, pad_id=pad).score(_batch(loaded, score=True))
     for b, (p, w, c) in enumerate(items):
@@ -125,7 +125,7 @@ def test_score_matches(loaded):
 @pytest.mark.slow
 @pytest.mark.parametrize("ckpt", ["gqa"], indirect=True)  # the slowest reference run: one variant
 def test_greedy_tokens_identical(loaded):
-    from affjax.engine import Engine
+    from affjax.runtime.engine import Engine
     variant, model, cfg, processor, eos, pad, hf, items = loaded
     toks, _ = Engine(model, eos_ids=(), pad_id=pad).generate(_batch(loaded, score=False), 32)
     for b, (p, w, _) in enumerate(items):
@@ -141,7 +141,7 @@ def test_one_compile_per_bucket(loaded):
     """12 items of different lengths (clips one audio token, 0.04 s, apart), all in one bucket of
     affjax.shapes.SEQ_BUCKETS: prefill and decode compile once each, over 3 batches."""
     from affjax import shapes
-    from affjax.engine import TRACES, Engine
+    from affjax.runtime.engine import TRACES, Engine
     from affjax.models.qwen2_audio.inputs import collate, encode
     from affjax.testing import long_prompt, synth_speech_like
     variant, model, cfg, processor, eos, pad, hf, items = loaded

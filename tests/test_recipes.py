@@ -1,4 +1,4 @@
-"""affjax.recipes, offline: each recipe on a tiny data set built in that hub data set's own column
+"""affjax.eval.recipes, offline: each recipe on a tiny data set built in that hub data set's own column
 layout with real speech (the LibriVox clips of Debian's pocketsphinx-testdata), the ``Audio``
 feature cast, written with ``save_to_disk`` and loaded back through the ``hf:`` spec string.
 
@@ -16,8 +16,8 @@ import pytest
 datasets = pytest.importorskip("datasets", reason="the hf: recipes need the 'datasets' package")
 sf = pytest.importorskip("soundfile")
 
-from affjax import metrics, recipes  # noqa: E402
-from affjax.recipes import RecipeError  # noqa: E402
+from affjax.eval import metrics, recipes  # noqa: E402
+from affjax.eval.recipes import RecipeError  # noqa: E402
 
 
 @pytest.fixture(scope="module")

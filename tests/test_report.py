@@ -5,7 +5,7 @@ import json
 import pytest
 
 from affjax.cli import main
-from affjax.report import format_table, load_runs
+from affjax.eval.report import format_table, load_runs
 
 pytest.importorskip("matplotlib")
 

@@ -1,4 +1,4 @@
-"""affjax.sharding: mesh parsing, the logical-axis rules, and the Engine under meshes.
+"""affjax.runtime.sharding: mesh parsing, the logical-axis rules, and the Engine under meshes.
 
 The mesh checks run in subprocesses (tests/sharding_check.py), since XLA_FLAGS must ask for fake
 CPU devices before JAX starts (this process already has one device): a tiny Qwen2-Audio whose
@@ -27,8 +27,8 @@ import pytest
 from conftest import need_qwen2_tokenizer
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from affjax import sharding
-from affjax.sharding import ACTIVATION_AXES, AXES, LOGICAL_RULES, PARAM_AXES, param_axes, param_spec, parse_mesh
+from affjax.runtime import sharding
+from affjax.runtime.sharding import ACTIVATION_AXES, AXES, LOGICAL_RULES, PARAM_AXES, param_axes, param_spec, parse_mesh
 
 HERE = Path(__file__).parent
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -97,7 +97,7 @@ def qwen2_audio_7b():
     from flax import nnx
 
     from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
-    from affjax.plan import QWEN2_AUDIO_7B_CONFIG
+    from affjax.runtime.plan import QWEN2_AUDIO_7B_CONFIG
 
     hf = copy.deepcopy(QWEN2_AUDIO_7B_CONFIG)  # the 7B widths and head counts, 2 layers each (faster)
     hf["audio_config"]["encoder_layers"] = hf["text_config"]["num_hidden_layers"] = 2
@@ -197,7 +197,7 @@ def test_initialize_distributed_is_a_no_op_alone(monkeypatch):
 @pytest.fixture(scope="module")
 def shard_ckpt(tmp_path_factory):
     need_qwen2_tokenizer()
-    from affjax.checkpoint import convert
+    from affjax.models.checkpoint import convert
     from affjax.testing import make_tiny_qwen2_audio
 
     src = make_tiny_qwen2_audio(tmp_path_factory.mktemp("hf_shard"), audio_d=64, audio_layers=1, audio_heads=8,
@@ -332,7 +332,7 @@ def test_parameters_restored_onto_their_shards(runs, mesh, shard_ckpt):
     # 4 KV heads: sharded on 2 and 4 chips, whole on 8
     assert k["shard_shape"] == ([64, 32] if model == 8 else [64, 32 // model])
     # `affjax plan` counts what a chip really holds
-    from affjax.plan import param_bytes_per_chip
+    from affjax.runtime.plan import param_bytes_per_chip
 
     hf = json.loads((shard_ckpt / "config.json").read_text())
     assert facts["bytes_on_first_device"] == param_bytes_per_chip(hf, model=model, dtype_bytes=4)

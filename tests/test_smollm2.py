@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from affjax.assets import smollm2_gguf
+from affjax.data.assets import smollm2_gguf
 from affjax.models.qwen2.gguf import (gguf_to_hf_state_dict, gguf_tokenizer, permute_rope_rows,
                                       unpermute_rope_rows)
 
@@ -163,7 +163,7 @@ def test_qwen2_decoder_matches_llama_reference_on_real_weights(converted, token_
 
     from affjax.models.qwen2.modeling import Qwen2ForCausalLM, TextConfig
     from affjax.models.qwen2.params import KEYS
-    from affjax.weights import KeyTable, iter_state_dict, load_streaming
+    from affjax.models.weights import KeyTable, iter_state_dict, load_streaming
 
     sd, cfg = converted
     # reference: transformers' Llama, float32, strict load (lm_head is tied to the embeddings)

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from conftest import missing, need_asset, need_module, strict_assets
 
-from affjax.assets import AssetMissing
+from affjax.data.assets import AssetMissing
 
-MESSAGE = "asset X is missing: install it with python -m affjax.assets install"
+MESSAGE = "asset X is missing: install it with python -m affjax.data.assets install"
 
 
 def _lookup():

@@ -26,7 +26,7 @@ from conftest import need_asset, need_module
 torch = need_module("torch")
 
 from affjax.models.whisper import ct2 as ct2mod  # noqa: E402
-from affjax.compiles import TRACES  # noqa: E402
+from affjax.runtime.compiles import TRACES  # noqa: E402
 from affjax.models.whisper.ct2 import load_whisper_ct2  # noqa: E402
 from affjax.models.whisper.decoding import (  # noqa: E402
     encode, greedy_tokens, prompt_ids, transcribe, whisper_features)
@@ -152,7 +152,7 @@ def tiny_random():
     from flax import nnx
 
     from affjax.models.whisper.params import KEYS, TIED_KEYS
-    from affjax.weights import KeyTable, load_streaming
+    from affjax.models.weights import KeyTable, load_streaming
 
     hf, hcfg = _tiny_hf()
     sd = hf.state_dict()
@@ -235,7 +235,7 @@ def _real(name, clips, tmp_path_factory):
     from transformers import WhisperConfig as HFConfig
     from transformers.modeling_outputs import BaseModelOutput
 
-    from affjax.assets import whisper_ct2_dir
+    from affjax.data.assets import whisper_ct2_dir
     d = need_asset(whisper_ct2_dir, name)
     pdir = tmp_path_factory.mktemp(f"whisper_{name}_processor")
     model, _, hcfg = load_whisper_ct2(d, processor_dir=pdir)

@@ -34,7 +34,7 @@ def test_convert_hf_whisper_dir(tmp_path):
     from transformers import WhisperConfig as HFConfig
     from transformers import WhisperForConditionalGeneration
 
-    from affjax.checkpoint import convert, load
+    from affjax.models.checkpoint import convert, load
     from affjax.models.whisper.modeling import Whisper
 
     vocab = 100
@@ -66,7 +66,7 @@ def test_convert_hf_whisper_dir(tmp_path):
     # older checkpoints store the tied projection too: accepted when equal, refused when not
     from safetensors.numpy import load_file, save_file
 
-    from affjax.weights import WeightError
+    from affjax.models.weights import WeightError
     sd = load_file(tmp_path / "hf" / "model.safetensors")
     assert "proj_out.weight" not in sd
     emb = sd["model.decoder.embed_tokens.weight"]
@@ -88,7 +88,7 @@ def clips(librivox):
 
 
 def _ct2(name):
-    from affjax.assets import whisper_ct2_dir
+    from affjax.data.assets import whisper_ct2_dir
     return need_asset(whisper_ct2_dir, name)
 
 
@@ -96,7 +96,7 @@ def _ct2(name):
 def tiny_ckpt(tmp_path_factory):
     """tiny.en converted through checkpoints_convert's code path, placed where `--model` looks
     (`$AFFJAX_CACHE/models/whisper-tiny.en`)."""
-    from affjax.checkpoint import convert
+    from affjax.models.checkpoint import convert
     src = _ct2("tiny.en")
     cache = tmp_path_factory.mktemp("affjax_cache")
     return convert(src, cache / "models" / "whisper-tiny.en", progress=False), cache
@@ -105,7 +105,7 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tiny_ckpt, clips):
     """(model, processor, unpooled tokens of the five clips) from the converted checkpoint."""
-    from affjax.eval_asr import _load_whisper
+    from affjax.eval.whisper import _load_whisper
     from affjax.models.whisper.decoding import transcribe
     model, processor = _load_whisper(tiny_ckpt[0], None)
     ref = transcribe(model, processor, clips[1], batch_size=5)
@@ -115,7 +115,7 @@ def tiny(tiny_ckpt, clips):
 def test_convert_ct2_folder(tiny_ckpt):
     from transformers import GenerationConfig, WhisperProcessor
 
-    from affjax.checkpoint import load
+    from affjax.models.checkpoint import load
     from affjax.models.whisper.ct2 import read_ct2
     dst, _ = tiny_ckpt
     model, cfg, meta = load(dst)
@@ -137,9 +137,8 @@ def test_convert_ct2_folder(tiny_ckpt):
 
 def test_cached_model_of_an_older_converter_is_converted_again(tmp_path, monkeypatch):
     """`--model` reconverts a cached checkpoint whose format is older than the converter's."""
-    from affjax.checkpoint import CONFIG_NAME, FORMAT
-    from affjax.eval_asr import resolve_checkpoint
-    from affjax.runner import JobConfig
+    from affjax.models.checkpoint import CONFIG_NAME, FORMAT
+    from affjax.eval.runner import JobConfig, resolve_checkpoint
     _ct2("tiny.en")
     monkeypatch.setenv("AFFJAX_CACHE", str(tmp_path))
     stale = tmp_path / "models" / "whisper-tiny.en"
@@ -208,7 +207,7 @@ def test_deep_stage_runs_with_fewer_encoder_flops(tiny, clips):
 def test_base_wer_unpooled_and_pooled(clips):
     """The accuracy bench: Whisper base on the five LibriVox clips, unpooled and at the main
     job's default pooled setting (encoder output, tau 0.95, window 1, proportional)."""
-    from affjax.eval_asr import corpus_wer, make_normalizer
+    from affjax.eval.whisper import corpus_wer, make_normalizer
     from affjax.models.whisper import asr
     from affjax.models.whisper.ct2 import load_whisper_ct2
     items, waves = clips
@@ -227,8 +226,7 @@ def test_base_wer_unpooled_and_pooled(clips):
 
 @pytest.mark.slow
 def test_eval_job_error_rows(tiny_ckpt, clips, tmp_path):
-    from affjax.eval_asr import run_eval
-    from affjax.runner import JobConfig
+    from affjax.eval.runner import JobConfig, run_eval
     items, _ = clips
     (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt garbage" * 3)
     lines = [json.dumps({"id": "good", "audio": str(items[4]["audio"]), "text": items[4]["text"]}),

@@ -144,7 +144,7 @@ def test_greedy_suppression_matches_generate():
     from affjax.models.whisper.decoding import greedy_decode
     from affjax.models.whisper.modeling import Whisper, WhisperConfig
     from affjax.models.whisper.params import KEYS, TIED_KEYS
-    from affjax.weights import KeyTable, load_streaming
+    from affjax.models.weights import KeyTable, load_streaming
     sys.path.insert(0, str(Path(__file__).parent))
     from test_whisper import _tiny_hf
 
@@ -196,7 +196,7 @@ def _skip_missing(fn):
 
 @pytest.fixture(scope="module")
 def tiny_en():
-    from affjax.assets import librivox_items, whisper_ct2_dir
+    from affjax.data.assets import librivox_items, whisper_ct2_dir
     from affjax.data.audio import load_audio
     from affjax.models.whisper.ct2 import load_whisper_ct2
     items = _skip_missing(librivox_items)
@@ -240,9 +240,9 @@ def test_controls_keeping_every_frame_are_unpooled(tiny_en):
 def test_tiny_sweep_end_to_end_and_resumed(tmp_path):
     """2 LibriVox clips, Whisper tiny.en, one threshold at the encoder output with the controls:
     the JSON, table and plot; a second run resumes (computes no cell again)."""
-    from affjax import bench_whisper_pooling as bwp
-    _skip_missing(lambda: __import__("affjax.assets", fromlist=["x"]).whisper_ct2_dir("tiny.en"))
-    _skip_missing(lambda: __import__("affjax.assets", fromlist=["x"]).librivox_items())
+    from affjax.bench.prefill import whisper_pooling as bwp
+    _skip_missing(lambda: __import__("affjax.data.assets", fromlist=["x"]).whisper_ct2_dir("tiny.en"))
+    _skip_missing(lambda: __import__("affjax.data.assets", fromlist=["x"]).librivox_items())
     cfg = bwp.SweepConfig(model="whisper-tiny.en", taus=(0.9,), windows=(1,), stages=("out",), control_taus=(0.9,),
                           utterances=0, librivox=2, max_new_tokens=64, out=str(tmp_path / "res"),
                           work=str(tmp_path / "work"), name="sweep", progress=False)

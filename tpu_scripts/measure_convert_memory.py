@@ -107,7 +107,7 @@ def main() -> int:
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
         rc, _, base_rss, _, tail = run_measured([sys.executable, "-c",
-                                             "import jax, orbax.checkpoint, affjax.checkpoint, time; "
+                                             "import jax, orbax.checkpoint, affjax.models.checkpoint, time; "
                                              "jax.numpy.zeros(1).block_until_ready(); time.sleep(0.5)"])
         assert rc == 0, tail
         cmd = [sys.executable, "checkpoints_convert/convert.py", "--src", str(src), "--dst", str(dst),

@@ -94,7 +94,7 @@ def synthesize(texts: list[str], cache_dir: str | Path | None = None, progress: 
     import soundfile as sf
 
     if cache_dir is None:
-        from affjax.eval_asr import cache_root
+        from affjax.eval.runner import cache_root
         cache_dir = cache_root() / "tts"
     cache_dir = Path(cache_dir)
     voice = None

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from affjax.layers import RMSNorm, apply_rope, attention, linear, rope_cos_sin
+from affjax.models.layers import RMSNorm, apply_rope, attention, linear, rope_cos_sin
 
 
 @dataclasses.dataclass(frozen=True)

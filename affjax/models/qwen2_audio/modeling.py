@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from affjax.layers import linear, map_rows
+from affjax.models.layers import linear, map_rows
 from affjax.models.qwen2.modeling import Qwen2ForCausalLM, TextConfig
 from affjax.models.whisper.modeling import AudioEncoder, EncoderConfig
 

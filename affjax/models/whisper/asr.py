@@ -18,7 +18,7 @@ clip: they form one audio span (span id 1) and are the only frames pooled. The f
 encode the zero padding; they are kept as they are (span 0, never merged, like text tokens in
 docs/pooling.md section 1), because Whisper's decoder relies on them: masking them out of the
 cross-attention, with no pooling at all, breaks transcription (see ``drop_padding`` and docs in
-``affjax/eval_asr.py``).
+``affjax/eval/whisper.py``).
 
 Positions. Whisper's encoder adds absolute position embeddings once, before layer 1, and has no
 RoPE, so the ``positions`` policy (docs/pooling.md section 3) does not apply; it is ignored for
@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from affjax.compiles import TRACES, traced
+from affjax.runtime.compiles import TRACES, traced
 from affjax.models.whisper.decoding import greedy_tokens, prompt_ids, whisper_features
 from affjax.models.whisper.modeling import EncoderConfig, Whisper, WhisperConfig
 from affjax.pooling.affinity import StageOut, pool_stage_jit

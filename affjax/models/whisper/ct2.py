@@ -9,7 +9,7 @@ The binary layout (CTranslate2 binary version 6, all integers little-endian)::
     str = u16 length (including the trailing NUL) + utf-8 bytes + NUL
 
 Nothing here needs torch: the result is a plain `{hf_key: np.ndarray}` state dict that both the
-JAX loader (`affjax.weights.load_streaming`) and `transformers` (`torch.from_numpy`) accept.
+JAX loader (`affjax.models.weights.load_streaming`) and `transformers` (`torch.from_numpy`) accept.
 """
 
 from __future__ import annotations
@@ -412,7 +412,7 @@ def load_whisper_ct2(ct2_dir, dtype=None, *, processor_dir=None):
 
     from affjax.models.whisper.modeling import Whisper, WhisperConfig
     from affjax.models.whisper.params import KEYS, TIED_KEYS
-    from affjax.weights import KeyTable, load_streaming
+    from affjax.models.weights import KeyTable, load_streaming
 
     import jax.numpy as jnp
     from flax import nnx

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from affjax.compiles import traced
+from affjax.runtime.compiles import traced
 from affjax.models.whisper.modeling import Whisper, WhisperConfig, WhisperDecoder
 
 __all__ = ["GreedyState", "greedy_decode", "encode", "prompt_ids", "Transcription", "greedy_tokens",

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from affjax.layers import MASK_VALUE, Conv1d, LayerNorm, attention, linear
+from affjax.models.layers import MASK_VALUE, Conv1d, LayerNorm, attention, linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +217,7 @@ class Attention(nnx.Module):
               key_bias: jax.Array | None = None) -> jax.Array:
         """Cross-attention over keys stored heads first, kt/vt: ['B H S hd'] (from `kv_heads_first`).
 
-        Same arithmetic as `affjax.layers.attention` (q scaled in its dtype, bias added to the
+        Same arithmetic as `affjax.models.layers.attention` (q scaled in its dtype, bias added to the
         logits, masked keys at MASK_VALUE, float32 softmax). The layout is for speed: a decoding
         step has one query per row against ~1500 encoder frames, and with keys stored ['B S H hd']
         XLA:CPU transposes all of them at every step (10x slower on this kind of machine).

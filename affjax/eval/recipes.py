@@ -66,7 +66,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from affjax import metrics
+from affjax.eval import metrics
 
 __all__ = ["TARGET_SR", "RECIPES", "Recipe", "RecipeError", "parse_spec", "parse_choices", "find_recipe", "load",
            "known_recipes"]

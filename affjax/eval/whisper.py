@@ -6,7 +6,7 @@ Pooling on the encoder, retention, FLOPs.
 
 Model. `--ckpt` is a converted checkpoint (checkpoints_convert/convert.py, from a Hugging Face
 Whisper folder or a CTranslate2 one). `--model whisper-base | whisper-tiny.en` takes the installed
-CTranslate2 package (affjax.assets), converts it once into `$AFFJAX_CACHE/models/<name>` (default
+CTranslate2 package (affjax.data.assets), converts it once into `$AFFJAX_CACHE/models/<name>` (default
 `~/.cache/affjax/models/<name>`) and reuses it.
 
 Data. `--manifest M`: JSON lines with `id`, `audio` (path, relative to the manifest's folder) and
@@ -20,7 +20,7 @@ before layer 1) and is ignored. Without `--pooling` the job runs two settings, t
 and the default pooled one (`asr.default_pooling`: the encoder output, tau 0.95, window 1,
 proportional); with `--pooling` (`none` included) it runs that one setting.
 
-Outputs (through the one runner, affjax.runner: rows stored per batch, resumable, a rerun with
+Outputs (through the one runner, affjax.eval.runner: rows stored per batch, resumable, a rerun with
 other inputs or settings refused unless `--restart`). One setting: `DIR/results.jsonl` (per item,
 manifest order: `id`, `reference`, `text`, `audio_tokens` [audio frames before, after each stage],
 `layer_tokens`, `enc_frames` (frames the decoder attends to), `finished`, `truncated` for clips over
@@ -45,54 +45,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
-from affjax import runner
+from affjax.eval import runner
 from affjax.data.audio import load_audio
 from affjax.data.manifest import ManifestRow, read_manifest
-from affjax.metrics import corpus_wer, make_normalizer  # scoring lives in affjax/metrics.py
-from affjax.results import ResultStore, fingerprint_checkpoint, fingerprint_file, open_run
-from affjax.summary import command_line, retention_summary, versions, write_summary
+from affjax.eval.metrics import corpus_wer, make_normalizer  # scoring lives in affjax/eval/metrics.py
+from affjax.eval.results import ResultStore, fingerprint_checkpoint, fingerprint_file, open_run
+from affjax.eval.summary import command_line, retention_summary, versions, write_summary
 
-__all__ = ["MODEL_NAMES", "DATASETS", "resolve_checkpoint", "run_eval", "RUNNERS", "make_normalizer", "corpus_wer",
-           "format_summary"]
+__all__ = ["MODEL_NAMES", "DATASETS", "WhisperAsrTask", "run_whisper_asr", "summarize_asr", "make_normalizer",
+           "corpus_wer", "format_whisper_summary"]
 
 MODEL_NAMES = {"whisper-base": "base", "whisper-tiny.en": "tiny.en"}  # --model -> assets name
 DATASETS = ("librivox",)
 
 
 # ----------------------------------------------------------------------------------------------
-# model and data resolution
-
-
-def cache_root() -> Path:
-    env = os.environ.get("AFFJAX_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "affjax"
-
-
-def resolve_checkpoint(cfg: runner.JobConfig, log=print) -> tuple[Path, str]:
-    """(checkpoint dir, model label); converts a `--model` package on first use."""
-    if (cfg.ckpt is None) == (cfg.model is None):
-        raise runner.UsageError("give exactly one of --ckpt and --model")
-    if cfg.ckpt is not None:
-        p = Path(cfg.ckpt)
-        if not p.is_dir():
-            raise FileNotFoundError(f"checkpoint not found: {p}")
-        return p, p.resolve().name
-    if cfg.model not in MODEL_NAMES:
-        raise runner.UsageError(f"unknown --model {cfg.model!r}; known: {', '.join(MODEL_NAMES)}")
-    from affjax.assets import whisper_ct2_dir
-    from affjax.checkpoint import CONFIG_NAME, FORMAT, convert
-
-    dst = cache_root() / "models" / cfg.model
-    meta = json.loads((dst / CONFIG_NAME).read_text()) if (dst / CONFIG_NAME).is_file() else None
-    if meta is None or meta.get("format", 1) < FORMAT:
-        src = whisper_ct2_dir(MODEL_NAMES[cfg.model])
-        log(f"converting {cfg.model} ({'first use' if meta is None else 'made by an older converter'}) -> {dst}")
-        convert(src, dst, overwrite=True, progress=False)
-    return dst, cfg.model
+# data
 
 
 def _rows(cfg: runner.JobConfig, log=print):
@@ -106,7 +77,7 @@ def _rows(cfg: runner.JobConfig, log=print):
         return rows, Path(cfg.manifest).stem, fingerprint_file(cfg.manifest)
     if cfg.data not in DATASETS:
         raise runner.UsageError(f"unknown --data {cfg.data!r}; known: {', '.join(DATASETS)}")
-    from affjax.assets import librivox_items
+    from affjax.data.assets import librivox_items
 
     items = [{**it, "audio": str(it["audio"]), "reference": it["text"]} for it in librivox_items()]
     rows = [ManifestRow(i + 1, it["id"], it, None) for i, it in enumerate(items)]
@@ -121,7 +92,7 @@ def _rows(cfg: runner.JobConfig, log=print):
 def _load_whisper(ckpt: Path, dtype: str | None):
     from transformers import WhisperProcessor
 
-    from affjax.checkpoint import load
+    from affjax.models.checkpoint import load
 
     model, mcfg, meta = load(ckpt, dtype=dtype)
     try:
@@ -151,7 +122,7 @@ class _Clip:
 
 
 class WhisperAsrTask:
-    """Short-form greedy transcription with pooling on the encoder (affjax.runner's task protocol)."""
+    """Short-form greedy transcription with pooling on the encoder (affjax.eval.runner's task protocol)."""
 
     def __init__(self, model, processor, pooling, cfg: runner.JobConfig, clock: runner.Clock, log=print):
         self.model, self.processor, self.pooling, self.cfg, self.clock, self.log = \
@@ -219,7 +190,7 @@ def run_whisper_asr(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=pri
     rows, data_label, data_fp = _rows(cfg, log)
     runner.check_rows(rows, f"manifest {cfg.manifest or cfg.data}")
     runner.dedupe_ids(rows)
-    from affjax.checkpoint import CONFIG_NAME, get_spec
+    from affjax.models.checkpoint import CONFIG_NAME, get_spec
     meta = json.loads((ckpt / CONFIG_NAME).read_text())
     wcfg = get_spec(meta["model_type"]).config_from_hf(meta["hf_config"])
     settings = _settings(cfg, wcfg)
@@ -266,36 +237,6 @@ def run_whisper_asr(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=pri
     return summary
 
 
-def _run_lslm(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=print) -> dict:
-    from affjax.eval_lslm import run_lslm
-    return run_lslm(cfg, ckpt, model_label, log=log)
-
-
-# model_type -> (tasks, runner(cfg, ckpt, model label))
-RUNNERS = {"whisper": (("asr",), run_whisper_asr),
-           "qwen2_audio": (("score", "generate", "asr", "qa", "st"), _run_lslm)}
-
-
-def run_eval(cfg: runner.JobConfig, log=print) -> dict:
-    """Validate the options, resolve the checkpoint, dispatch on (model_type, task); the summary.
-    Every job (score, generate, eval) comes here."""
-    runner.validate(cfg)
-    from affjax.checkpoint import CONFIG_NAME
-
-    ckpt, model_label = resolve_checkpoint(cfg, log)
-    try:
-        meta = json.loads((ckpt / CONFIG_NAME).read_text())
-    except OSError:
-        raise runner.UsageError(f"{ckpt}: no {CONFIG_NAME} (not an affjax checkpoint)") from None
-    mt = meta.get("model_type")
-    tasks, run = RUNNERS.get(mt, ((), None))
-    task = cfg.task or ("asr" if not (cfg.data or "").startswith("hf:") else None)
-    if run is None or (task is not None and task not in tasks):
-        raise runner.UsageError(f"task {cfg.task or 'asr'} is not available for model_type {mt!r} (available: "
-                                + "; ".join(f"{m}: {', '.join(t)}" for m, (t, _) in RUNNERS.items()) + ")")
-    return run(dataclasses.replace(cfg, task=task), ckpt, model_label, log=log)
-
-
 # ----------------------------------------------------------------------------------------------
 # printing
 
@@ -304,10 +245,7 @@ def _pct(x):
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def format_summary(summary: dict) -> str:
-    if summary.get("task") in ("score", "generate", "qa", "st") or "primary" in summary:  # affjax.eval_lslm
-        from affjax.eval_lslm import format_lslm_summary
-        return format_lslm_summary(summary)
+def format_whisper_summary(summary: dict) -> str:
     runs = summary.get("runs") or [summary]
     head = runs[0]
     lines = [f"{head['model']} on {head['data']}: {head['items']} items, {head['ok']} ok, {head['errors']} errors "

@@ -14,9 +14,9 @@ slot n_g + step in group g. The greedy loop is one jitted lax.while_loop.
 Fixed-capacity `capacity` is one retention for every stage, or a tuple with one per stage, each a
 fraction of the tokens a span has when it enters that stage. With `record` on, each prefill lists
 the compiled programs it ran (`programs`); `program_costs`, `unpooled_programs` and `prefill_cost`
-give XLA's cost analysis of them and of an unpooled prefill of the same batch (affjax.flops).
+give XLA's cost analysis of them and of an unpooled prefill of the same batch (affjax.runtime.flops).
 
-Under a device mesh (`Engine(model, mesh=...)`, affjax.sharding) the same code runs sharded: batch
+Under a device mesh (`Engine(model, mesh=...)`, affjax.runtime.sharding) the same code runs sharded: batch
 inputs are placed with their rows over the `data` axis, the parameters stay as loaded (restored onto
 their shards; a model on other devices is placed by the rules once), jit propagates the shardings
 and the hidden states and KV caches are constrained by the logical-axis table. Host reads (pooled
@@ -34,11 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from affjax import costs, shapes
-from affjax import sharding as shd
-from affjax.compiles import TRACES
-from affjax.compiles import traced as _traced
-from affjax.layers import rope_cos_sin
+from affjax.runtime import costs
+
+from affjax import shapes
+from affjax.runtime import sharding as shd
+from affjax.runtime.compiles import TRACES
+from affjax.runtime.compiles import traced as _traced
+from affjax.models.layers import rope_cos_sin
 from affjax.models.qwen2_audio.inputs import Batch
 from affjax.pooling.affinity import fixed_capacity_needed, pool_stage, retention_slots
 from affjax.pooling.spec import PoolingConfig
@@ -118,7 +120,7 @@ def _pool(seq: Seq, stage, positions: str, capacity: int, retention, dots: str =
 
 
 def _embed_tokens(model, ids):
-    """Text embeddings of token ids (continuations appended to stored rows, affjax.eval_lslm)."""
+    """Text embeddings of token ids (continuations appended to stored rows, affjax.eval.lslm)."""
     return model.language_model.embed(ids)
 
 
@@ -431,7 +433,7 @@ class Engine:
         return PrefillOut(None if score else head, head if score else None, caches, group_len, group_pos0,
                           group_bias, stats)
 
-    # -- compiled-program costs (affjax.flops) -------------------------------------------------------
+    # -- compiled-program costs (affjax.runtime.flops) -------------------------------------------------------
     def unpooled_programs(self, batch: Batch, *, extra: int = 0, score: bool = False) -> list[costs.Program]:
         """The programs an unpooled prefill of `batch` runs (embed, all layers, head), built from
         shapes alone: nothing runs, and TRACES and the pieces' trace caches are left as they were."""

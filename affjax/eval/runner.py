@@ -4,7 +4,7 @@
     -> model -> windows of items: prepare each (a bad item is an error row) -> the task runs its
     batches (rows stored and fsynced per batch) -> compact in manifest order -> summary
 
-A task (Qwen2-Audio: affjax.eval_lslm; Whisper: affjax.eval_asr) gives `prepare(row)` (raise to
+A task (Qwen2-Audio: affjax.eval.lslm; Whisper: affjax.eval.whisper) gives `prepare(row)` (raise to
 make the item an error row naming the cause) and `run_window(items, sink)`, which calls
 `sink.done(item, record)` or `sink.fail(item, cause)` for every item. `run_batch` is the rule every
 task's batches follow: a batch that raises (a compile error, an out-of-memory) is run again item
@@ -14,12 +14,13 @@ by item, once, and only the items that fail alone become error rows.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
 
-from affjax.compiles import TRACES
-from affjax.results import ResultStore
+from affjax.runtime.compiles import TRACES
+from affjax.eval.results import ResultStore
 
 SCHEDULES = ("two-pass", "in-order")
 
@@ -33,7 +34,7 @@ class JobConfig:
     """Every option of score / generate / eval (the CLI fills it; tests build it directly)."""
     task: str | None = None          # score | generate | asr | qa | st (None: asr, or the hf: recipe's task)
     ckpt: str | None = None
-    model: str | None = None          # an installed real model name (affjax.eval_asr.MODEL_NAMES)
+    model: str | None = None          # an installed real model name (affjax.eval.whisper.MODEL_NAMES)
     manifest: str | None = None
     data: str | None = None           # librivox | hf:DATASET[:CONFIG]:SPLIT
     out: str | None = None            # eval: run directory; score/generate: the results JSONL
@@ -82,7 +83,7 @@ def validate(cfg: JobConfig) -> None:
     if cfg.pool_mode == "fixed" and cfg.pooling not in (None, "none"):
         need(cfg.capacity is not None, "--pool-mode fixed needs --capacity (a fraction of the audio tokens)")
     if cfg.mesh is not None:
-        from affjax.sharding import parse_mesh
+        from affjax.runtime.sharding import parse_mesh
         try:
             parse_mesh(cfg.mesh)
         except ValueError as e:
@@ -219,7 +220,7 @@ def run_items(task, rows: list, store: ResultStore, *, window: int, retry_errors
     sink = Sink(store, bar, clock)
     n_windows = -(-len(todo) // window)
     if multi:
-        from affjax import sharding
+        from affjax.runtime import sharding
         n_windows = int(sharding.agree_max([n_windows])[0])
     try:
         for w in range(0, n_windows * window, window):
@@ -254,3 +255,80 @@ def enable_compile_cache(path: str | None = None) -> str:
 
 def compiles_since(before: dict) -> dict:
     return {k: v - before.get(k, 0) for k, v in TRACES.items() if v - before.get(k, 0)}
+
+
+# ----------------------------------------------------------------------------------------------
+# model resolution and dispatch
+
+
+def cache_root() -> Path:
+    env = os.environ.get("AFFJAX_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "affjax"
+
+
+def resolve_checkpoint(cfg: JobConfig, log=print) -> tuple[Path, str]:
+    """(checkpoint dir, model label); converts a `--model` package on first use."""
+    if (cfg.ckpt is None) == (cfg.model is None):
+        raise UsageError("give exactly one of --ckpt and --model")
+    if cfg.ckpt is not None:
+        p = Path(cfg.ckpt)
+        if not p.is_dir():
+            raise FileNotFoundError(f"checkpoint not found: {p}")
+        return p, p.resolve().name
+    from affjax.data.assets import whisper_ct2_dir
+    from affjax.eval.whisper import MODEL_NAMES
+    if cfg.model not in MODEL_NAMES:
+        raise UsageError(f"unknown --model {cfg.model!r}; known: {', '.join(MODEL_NAMES)}")
+    from affjax.models.checkpoint import CONFIG_NAME, FORMAT, convert
+
+    dst = cache_root() / "models" / cfg.model
+    meta = json.loads((dst / CONFIG_NAME).read_text()) if (dst / CONFIG_NAME).is_file() else None
+    if meta is None or meta.get("format", 1) < FORMAT:
+        src = whisper_ct2_dir(MODEL_NAMES[cfg.model])
+        log(f"converting {cfg.model} ({'first use' if meta is None else 'made by an older converter'}) -> {dst}")
+        convert(src, dst, overwrite=True, progress=False)
+    return dst, cfg.model
+
+
+def _run_lslm(cfg: JobConfig, ckpt: Path, model_label: str, log=print) -> dict:
+    from affjax.eval.lslm import run_lslm
+    return run_lslm(cfg, ckpt, model_label, log=log)
+
+
+def _run_whisper(cfg: JobConfig, ckpt: Path, model_label: str, log=print) -> dict:
+    from affjax.eval.whisper import run_whisper_asr
+    return run_whisper_asr(cfg, ckpt, model_label, log=log)
+
+
+# model_type -> (tasks, job(cfg, ckpt, model label))
+RUNNERS = {"whisper": (("asr",), _run_whisper),
+           "qwen2_audio": (("score", "generate", "asr", "qa", "st"), _run_lslm)}
+
+
+def run_eval(cfg: JobConfig, log=print) -> dict:
+    """Validate the options, resolve the checkpoint, dispatch on (model_type, task); the summary.
+    Every job (score, generate, eval) comes here."""
+    validate(cfg)
+    from affjax.models.checkpoint import CONFIG_NAME
+
+    ckpt, model_label = resolve_checkpoint(cfg, log)
+    try:
+        meta = json.loads((ckpt / CONFIG_NAME).read_text())
+    except OSError:
+        raise UsageError(f"{ckpt}: no {CONFIG_NAME} (not an affjax checkpoint)") from None
+    mt = meta.get("model_type")
+    tasks, run = RUNNERS.get(mt, ((), None))
+    task = cfg.task or ("asr" if not (cfg.data or "").startswith("hf:") else None)
+    if run is None or (task is not None and task not in tasks):
+        raise UsageError(f"task {cfg.task or 'asr'} is not available for model_type {mt!r} (available: "
+                                + "; ".join(f"{m}: {', '.join(t)}" for m, (t, _) in RUNNERS.items()) + ")")
+    return run(dataclasses.replace(cfg, task=task), ckpt, model_label, log=log)
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as the CLI prints it, per model."""
+    if summary.get("task") in ("score", "generate", "qa", "st") or "primary" in summary:
+        from affjax.eval.lslm import format_lslm_summary
+        return format_lslm_summary(summary)
+    from affjax.eval.whisper import format_whisper_summary
+    return format_whisper_summary(summary)

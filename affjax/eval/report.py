@@ -3,10 +3,10 @@
 Each RUN_DIR holds the ``summary.json`` of an eval run. Two forms are read:
 
 - the eval runner's: ``task``, ``model``, ``data``, ``pooling``, ``metrics`` (from
-  :func:`affjax.metrics.task_metrics`), ``primary`` ([name, value]), ``final_retention``,
+  :func:`affjax.eval.metrics.task_metrics`), ``primary`` ([name, value]), ``final_retention``,
   ``retention_per_stage``, ``lm_prefill_flops_ratio_analytic``, ``items``, ``ok``, ``errors``,
   ``items_per_second``, ``padding_fraction``, ``versions``, ``command``;
-- the Whisper ASR eval's (affjax/eval_asr.py): top-level ``wer``, ``final_retention``, ``flops_rel``
+- the Whisper ASR eval's (affjax/eval/whisper.py): top-level ``wer``, ``final_retention``, ``flops_rel``
   (its FLOPs ratio, shown in the same column), ``seconds``; or ``{"runs": [summary, ...]}`` for its
   unpooled + pooled job, one table row per run (labelled ``DIR/setting``).
 
@@ -75,7 +75,7 @@ def _primary(s: dict) -> tuple[str | None, float | None]:
     m = s.get("metrics") if isinstance(s.get("metrics"), dict) else s
     task = s.get("task")
     if task in ("asr", "st", "qa"):
-        from affjax.metrics import primary
+        from affjax.eval.metrics import primary
 
         name, value = primary(task, m)
         if value is not None or name in m:

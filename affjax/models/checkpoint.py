@@ -3,7 +3,7 @@
 `convert(src, dst)` reads a Hugging Face model directory (config.json plus `model.safetensors`,
 sharded `model-*.safetensors` with their index, or `pytorch_model.bin`), builds the matching NNX
 model abstractly (no memory), streams the tensors one at a time through the model's key table
-(`affjax.weights.load_streaming`), and writes::
+(`affjax.models.weights.load_streaming`), and writes::
 
     dst/params/               orbax checkpoint of `nnx.to_pure_dict` of the parameters (restore with
                               `ocp.StandardCheckpointer().restore`, or `load` below)
@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from affjax.weights import KeyTable, WeightError, load_streaming
+from affjax.models.weights import KeyTable, WeightError, load_streaming
 
 __all__ = [
     "ConversionError", "ModelSpec", "MODELS", "register", "get_spec", "convert", "load",
@@ -86,7 +86,7 @@ class ModelSpec:
 
     config_from_hf: config.json dict -> model config.
     model_class:    model_class(cfg, dtype=..., rngs=nnx.Rngs) -> nnx.Module.
-    keys, aliases:  the KeyTable rows and key-prefix aliases (see affjax.weights.KeyTable).
+    keys, aliases:  the KeyTable rows and key-prefix aliases (see affjax.models.weights.KeyTable).
     ignore:         (canonical key, cfg) -> True for checkpoint tensors to skip silently
                     (buffers such as rotary inv_freq, parts of the HF model not ported).
     shared:         cfg -> {canonical key the model drops: canonical key it shares the weight of};

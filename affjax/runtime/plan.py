@@ -4,7 +4,7 @@ The model is built with `nnx.eval_shape` (no memory), so the parameter count com
 modules that will run, not from a formula that could drift from them. Around it this module adds
 plain arithmetic: parameter bytes per dtype, the KV cache for a (batch, length), a rough prefill
 activation peak, and per-chip bytes on TPU meshes (data, model) with model-parallel sharding.
-Per-chip parameter bytes follow affjax.sharding's own rules (the table that places the weights when
+Per-chip parameter bytes follow affjax.runtime.sharding's own rules (the table that places the weights when
 a checkpoint is restored onto a mesh), so the plan and a run agree on what each chip holds.
 
 `plan(...)` returns a dict (JSON-friendly), `format_plan(...)` renders it; `affjax plan` on the
@@ -81,7 +81,7 @@ ASSUMPTIONS = [
     "plus the projected audio tokens kept for the decoder",
     "XLA fusion usually removes some temporaries and may add workspace: treat activations as an "
     "order-of-magnitude estimate; parameters and KV cache are exact",
-    "meshes (data, model): parameters per chip by affjax.sharding's rules (attention heads, MLP "
+    "meshes (data, model): parameters per chip by affjax.runtime.sharding's rules (attention heads, MLP "
     "width and vocabulary over 'model'; norms, output biases, conv stem, position tables, projector "
     "and any block whose head count the model axis does not divide, e.g. the 20-head audio "
     "encoder's attention at model=8, whole on every chip); KV cache sharded over 'model' (KV heads) and 'data' "
@@ -148,7 +148,7 @@ def _param_counts(config_json: str) -> tuple[tuple[str, int], ...]:
 def _param_elements_per_chip(config_json: str, model: int) -> int:
     from jax.sharding import AbstractMesh
 
-    from affjax.sharding import AXES, param_spec
+    from affjax.runtime.sharding import AXES, param_spec
 
     cfg = _model_config(json.loads(config_json))
     mesh = AbstractMesh((1, model), AXES)
@@ -170,7 +170,7 @@ def _model_config(hf_config: dict):
 
 def param_bytes_per_chip(hf_config: dict, *, model: int, dtype_bytes: int) -> int:
     """Parameter bytes one chip holds on a mesh with `model` chips on the model axis, placed by
-    affjax.sharding's rules (what `sharding.load` restores onto each chip)."""
+    affjax.runtime.sharding's rules (what `sharding.load` restores onto each chip)."""
     return _param_elements_per_chip(json.dumps(hf_config, sort_keys=True), model) * dtype_bytes
 
 

@@ -33,7 +33,7 @@ Multi-host flow (one process per host, every process runs the same program):
      with `empty_batch` (see `agree_max` for the count).
   6. `gather_to_host0(records)`: every host's records, in host order, on process 0 (None elsewhere);
      process 0 writes the output.
-affjax.eval_lslm.run_lslm (`affjax score/generate/eval --mesh`) follows these steps; tests/test_sharding.py runs the
+affjax.eval.lslm.run_lslm (`affjax score/generate/eval --mesh`) follows these steps; tests/test_sharding.py runs the
 engine part with 2 processes x 4 CPU devices (jax.distributed on localhost).
 """
 
@@ -257,7 +257,7 @@ def param_sharding(mesh: Mesh, cfg=None) -> Callable[[tuple, jax.ShapeDtypeStruc
 def load(ckpt: str | os.PathLike, mesh: Mesh | None, *, dtype=None):
     """`checkpoint.load` with every parameter restored directly onto its shard of `mesh` (None: one
     device) -> (model, cfg, meta)."""
-    from affjax import checkpoint
+    from affjax.models import checkpoint
 
     if mesh is None:
         return checkpoint.load(ckpt, dtype=dtype)

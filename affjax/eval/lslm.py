@@ -1,4 +1,4 @@
-"""Jobs on Qwen2-Audio checkpoints, through the one runner (affjax.runner): `score`, `generate`
+"""Jobs on Qwen2-Audio checkpoints, through the one runner (affjax.eval.runner): `score`, `generate`
 and `eval` tasks `asr` (WER / CER), `qa` (accuracy) and `st` (BLEU), with Affinity Pooling.
 
     affjax score    --ckpt CKPT --manifest M.jsonl --out scores.jsonl
@@ -12,7 +12,7 @@ as a continuation of the prompt and predicts the best; qa without choices genera
 by normalised exact match. Audio longer than 30 s is split into 30 s windows, each its own clip,
 placed as consecutive audio spans (affjax.models.qwen2_audio.inputs.window_prompt), in every task.
 
-Results go through affjax.results: rows appended and fsynced per batch, a rerun resumes, a rerun
+Results go through affjax.eval.results: rows appended and fsynced per batch, a rerun resumes, a rerun
 with other inputs or settings is refused (`--restart` starts over).
 
 Scheduling. `two-pass` (eval's default, bucketed pooling): the items of each window are first
@@ -34,16 +34,20 @@ from pathlib import Path
 
 import numpy as np
 
-from affjax import metrics, runner, shapes, sharding
-from affjax.summary import command_line, flops_summary, retention_summary, versions, write_summary
+from affjax.eval import metrics, runner
+
+from affjax import shapes
+
+from affjax.runtime import sharding
+from affjax.eval.summary import command_line, flops_summary, retention_summary, versions, write_summary
 from affjax.data.audio import load_audio
 from affjax.data.manifest import read_manifest
-from affjax.costs import program_costs
-from affjax.engine import Engine
-from affjax.flops import lm_xla_flops
+from affjax.runtime.costs import program_costs
+from affjax.runtime.engine import Engine
+from affjax.runtime.flops import lm_xla_flops
 from affjax.models.qwen2_audio.inputs import check_clips, collate, encode, window_prompt
 from affjax.pooling.spec import parse_pooling
-from affjax.results import ResultStore, fingerprint_checkpoint, fingerprint_file, open_run
+from affjax.eval.results import ResultStore, fingerprint_checkpoint, fingerprint_file, open_run
 
 __all__ = ["TASKS", "load_for_inference", "run_lslm", "summarize", "summary_markdown", "format_lslm_summary"]
 
@@ -53,7 +57,7 @@ _SCORED = ("score", "qa")  # tasks whose items may carry continuations
 
 def load_for_inference(ckpt: str, dtype: str | None = None, mesh=None):
     """(model, cfg, processor, eos_ids, pad_id) from a converted checkpoint directory; with a `mesh`
-    every parameter is restored directly onto its shards (affjax.sharding)."""
+    every parameter is restored directly onto its shards (affjax.runtime.sharding)."""
     from transformers import AutoProcessor, GenerationConfig
 
     model, cfg, _ = sharding.load(ckpt, mesh, dtype=dtype)
@@ -125,7 +129,7 @@ def _tokens(processor, text: str, what: str) -> np.ndarray:
 
 
 class LslmTask:
-    """score / generate / asr / qa / st on a Qwen2-Audio engine (affjax.runner's task protocol)."""
+    """score / generate / asr / qa / st on a Qwen2-Audio engine (affjax.eval.runner's task protocol)."""
 
     def __init__(self, task: str, engine: Engine, processor, cfg: runner.JobConfig, two_pass: bool, log=print):
         self.task, self.engine, self.processor, self.cfg, self.log = task, engine, processor, cfg, log
@@ -144,7 +148,7 @@ class LslmTask:
     # -- pass 0: one manifest row -> an item (raise: the item is an error row) -----------------------
     def prepare(self, row) -> _Item:
         it, task, proc = row.item, self.task, self.processor
-        if it.get("error"):  # a recipe's bad row (affjax.recipes)
+        if it.get("error"):  # a recipe's bad row (affjax.eval.recipes)
             raise ValueError(str(it["error"]))
         if not it.get("audio"):
             raise ValueError("missing required field: audio")
@@ -350,7 +354,7 @@ class LslmTask:
 def _rows(cfg: runner.JobConfig, task: str, out_dir: Path, log):
     """(manifest rows, task, data label, data fingerprint) from --manifest or --data hf:..."""
     if cfg.data and cfg.data.startswith("hf:"):
-        from affjax import recipes
+        from affjax.eval import recipes
         data_dir = out_dir / "data"
         manifest = data_dir / "manifest.jsonl"
         recipe = data_dir / "recipe.json"  # written by recipes.load, last: the data set is complete
@@ -378,7 +382,7 @@ def _rows(cfg: runner.JobConfig, task: str, out_dir: Path, log):
 
 def run_lslm(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=print) -> dict:
     """Run (or resume) a score / generate / eval job on a Qwen2-Audio checkpoint; returns the summary."""
-    from affjax.checkpoint import CONFIG_NAME, get_spec
+    from affjax.models.checkpoint import CONFIG_NAME, get_spec
 
     t_start = time.perf_counter()
     task = cfg.task

@@ -5,7 +5,7 @@
 
 Data: the five LibriVox clips (real read speech) plus N utterances of the piper voice reading the
 texts of ``affjax/data/tts_texts.jsonl`` (5 to 27 s each, generated and cached at run time, see
-``affjax.data.tts``). Model: the installed CTranslate2 package (``affjax.assets``), loaded with
+``affjax.data.tts``). Model: the installed CTranslate2 package (``affjax.data.assets``), loaded with
 ``load_whisper_ct2`` so greedy decoding suppresses the checkpoint's suppressed tokens.
 
 Cells. For every stage position (``out`` = the encoder output, or an encoder layer l: after layer
@@ -113,7 +113,7 @@ def cell_specs(cfg: SweepConfig) -> list[dict]:
 
 def load_items(n_utterances: int, n_librivox: int = 5, progress: bool = False) -> list[dict]:
     """id, source, text (the reference) and wave (16 kHz float32) of every item, LibriVox first."""
-    from affjax.assets import librivox_items
+    from affjax.data.assets import librivox_items
     from affjax.data.audio import load_audio
     from affjax.data.tts import synthesize, tts_texts
 
@@ -193,7 +193,7 @@ def _run_cell(model, spec, layer, prefixes, batches, bsz, prompt, groups, max_ne
 
 
 def _metrics(model, res, ref_tokens, prompt_len, texts, norm_refs, norm_hyps, base_norm, sources):
-    from affjax.eval_asr import corpus_wer
+    from affjax.eval.whisper import corpus_wer
     from affjax.models.whisper import asr
 
     cfg = model.cfg
@@ -227,8 +227,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     """Run (or resume) the sweep; returns the JSON document it wrote."""
     from tqdm import tqdm
 
-    from affjax.assets import whisper_ct2_dir
-    from affjax.eval_asr import MODEL_NAMES, make_normalizer
+    from affjax.data.assets import whisper_ct2_dir
+    from affjax.eval.whisper import MODEL_NAMES, make_normalizer
     from affjax.models.whisper.ct2 import load_whisper_ct2
     from affjax.models.whisper.decoding import prompt_ids
 
@@ -518,7 +518,7 @@ def write_plot(doc: dict, path: Path) -> None:
 def main_bench_whisper_pooling(args) -> int:
     import sys
 
-    from affjax.runner import enable_compile_cache
+    from affjax.eval.runner import enable_compile_cache
 
     if not args.no_compile_cache:
         enable_compile_cache()

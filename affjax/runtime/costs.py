@@ -1,8 +1,8 @@
-"""XLA cost analysis of the programs a prefill runs (the engine records them; affjax.flops reads
+"""XLA cost analysis of the programs a prefill runs (the engine records them; affjax.runtime.flops reads
 the compiled HLO). Kept apart from the engine: nothing here runs a model.
 
 `Program`: one compiled program as called (jitted function, abstract arguments, static keywords).
-`program_costs(programs)`: {label: affjax.flops.xla_cost(...)}, compiled at the recorded shapes.
+`program_costs(programs)`: {label: affjax.runtime.flops.xla_cost(...)}, compiled at the recorded shapes.
 `prefill_cost(engine, batch)`: {label: FLOPs} of a batch's prefill, pooled or unpooled.
 """
 
@@ -13,10 +13,10 @@ import functools
 
 import jax
 
-from affjax.compiles import TRACES
-from affjax.flops import xla_cost
+from affjax.runtime.compiles import TRACES
+from affjax.runtime.flops import xla_cost
 
-_COSTS: dict = {}   # (program, abstract args) -> affjax.flops.xla_cost of its compiled form
+_COSTS: dict = {}   # (program, abstract args) -> affjax.runtime.flops.xla_cost of its compiled form
 _STATIC: dict = {}  # jitted piece -> its static argument names
 _FRESH: dict = {}   # jitted piece -> a separate jit of the same function (cost analysis only)
 
@@ -64,7 +64,7 @@ def _fresh_jit(jitted):
 
 
 def program_costs(programs: list[Program]) -> dict[str, dict]:
-    """{label: affjax.flops.xla_cost(...)} of each program, compiled at its recorded shapes with
+    """{label: affjax.runtime.flops.xla_cost(...)} of each program, compiled at its recorded shapes with
     its static arguments (cached per shape; TRACES is left as it was). A label seen twice gets
     a #k suffix."""
     out: dict[str, dict] = {}

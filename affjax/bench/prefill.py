@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from affjax.flops import lm_prefill_flops  # noqa: F401  (one implementation, re-exported here)
+from affjax.runtime.flops import lm_prefill_flops  # noqa: F401  (one implementation, re-exported here)
 
 BENCH_CONFIG = {
     "model_type": "qwen2_audio",
@@ -82,7 +82,7 @@ def build_models(seed: int = 0):
 
     from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
     from affjax.models.qwen2_audio.params import KEY_ALIASES, KEYS
-    from affjax.weights import KeyTable, iter_state_dict, load_streaming
+    from affjax.models.weights import KeyTable, iter_state_dict, load_streaming
 
     torch.manual_seed(seed)
     hf_cfg = HFConfig(audio_config=BENCH_CONFIG["audio_config"], text_config=BENCH_CONFIG["text_config"],
@@ -115,7 +115,7 @@ def run_bench(batches=(1, 4), repeats=5, audio_seconds=30.0, text_tokens=40, thr
     import jax
     import torch
 
-    from affjax.engine import Engine
+    from affjax.runtime.engine import Engine
 
     torch.set_num_threads(threads)
     hf, model, cfg = build_models()

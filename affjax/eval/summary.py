@@ -1,5 +1,5 @@
 """The one summary module of every job: retention per stage, LM prefill FLOPs vs unpooled, and the
-run facts (versions, command line). Throughput and RTFx come from affjax.runner.Clock."""
+run facts (versions, command line). Throughput and RTFx come from affjax.eval.runner.Clock."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from affjax.flops import analytic_lm_flops, tokens_per_layer
+from affjax.runtime.flops import analytic_lm_flops, tokens_per_layer
 
 
 def retention_summary(audio_tokens: list[list[int]]) -> dict:

@@ -48,7 +48,7 @@ def _manifest(d: Path, n: int, seed: int = 0) -> Path:
 def _n_params(ckpt: Path) -> int:
     import jax
 
-    from affjax.checkpoint import load
+    from affjax.models.checkpoint import load
     from flax import nnx
     model, _, _ = load(ckpt)
     return int(sum(x.size for x in jax.tree.leaves(nnx.state(model))))
@@ -56,9 +56,8 @@ def _n_params(ckpt: Path) -> int:
 
 def run_bench(models=("tiny", "70m"), batches=(1, 4, 8), poolings=("none", "dap-aggressive"), items: int = 16,
               max_new_tokens: int = 16, repeats: int = 1, log=print) -> dict:
-    from affjax.checkpoint import convert
-    from affjax.eval_asr import run_eval
-    from affjax.runner import JobConfig
+    from affjax.models.checkpoint import convert
+    from affjax.eval.runner import JobConfig, run_eval
     from affjax.testing import make_tiny_qwen2_audio
 
     out = {"items": items, "max_new_tokens": max_new_tokens, "cells": []}
@@ -122,7 +121,7 @@ def markdown(result: dict) -> str:
 
 
 def main_bench_eval(args) -> int:
-    from affjax.runner import enable_compile_cache
+    from affjax.eval.runner import enable_compile_cache
     enable_compile_cache()
     res = run_bench(models=tuple(args.models), batches=tuple(args.batch), poolings=tuple(args.pooling),
                     items=args.items, max_new_tokens=args.max_new_tokens, repeats=args.repeats)
