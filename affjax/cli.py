@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         from affjax.bench.eval import main_bench_eval
         return main_bench_eval(args)
     if args.cmd == "bench-pooling":
-        from affjax.bench_pooling import main_bench_pooling
+        from affjax.bench.pooling import main_bench_pooling
         return main_bench_pooling(args)
     if args.cmd == "bench-whisper-pooling":
         from affjax.bench.whisper_pooling import main_bench_whisper_pooling

@@ -234,7 +234,7 @@ def test_resume_skips_done_items_and_survives_a_torn_line(ckpt, qa_manifest, tmp
 def test_new_lengths_in_a_bucket_do_not_recompile(ckpt, processor, tmp_path):
     from affjax.runtime.engine import TRACES
     from affjax.models.qwen2_audio.inputs import encode
-    from affjax.shapes import bucket
+    from affjax.runtime.shapes import bucket
     d = tmp_path
     prompt = _prompt(processor, 30, seed=0)
 

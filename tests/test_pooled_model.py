@@ -303,9 +303,9 @@ def test_a_new_tau_does_not_recompile(setup):
 @pytest.mark.slow
 def test_each_segment_compiles_once(setup):
     """12 items of different lengths (clips one audio token, 0.04 s, apart) in one bucket of
-    affjax.shapes.SEQ_BUCKETS, whose pooled lengths share one bucket too (tau = -1 leaves one token
+    affjax.runtime.shapes.SEQ_BUCKETS, whose pooled lengths share one bucket too (tau = -1 leaves one token
     per clip): every segment compiles once over 3 batches."""
-    from affjax import shapes
+    from affjax.runtime import shapes
     from affjax.runtime.engine import TRACES, Engine
     from affjax.models.qwen2_audio.inputs import collate, encode
     from affjax.pooling.spec import parse_pooling

@@ -92,12 +92,12 @@ def test_encoder_output_matches(loaded):
 
 def test_logits_match_on_padded_batch(loaded):
     """Logits at every 23rd position and the last of each row, against each item run alone."""
-    from affjax.runtime.engine import _embed, _run_group
+    from affjax.runtime.engine import embed_seq, run_layers
     _, model, cfg, processor, *_, hf, items = loaded
     batch = _batch(loaded, score=False)
-    seq = _embed(model, *map(jnp.asarray, (batch.ids, batch.valid, batch.span, batch.audio_index,
+    seq = embed_seq(model, *map(jnp.asarray, (batch.ids, batch.valid, batch.span, batch.audio_index,
                                            batch.features, batch.feature_lengths)))
-    seq, _ = _run_group(model, seq, 0, cfg.text.layers, 0, False, keep_cache=False)
+    seq, _ = run_layers(model, seq, 0, cfg.text.layers, 0, False, keep_cache=False)
     for b, (p, w, _) in enumerate(items):
         n = int(batch.n_prompt[b])
         at = np.unique(np.r_[np.arange(0, n, 23), n - 1])
@@ -139,8 +139,8 @@ def test_greedy_tokens_identical(loaded):
 @pytest.mark.parametrize("ckpt", ["gqa"], indirect=True)
 def test_one_compile_per_bucket(loaded):
     """12 items of different lengths (clips one audio token, 0.04 s, apart), all in one bucket of
-    affjax.shapes.SEQ_BUCKETS: prefill and decode compile once each, over 3 batches."""
-    from affjax import shapes
+    affjax.runtime.shapes.SEQ_BUCKETS: prefill and decode compile once each, over 3 batches."""
+    from affjax.runtime import shapes
     from affjax.runtime.engine import TRACES, Engine
     from affjax.models.qwen2_audio.inputs import collate, encode
     from affjax.testing import long_prompt, synth_speech_like

@@ -1,9 +1,9 @@
-"""The sequence bucket grid (affjax/shapes.py): a deliberate policy with a stated padding bound."""
+"""The sequence bucket grid (affjax/runtime/shapes.py): a deliberate policy with a stated padding bound."""
 
 import numpy as np
 import pytest
 
-from affjax import shapes
+from affjax.runtime import shapes
 
 
 def test_grid_is_monotone_and_covers_the_max():

@@ -36,7 +36,7 @@ import numpy as np
 
 from affjax.eval import metrics, runner
 
-from affjax import shapes
+from affjax.runtime import shapes
 
 from affjax.runtime import sharding
 from affjax.eval.summary import command_line, flops_summary, retention_summary, versions, write_summary

@@ -120,7 +120,7 @@ def _lag_dots(x: jax.Array, window: int, form: str) -> jax.Array:
       on XLA:CPU with its YNNPACK fusions on (the default, which the decoder layers need: 4 % of a
       prefill), where multiply-then-reduce ran 5x slower at batch 1.
     - ``"reduce"``: a multiply of two slices and a sum per lag; fastest where YNNPACK fusions are
-      off (the bucketed mode's stage program, `affjax.runtime.engine._pool_jit`), 1.2-1.5x the matvec's
+      off (the bucketed mode's stage program, `affjax.runtime.engine.pool_program`), 1.2-1.5x the matvec's
       speed at batch 4.
     """
     if form == "matvec":

@@ -36,7 +36,7 @@ from flax import nnx
 
 from affjax.runtime import costs
 
-from affjax import shapes
+from affjax.runtime import shapes
 from affjax.runtime import sharding as shd
 from affjax.runtime.compiles import TRACES
 from affjax.runtime.compiles import traced as _traced
@@ -81,7 +81,7 @@ def _label(name: str, kw: dict) -> str:
 # Pure pieces (model = nnx.merge(graphdef, state) inside the jitted wrappers)
 
 
-def _embed(model, ids, valid, span, audio_index, features, feature_lengths) -> Seq:
+def embed_seq(model, ids, valid, span, audio_index, features, feature_lengths) -> Seq:
     audio = model.encode_audio(features, feature_lengths)
     x = shd.constrain(model.embed_inputs(ids, audio, audio_index), "hidden")
     b, t = ids.shape
@@ -90,7 +90,7 @@ def _embed(model, ids, valid, span, audio_index, features, feature_lengths) -> S
                jnp.where(valid, jnp.arange(t, dtype=jnp.int32)[None], -1))
 
 
-def _run_group(model, seq: Seq, start: int, end: int, extra: int, proportional: bool, keep_cache: bool = True):
+def run_layers(model, seq: Seq, start: int, end: int, extra: int, proportional: bool, keep_cache: bool = True):
     """Layers [start, end) on the packed sequence; returns the new Seq and the group's KV cache,
     padded with `extra` free slots for decoding (none when keep_cache is False: scoring)."""
     lm = model.language_model
@@ -105,7 +105,7 @@ def _run_group(model, seq: Seq, start: int, end: int, extra: int, proportional: 
     return dataclasses.replace(seq, x=shd.constrain(x, "hidden")), caches
 
 
-def _pool(seq: Seq, stage, positions: str, capacity: int, retention, dots: str = "matvec", tau=None):
+def pool_seq(seq: Seq, stage, positions: str, capacity: int, retention, dots: str = "matvec", tau=None):
     """One stage. `stage`: a Stage, or its static part (Stage.static) with `tau` given: a float32
     scalar or per-row array, traced under jit (one program for every threshold)."""
     tau = stage.tau if tau is None else tau
@@ -186,7 +186,7 @@ class PackedRows:
 
 
 class Engine:
-    """Holds the split model and the jitted pieces; shapes follow affjax.shapes."""
+    """Holds the split model and the jitted pieces; shapes follow affjax.runtime.shapes."""
 
     def __init__(self, model, *, pooling: PoolingConfig | None = None, pool_mode: str = "bucketed",
                  capacity: float | None = None, eos_ids=(), pad_id: int = 0, mesh=None):
@@ -223,7 +223,7 @@ class Engine:
         self.groups = list(zip([0] + cuts, cuts + [L]))  # group g: layers [start, end)
 
     # -- jitted wrappers ------------------------------------------------------------------------
-    def _fn(self, name, fn, static=()):
+    def jitted(self, name, fn, static=()):
         """`fn(model, ...)` jitted over the parameter state; shared by every Engine of the same
         model structure (the graphdef is a static argument), so settings never recompile it."""
         key = (name, fn, tuple(static))
@@ -275,7 +275,7 @@ class Engine:
         """This process's rows of a device result (a pytree), on the host."""
         return self._local(x)
 
-    def _device_batch(self, batch: Batch):
+    def device_batch(self, batch: Batch):
         return tuple(map(self._put, (batch.ids, batch.valid, batch.span, batch.audio_index, batch.features,
                                      batch.feature_lengths)))
 
@@ -295,10 +295,10 @@ class Engine:
     def front(self, batch: Batch) -> tuple[Seq, list]:
         """Bucketed mode, first part: the audio encoder, projector and embeddings, then the input
         stage (a stage at layer 0) if there is one. Returns the sequence and that stage's stats."""
-        seq = self._fn("embed", _embed)(self.state, *self._device_batch(batch))
+        seq = self.jitted("embed", embed_seq)(self.state, *self.device_batch(batch))
         stats = []
         if self.pooling.stages and self.pooling.stages[0].layer == 0:
-            seq, st = self._pool_bucketed(seq, self.pooling.stages[0])
+            seq, st = self.pool_bucketed(seq, self.pooling.stages[0])
             stats.append(st)
         return seq, stats
 
@@ -343,7 +343,7 @@ class Engine:
             for b, c in enumerate(conts):
                 cont_ids[b, :len(c)] = c
                 cont_valid[b, :len(c)] = True
-            emb = np.asarray(self.host(self._fn("embed_tokens", _embed_tokens)(self.state, self.put(cont_ids))))
+            emb = np.asarray(self.host(self.jitted("embed_tokens", _embed_tokens)(self.state, self.put(cont_ids))))
             for b, (r, c) in enumerate(zip(rows, conts)):
                 n, k = len(r.x), len(c)
                 x[b, n:n + k] = emb[b, :k]
@@ -368,14 +368,14 @@ class Engine:
             return np.asarray(self.host(out.logprobs), np.float64).sum(1)[:packed.rows], later
         return self.decode(out, packed.rows, max_new_tokens), later
 
-    def _pool_bucketed(self, seq: Seq, stage) -> tuple[Seq, dict]:
+    def pool_bucketed(self, seq: Seq, stage) -> tuple[Seq, dict]:
         """One stage at full capacity, then the buffer sliced to the bucket of the longest row."""
-        pool = self._in_mesh(self._rec("pool", _pool_jit))
+        pool = self._in_mesh(self._rec("pool", pool_program))
         # tau traced (a float32 scalar): stages that differ only in tau share one program
         seq, st = pool(seq, np.float32(stage.tau), stage=stage.static, positions=self.pooling.positions,
                        capacity=seq.x.shape[1], retention=None)
         n_max = int(shd.host_value(st["n_valid"]).max())  # over every process's rows
-        return _slice_seq(seq, min(shapes.bucket(max(n_max, 1)), seq.x.shape[1])), st
+        return slice_seq(seq, min(shapes.bucket(max(n_max, 1)), seq.x.shape[1])), st
 
     def prefill_rest(self, seq: Seq, n_prompt, stats: list, *, extra: int = 0, score: bool = False,
                      cont_ids=None, cont_valid=None) -> PrefillOut:
@@ -387,10 +387,10 @@ class Engine:
         prop = self.pooling.proportional
         for g, (start, end) in enumerate(self.groups):
             if g > len(stats):
-                seq, st = self._pool_bucketed(seq, self.pooling.stages[g - 1])
+                seq, st = self.pool_bucketed(seq, self.pooling.stages[g - 1])
                 stats.append(st)
             if end > start:
-                run = self._fn("group", _run_group, static=("start", "end", "extra", "proportional", "keep_cache"))
+                run = self.jitted("group", run_layers, static=("start", "end", "extra", "proportional", "keep_cache"))
                 seq, c = run(self.state, seq, start=start, end=end, extra=extra, proportional=prop and g > 0,
                              keep_cache=not score)
                 caches += c
@@ -399,10 +399,10 @@ class Engine:
             group_pos0.append(_first_decode_pos(self.pooling.positions, n_prompt, n_g))
             group_bias.append(_pad_bias(seq, extra) if prop and g > 0 else None)
         if score:
-            f = self._fn("score_head", _cont_logprobs)
+            f = self.jitted("score_head", _cont_logprobs)
             lp = f(self.state, seq, n_prompt, self._put(cont_ids), self._put(cont_valid))
             return PrefillOut(None, lp, caches, group_len, group_pos0, group_bias, stats)
-        f = self._fn("last_head", _last_logits)
+        f = self.jitted("last_head", _last_logits)
         return PrefillOut(f(self.state, seq, n_prompt), None, caches, group_len, group_pos0, group_bias, stats)
 
     def _prefill_fixed(self, batch: Batch, *, extra: int, score: bool) -> PrefillOut:
@@ -412,7 +412,7 @@ class Engine:
         if isinstance(self.capacity, tuple):
             # one retention per stage: stage k keeps ceil(r_k * T) of the T tokens each span has there
             r = self.capacity
-            need = _chained_capacity(span, valid, r)
+            need = chained_capacity(span, valid, r)
         else:
             # one retention for every stage: the first stage's cap bounds the later ones (they only merge more)
             r = float(self.capacity)
@@ -420,9 +420,9 @@ class Engine:
         need = shd.agree_max(need) if self.mesh is not None else need  # the largest over every process
         caps = tuple(min(int(shapes.bucket(int(c))), batch.ids.shape[1]) for c in need)
         name = "prefill_fixed"
-        fn = self._fn(name, _prefill_fixed_body, static=("groups", "stages", "positions", "caps", "retention",
+        fn = self.jitted(name, _prefill_fixed_body, static=("groups", "stages", "positions", "caps", "retention",
                                                           "extra", "proportional", "score"))
-        out = fn(self.state, *self._device_batch(batch), self._put(batch.n_prompt),
+        out = fn(self.state, *self.device_batch(batch), self._put(batch.n_prompt),
                  None if not score else self._put(batch.cont_ids),
                  None if not score else self._put(batch.cont_valid),
                  tuple(np.float32(st.tau) for st in self.pooling.stages),  # traced: no compile per tau
@@ -441,19 +441,19 @@ class Engine:
         self.record = False
         try:
             L = self.cfg.text.layers
-            state, dev = costs.abstract(self.state), costs.abstract(self._device_batch(batch))
-            embed = costs.Program("embed", self._fn("embed", _embed), (state,) + dev, {}, fresh=True)
+            state, dev = costs.abstract(self.state), costs.abstract(self.device_batch(batch))
+            embed = costs.Program("embed", self.jitted("embed", embed_seq), (state,) + dev, {}, fresh=True)
             seq = costs.abstract(embed.lower().out_info)
             gkw = dict(start=0, end=L, extra=extra, proportional=False, keep_cache=not score)
-            group = costs.Program(f"layers[0:{L})", self._fn("group", _run_group, static=tuple(gkw)), (state, seq), gkw,
+            group = costs.Program(f"layers[0:{L})", self.jitted("group", run_layers, static=tuple(gkw)), (state, seq), gkw,
                             fresh=True)
             n_prompt = jax.ShapeDtypeStruct(batch.n_prompt.shape, jnp.int32)
             if score:
                 cont = costs.abstract((jnp.asarray(batch.cont_ids), jnp.asarray(batch.cont_valid)))
-                head = costs.Program("score_head", self._fn("score_head", _cont_logprobs), (state, seq, n_prompt) + cont,
+                head = costs.Program("score_head", self.jitted("score_head", _cont_logprobs), (state, seq, n_prompt) + cont,
                                {}, fresh=True)
             else:
-                head = costs.Program("last_head", self._fn("last_head", _last_logits), (state, seq, n_prompt), {},
+                head = costs.Program("last_head", self.jitted("last_head", _last_logits), (state, seq, n_prompt), {},
                                fresh=True)
             return [embed, group, head]
         finally:
@@ -475,7 +475,7 @@ class Engine:
     def decode(self, out: PrefillOut, rows: int, max_new_tokens: int) -> list[list[int]]:
         """Greedy tokens (EOS excluded) of the first `rows` rows after a prefill with
         ``extra=max_new_tokens``."""
-        loop = self._fn("decode", _decode_loop, static=("groups", "max_new", "eos", "pad_id"))
+        loop = self.jitted("decode", _decode_loop, static=("groups", "max_new", "eos", "pad_id"))
         b = out.group_len[0].shape[0] if self.mesh is None else shd.local_count(self.mesh, out.group_len[0].shape[0])
         row_ok = self._put(np.arange(b) < rows)
         tokens, lengths = loop(self.state, out.logits, out.caches, out.group_len, out.group_pos0, out.group_bias,
@@ -500,14 +500,14 @@ class _InMesh(functools.partial):
 
 @functools.partial(jax.jit, static_argnames=("stage", "positions", "capacity", "retention"),
                    compiler_options=POOL_COMPILER_OPTIONS)
-def _pool_jit(seq, tau=None, *, stage, positions, capacity, retention):
+def pool_program(seq, tau=None, *, stage, positions, capacity, retention):
     """`stage` static: pass Stage.static with `tau` (float32, traced) so every threshold of a stage
     shape shares one program; a whole Stage with tau=None bakes its tau in (one program per tau)."""
     _traced("pool")
-    return _pool(seq, stage, positions, capacity, retention, dots="reduce", tau=tau)
+    return pool_seq(seq, stage, positions, capacity, retention, dots="reduce", tau=tau)
 
 
-def _chained_capacity(span, valid, retentions) -> list[int]:
+def chained_capacity(span, valid, retentions) -> list[int]:
     """Host bound on each stage's valid length when stage k keeps at most max(1, ceil(r_k * T)) of
     the T tokens each audio span has when it enters stage k (largest over the batch's rows)."""
     span, valid = np.asarray(span), np.asarray(valid, bool)
@@ -526,7 +526,7 @@ def _first_decode_pos(positions: str, n_prompt, n_g):
     return (n_g if positions == "reindex" else n_prompt).astype(jnp.float32)
 
 
-def _slice_seq(seq: Seq, n: int) -> Seq:
+def slice_seq(seq: Seq, n: int) -> Seq:
     if n == seq.x.shape[1]:
         return seq
     return _slice_jit(seq, n=n)
@@ -546,14 +546,14 @@ def _pad_bias(seq: Seq, extra: int):
 def _prefill_fixed_body(model, ids, valid, span, audio_index, features, feature_lengths, n_prompt, cont_ids,
                         cont_valid, taus, *, groups, stages, positions, caps, retention, extra, proportional, score):
     """`stages`: each stage's static part (Stage.static); `taus`: their thresholds, float32 (traced)."""
-    seq = _embed(model, ids, valid, span, audio_index, features, feature_lengths)
+    seq = embed_seq(model, ids, valid, span, audio_index, features, feature_lengths)
     caches, group_len, group_pos0, group_bias, stats = [], [], [], [], []
     for g, (start, end) in enumerate(groups):
         if g > 0:
             r = retention[g - 1] if isinstance(retention, tuple) else retention
-            seq, st = _pool(seq, stages[g - 1], positions, caps[g - 1], r, tau=taus[g - 1])
+            seq, st = pool_seq(seq, stages[g - 1], positions, caps[g - 1], r, tau=taus[g - 1])
             stats.append(st)
-        seq, c = _run_group(model, seq, start, end, extra, proportional and g > 0, keep_cache=not score)
+        seq, c = run_layers(model, seq, start, end, extra, proportional and g > 0, keep_cache=not score)
         caches += c
         n_g = jnp.sum(seq.valid, axis=1).astype(jnp.int32)
         group_len.append(n_g)

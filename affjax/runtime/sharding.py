@@ -409,7 +409,7 @@ def globalize_batch(batch, mesh: Mesh | None, out_frames: int):
 def empty_batch(batch_size: int, *, n_mels: int, frames: int, score: bool, pad_id: int = 0):
     """An all-padding Batch (rows=0): what a host with no rows left runs so that every process makes
     the same engine calls."""
-    from affjax import shapes
+    from affjax.runtime import shapes
     from affjax.models.qwen2_audio.inputs import Batch
 
     b, t = batch_size, shapes.SEQ_BUCKETS[0]

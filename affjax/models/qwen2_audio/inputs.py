@@ -1,6 +1,6 @@
 """Host-side input building for Qwen2-Audio: the Hugging Face processor makes the token ids and
 mel features (so token counts match transformers exactly), then items are padded into one
-static-shape batch (see affjax/shapes.py)."""
+static-shape batch (see affjax/runtime/shapes.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from affjax import shapes
+from affjax.runtime import shapes
 
 
 @dataclasses.dataclass

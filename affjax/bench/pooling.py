@@ -12,7 +12,7 @@ retentions):
 - `dap`: both, 78.6 % after the input stage and 14.9 % of the original after layer 29.
 
 Like for like: every pooled run is compared with the unpooled run under the SAME buffer policy of
-the input sequence, and every buffer after a stage follows affjax.shapes (the one bucket grid):
+the input sequence, and every buffer after a stage follows affjax.runtime.shapes (the one bucket grid):
 
 - `bucket` (the job path): the input sequence is padded to ``shapes.bucket(n)`` on both sides;
 - `exact`: the input buffer is the valid length on both sides (no padding before the first stage;
@@ -51,7 +51,7 @@ Reported per case (batch size x audio length x buffer policy), each as a ratio t
   under another grid of shapes.SEQ_GRIDS (16 per octave, or the old grid) to compare policies;
 - optionally (--stage-timing) the pooling stage alone vs one decoder layer at the same buffer.
 
-Run: ``python -m affjax.bench_pooling --batch 1 --audio-seconds 5 10 15 20 25 30 --methods dap``
+Run: ``python -m affjax.bench.pooling --batch 1 --audio-seconds 5 10 15 20 25 30 --methods dap``
 (all options: ``--help``); ``affjax bench-pooling`` runs the same function with its own options.
 """
 
@@ -184,27 +184,27 @@ def _stage_timing(engine, batch, retentions, deep_layer: int, repeats: int) -> l
     import jax
     import jax.numpy as jnp
 
-    from affjax import shapes
-    from affjax.runtime.engine import _chained_capacity, _embed, _pool, _pool_jit, _run_group
+    from affjax.runtime import shapes
+    from affjax.runtime.engine import chained_capacity, embed_seq, pool_seq, pool_program, run_layers
     from affjax.pooling.spec import Stage
     rin, rdap = retentions
-    embed = engine._fn("embed", _embed)
-    layer = engine._fn("group", _run_group, static=("start", "end", "extra", "proportional", "keep_cache"))
-    seq = embed(engine.state, *engine._device_batch(batch))
+    embed = engine.jitted("embed", embed_seq)
+    layer = engine.jitted("group", run_layers, static=("start", "end", "extra", "proportional", "keep_cache"))
+    seq = embed(engine.state, *engine.device_batch(batch))
     n0 = seq.x.shape[1]
-    cap = lambda rs: min(n0, shapes.bucket(_chained_capacity(batch.span, batch.valid, rs)[-1]))
-    seq_in, _ = _pool_jit(seq, stage=Stage(0, 2.0, 1), positions="first", capacity=cap([rin]), retention=rin)
+    cap = lambda rs: min(n0, shapes.bucket(chained_capacity(batch.span, batch.valid, rs)[-1]))
+    seq_in, _ = pool_program(seq, stage=Stage(0, 2.0, 1), positions="first", capacity=cap([rin]), retention=rin)
     cases = [("input (window 1)", seq, Stage(0, 2.0, 1), cap([rin]), rin),
              ("deep, after input (window 3)", seq_in, Stage(deep_layer, 2.0, 3), cap([rin, rdap / rin]), rdap / rin),
              ("deep alone (window 3)", seq, Stage(deep_layer, 2.0, 3), cap([rdap]), rdap)]
     rows = []
     for name, s, stage, cap, r in cases:
         def pool():
-            jax.block_until_ready(_pool_jit(s, stage=stage, positions="first", capacity=cap, retention=r))
+            jax.block_until_ready(pool_program(s, stage=stage, positions="first", capacity=cap, retention=r))
 
         def chained(seq):
             def body(_, c):
-                out = _pool(dataclasses.replace(seq, x=seq.x + c), stage, "first", cap, r)
+                out = pool_seq(dataclasses.replace(seq, x=seq.x + c), stage, "first", cap, r)
                 out = jax.lax.optimization_barrier(out)  # every output is computed (no dead code)
                 return out[0].x[0, 0, 0] * 0
             return jax.lax.fori_loop(0, IN_PROGRAM_STAGES, body, jnp.zeros((), seq.x.dtype))
@@ -214,7 +214,7 @@ def _stage_timing(engine, batch, retentions, deep_layer: int, repeats: int) -> l
             jax.block_until_ready(chained_jit(s))
 
         def pool_threshold_only():  # bucketed mode: the stage's own program (threshold only), then the
-            jax.block_until_ready(engine._pool_bucketed(s, stage))  # host's bucket pick and slice
+            jax.block_until_ready(engine.pool_bucketed(s, stage))  # host's bucket pick and slice
 
         def one_layer():
             jax.block_until_ready(layer(engine.state, s, start=0, end=1, extra=0, proportional=False,
@@ -243,16 +243,16 @@ def _calib_fns(graphdef):
     import jax
     from flax import nnx
 
-    from affjax.runtime.engine import POOL_COMPILER_OPTIONS, _embed, _pool, _run_group
+    from affjax.runtime.engine import POOL_COMPILER_OPTIONS, embed_seq, pool_seq, run_layers
 
     def embed(state, *args):
-        return _embed(nnx.merge(graphdef, state), *args)
+        return embed_seq(nnx.merge(graphdef, state), *args)
 
     def group(state, seq, *, start, end):
-        return _run_group(nnx.merge(graphdef, state), seq, start, end, 0, False, keep_cache=False)[0]
+        return run_layers(nnx.merge(graphdef, state), seq, start, end, 0, False, keep_cache=False)[0]
 
-    def pool(seq, tau, *, stage, positions, capacity):  # as Engine._pool_bucketed's program computes it
-        return _pool(seq, stage, positions, capacity, None, dots="reduce", tau=tau)
+    def pool(seq, tau, *, stage, positions, capacity):  # as Engine.pool_bucketed's program computes it
+        return pool_seq(seq, stage, positions, capacity, None, dots="reduce", tau=tau)
 
     return (jax.jit(embed), jax.jit(group, static_argnames=("start", "end")),
             jax.jit(pool, static_argnames=("stage", "positions", "capacity"), compiler_options=POOL_COMPILER_OPTIONS))
@@ -296,8 +296,8 @@ def calibrate_bucketed(engine_state, graphdef, batch, stages, retentions, positi
     import jax
     import jax.numpy as jnp
 
-    from affjax import shapes
-    from affjax.runtime.engine import _slice_seq
+    from affjax.runtime import shapes
+    from affjax.runtime.engine import slice_seq
     from affjax.pooling.affinity import retention_slots
     from affjax.pooling.spec import Stage
     embed, group, pool = _calib_fns(graphdef)
@@ -314,7 +314,7 @@ def calibrate_bucketed(engine_state, graphdef, batch, stages, retentions, positi
         out.append((tau, kept, target))
         seq, st = pool(seq, np.float32(tau), stage=static, positions=positions, capacity=seq.x.shape[1])
         n_max = int(jax.device_get(st["n_valid"]).max())
-        seq = _slice_seq(seq, min(shapes.bucket(max(n_max, 1)), seq.x.shape[1]))
+        seq = slice_seq(seq, min(shapes.bucket(max(n_max, 1)), seq.x.shape[1]))
     return out
 
 
@@ -327,10 +327,10 @@ def _layer_fn(graphdef):
     import jax
     from flax import nnx
 
-    from affjax.runtime.engine import _run_group
+    from affjax.runtime.engine import run_layers
 
     def one_layer(state, seq):
-        return _run_group(nnx.merge(graphdef, state), seq, 0, 1, 1, False, keep_cache=True)
+        return run_layers(nnx.merge(graphdef, state), seq, 0, 1, 1, False, keep_cache=True)
     return jax.jit(one_layer)
 
 
@@ -481,11 +481,11 @@ def _measure_case(model, cfg, b, seconds, text_tokens, buffer, methods_run, pool
 def _buffers(eng, programs, batch) -> list[int]:
     """The sequence buffer of each (non-empty) layer group as the prefill ran it: the input buffer
     before the first stage, then each stage's (bucketed: the sliced bucket; fixed: the cap's bucket)."""
-    from affjax import shapes
-    from affjax.runtime.engine import _chained_capacity
+    from affjax.runtime import shapes
+    from affjax.runtime.engine import chained_capacity
     if eng.pool_mode == "fixed" and eng.pooling.stages:
         T = int(batch.ids.shape[1])
-        need = _chained_capacity(batch.span, batch.valid, eng.capacity)
+        need = chained_capacity(batch.span, batch.valid, eng.capacity)
         per_group = [T] + [min(int(shapes.bucket(int(c))), T) for c in need]
         return [n for n, (start, end) in zip(per_group, eng.groups) if end > start]
     return [int(p.args[1].x.shape[1]) for p in programs if p.label.startswith("layers[")]
@@ -494,7 +494,7 @@ def _buffers(eng, programs, batch) -> list[int]:
 def grid_report(lengths: dict[str, tuple[int, int]], grid_name: str = "32") -> dict:
     """The bucket grid in force and the buckets a job over these length ranges can hit (compiles
     per piece), beside the same counts for the other grids of shapes.SEQ_GRIDS."""
-    from affjax import shapes
+    from affjax.runtime import shapes
     others = {k: shapes._grid(shapes.SEQ_MIN, g) for k, g in shapes.SEQ_GRIDS.items() if k != grid_name}
     return {"name": grid_name, "grid": [list(g) for g in shapes.SEQ_GRIDS[grid_name]], "first_bucket": shapes.SEQ_MIN,
             "buckets": len(shapes.SEQ_BUCKETS),
@@ -511,7 +511,7 @@ def run_bench_pooling(batches=(1,), repeats=5, audio_seconds=(30.0,), text_token
                       log=print, command: str | None = None, seq_grid: str = "32") -> dict:
     """The bench (see the module docstring). `seq_grid`: a key of shapes.SEQ_GRIDS; another than
     the policy's own ("32") runs the whole bench under that grid (shapes.seq_grid)."""
-    from affjax import shapes
+    from affjax.runtime import shapes
     with shapes.seq_grid(shapes.SEQ_GRIDS[seq_grid]):
         return _run(batches, repeats, audio_seconds, text_tokens, buffers, methods_run, pool_modes, stage_timing,
                     config, log, command, seq_grid)
@@ -665,7 +665,7 @@ def format_bench_pooling(r: dict) -> str:
              f"{r['text_tokens']} text tokens; buffer policies: {', '.join(r['sequence_buffers'])}; pooling modes: "
              f"{', '.join(r['pool_modes'])}; TTFT: {r['repeats']} rounds (round-robin); {r['device']}, jax {r['jax']}",
              f"retention: fixed: {r['retention_driver']['fixed']}; bucketed: {r['retention_driver']['bucketed']}",
-             f"bucket grid `{gr.get('name', '32')}` (affjax.shapes.SEQ_GRIDS): from {gr['first_bucket']}, (up to, step) "
+             f"bucket grid `{gr.get('name', '32')}` (affjax.runtime.shapes.SEQ_GRIDS): from {gr['first_bucket']}, (up to, step) "
              f"{', '.join(f'({a}, {b})' for a, b in gr['grid'])}: {gr['buckets']} buckets, "
              f"{gr['buckets_up_to_fine_end']} up to {gr['fine_up_to']}", ""]
     for c in r["cases"]:
@@ -703,7 +703,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage-timing", action=argparse.BooleanOptionalAction, default=None,
                    help="time the pooling stage against one decoder layer (default: with one audio length)")
     p.add_argument("--seq-grid", default="32", choices=("32", "16", "old"),
-                   help="sequence bucket grid (affjax.shapes.SEQ_GRIDS): 32 = the policy in force; 16 per octave "
+                   help="sequence bucket grid (affjax.runtime.shapes.SEQ_GRIDS): 32 = the policy in force; 16 per octave "
                         "and the old grid to compare")
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
@@ -715,7 +715,7 @@ def main_bench_pooling(args) -> int:
                           tuple(getattr(args, "methods", METHODS)), tuple(getattr(args, "pool_modes", POOL_MODES)),
                           getattr(args, "stage_timing", None), log=lambda s: print(s, flush=True),
                           command=" ".join(["affjax" if sys.argv[0].endswith("affjax") else
-                                            "python -m affjax.bench_pooling"] + sys.argv[1:]),
+                                            "python -m affjax.bench.pooling"] + sys.argv[1:]),
                           seq_grid=getattr(args, "seq_grid", "32"))
     print(format_bench_pooling(r))
     if args.out:
@@ -725,6 +725,6 @@ def main_bench_pooling(args) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m affjax.bench_pooling", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m affjax.bench.pooling", description=__doc__.split("\n")[0])
     add_arguments(parser)
     sys.exit(main_bench_pooling(parser.parse_args()))
