@@ -240,7 +240,7 @@ def test_controls_keeping_every_frame_are_unpooled(tiny_en):
 def test_tiny_sweep_end_to_end_and_resumed(tmp_path):
     """2 LibriVox clips, Whisper tiny.en, one threshold at the encoder output with the controls:
     the JSON, table and plot; a second run resumes (computes no cell again)."""
-    from affjax.bench.prefill import whisper_pooling as bwp
+    from affjax.bench import whisper_pooling as bwp
     _skip_missing(lambda: __import__("affjax.data.assets", fromlist=["x"]).whisper_ct2_dir("tiny.en"))
     _skip_missing(lambda: __import__("affjax.data.assets", fromlist=["x"]).librivox_items())
     cfg = bwp.SweepConfig(model="whisper-tiny.en", taus=(0.9,), windows=(1,), stages=("out",), control_taus=(0.9,),

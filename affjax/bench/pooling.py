@@ -508,17 +508,18 @@ def grid_report(lengths: dict[str, tuple[int, int]], grid_name: str = "32") -> d
 
 def run_bench_pooling(batches=(1,), repeats=5, audio_seconds=(30.0,), text_tokens=40, buffers=BUFFERS,
                       methods_run=METHODS, pool_modes=POOL_MODES, stage_timing=None, config: dict | None = None,
-                      log=print, command: str | None = None, seq_grid: str = "32") -> dict:
+                      log=print, command: str | None = None, seq_grid: str = "32", on_case=None) -> dict:
     """The bench (see the module docstring). `seq_grid`: a key of shapes.SEQ_GRIDS; another than
-    the policy's own ("32") runs the whole bench under that grid (shapes.seq_grid)."""
+    the policy's own ("32") runs the whole bench under that grid (shapes.seq_grid). `on_case(res)`
+    is called after each case with the results so far (``res["partial"]`` True)."""
     from affjax.runtime import shapes
     with shapes.seq_grid(shapes.SEQ_GRIDS[seq_grid]):
         return _run(batches, repeats, audio_seconds, text_tokens, buffers, methods_run, pool_modes, stage_timing,
-                    config, log, command, seq_grid)
+                    config, log, command, seq_grid, on_case)
 
 
 def _run(batches, repeats, audio_seconds, text_tokens, buffers, methods_run, pool_modes, stage_timing, config, log,
-         command, seq_grid) -> dict:
+         command, seq_grid, on_case=None) -> dict:
     import jax
 
     from affjax.runtime.compiles import TRACES
@@ -550,6 +551,8 @@ def _run(batches, repeats, audio_seconds, text_tokens, buffers, methods_run, poo
             for buf in buffers:
                 res["cases"].append(_measure_case(model, cfg, b, s, text_tokens, buf, methods_run, pool_modes,
                                                   repeats, stage_timing, params_bytes, log))
+                if on_case is not None:
+                    on_case({**res, "partial": True})
     res["wall_s"] = time.perf_counter() - t_run
     res["compiles_total"] = {k: v - traces0.get(k, 0) for k, v in TRACES.items() if v != traces0.get(k, 0)}
     ranges = {}
@@ -609,17 +612,18 @@ def format_case(r: dict, c: dict) -> list[str]:
 def format_sweep(r: dict, method: str) -> list[str]:
     """Realized vs analytic FLOPs at each audio length, per buffer policy and pooling mode."""
     modes = [pm for pm in r["pool_modes"] if any(f"{method}/{pm}" in c["methods"] for c in r["cases"])]
-    head = ("| batch | audio s | valid tokens | buffer policy | LM FLOPs analytic | "
+    head = ("| batch | audio s | valid tokens | buffer policy | LM FLOPs analytic | XLA at valid lengths | "
             + " | ".join(f"{pm}: buffers | {pm}: XLA realized (gap, points) | {pm}: TTFT speed-up "
                          f"| {pm}: peak reduction excl. params" for pm in modes) + " |")
-    lines = [f"{method} vs unpooled, like for like (same buffer policy on both sides); gap = realized - analytic", "",
-             head, "|" + "---|" * (5 + 4 * len(modes))]
+    lines = [f"{method} vs unpooled, like for like (same buffer policy on both sides); gap = realized - analytic; "
+             "buffers = unpooled -> pooled, per layer group", "", head, "|" + "---|" * (6 + 4 * len(modes))]
     for c in r["cases"]:
         ms = c["methods"]
         if not any(f"{method}/{pm}" in ms for pm in modes):
             continue
         row = f"| {c['batch']} | {c['audio_seconds']:g} | {c['valid_tokens']} | {c['sequence_buffer']} "
-        row += f"| {_pct(ms[f'{method}/{modes[0]}']['flops_ratio_analytic'])} "
+        row += (f"| {_pct(ms[f'{method}/{modes[0]}']['flops_ratio_analytic'])} "
+                f"| {_pct(ms[f'{method}/{modes[0]}']['flops_ratio_xla_valid'])} ")
         for pm in modes:
             m = ms[f"{method}/{pm}"]
             row += (f"| {' / '.join(map(str, ms['unpooled']['buffers']))} -> {' / '.join(map(str, m['buffers']))} "
@@ -705,22 +709,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-grid", default="32", choices=("32", "16", "old"),
                    help="sequence bucket grid (affjax.runtime.shapes.SEQ_GRIDS): 32 = the policy in force; 16 per octave "
                         "and the old grid to compare")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--out", default=None, help="write the results as JSON here (also after each case)")
+    p.add_argument("--show", default=None, metavar="JSON", help="print the tables of a saved run (no bench)")
 
 
 def main_bench_pooling(args) -> int:
+    if getattr(args, "show", None):
+        with open(args.show) as f:
+            r = json.load(f)
+        print(f"command: {r.get('command')}\n")
+        print(format_bench_pooling(r))
+        return 0
     seconds = args.audio_seconds if isinstance(args.audio_seconds, (list, tuple)) else [args.audio_seconds]
+
+    def save(res):
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
     buffers = ["exact"] if args.exact_length else getattr(args, "buffers", list(BUFFERS))
     r = run_bench_pooling(tuple(args.batch), args.repeats, tuple(seconds), args.text_tokens, tuple(buffers),
                           tuple(getattr(args, "methods", METHODS)), tuple(getattr(args, "pool_modes", POOL_MODES)),
                           getattr(args, "stage_timing", None), log=lambda s: print(s, flush=True),
                           command=" ".join(["affjax" if sys.argv[0].endswith("affjax") else
                                             "python -m affjax.bench.pooling"] + sys.argv[1:]),
-                          seq_grid=getattr(args, "seq_grid", "32"))
+                          seq_grid=getattr(args, "seq_grid", "32"), on_case=save if args.out else None)
     print(format_bench_pooling(r))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(r, f, indent=1)
+        save(r)
     return 0
 
 
