@@ -99,6 +99,7 @@ def _hf_choice_logprob(hf_model, processor, prompt, wav, choice):
     return float(sum(lp[n - 1 + k, c[0, k]] for k in range(c.shape[1])))
 
 
+@pytest.mark.slow
 def test_qa_choice_scores_match_transformers(ckpt, qa_manifest, hf_model, processor, tmp_path):
     """Two-pass scheduling: the audio is encoded once per item and each choice is appended to the
     stored row; the choice log-likelihoods equal transformers' on prompt + choice."""
@@ -120,6 +121,7 @@ POOLED = [dict(pooling="0:tau=0.5,window=2;1:tau=0.3,window=3", positions=p, pro
           for p, prop in (("first", False), ("reindex", True))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", POOLED, ids=lambda s: f"{s['positions']}{'-prop' if s['proportional'] else ''}")
 def test_two_pass_equals_in_order(ckpt, qa_manifest, tmp_path, setting):
     """The stored-row path (pass 2 batches by pooled length) gives the in-order path's numbers, with
@@ -134,6 +136,7 @@ def test_two_pass_equals_in_order(ckpt, qa_manifest, tmp_path, setting):
     assert a["padding_fraction"] <= b["padding_fraction"]
 
 
+@pytest.mark.slow
 def test_generation_two_pass_equals_in_order_and_fixed(ckpt, processor, tmp_path):
     d = tmp_path
     rows = [{"id": f"a{i}", "audio": _wav(d / f"a{i}.wav", s, seed=20 + i).name,

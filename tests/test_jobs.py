@@ -87,6 +87,7 @@ def test_short_clip_is_an_error_row_and_the_job_goes_on(ckpt, block, tmp_path, c
         assert ("logprob" in r) if cmd == "score" else ("text" in r)
 
 
+@pytest.mark.slow
 def test_a_failing_batch_is_retried_item_by_item(ckpt, block, tmp_path, monkeypatch):
     from affjax.runtime.engine import Engine
     from affjax.eval.runner import JobConfig, run_eval
@@ -115,6 +116,7 @@ def test_a_failing_batch_is_retried_item_by_item(ckpt, block, tmp_path, monkeypa
 # -- defect 2: score / generate stream rows per batch and resume; kill -9 loses nothing
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_gives_every_item_exactly_once(ckpt, block, tmp_path):
     m = _manifest(tmp_path / "m.jsonl", _items(tmp_path, block, 6))
     out = tmp_path / "gen.jsonl"
@@ -143,6 +145,7 @@ def test_kill_9_then_rerun_gives_every_item_exactly_once(ckpt, block, tmp_path):
     assert [r["tokens"] for r in rows] == [r["tokens"] for r in _rows(clean)]
 
 
+@pytest.mark.slow
 def test_score_output_is_not_silently_replaced_and_restart_starts_over(ckpt, block, tmp_path, capsys):
     m = _manifest(tmp_path / "m.jsonl", _items(tmp_path, block, 2))
     out = tmp_path / "s.jsonl"
@@ -193,6 +196,7 @@ def test_resume_refuses_a_rewritten_checkpoint(ckpt, block, tmp_path, capsys):
 # -- defect 4: long audio is windowed in score / generate as in eval
 
 
+@pytest.mark.slow
 def test_score_and_generate_window_long_audio(ckpt, block, tmp_path, capsys):
     rows = [{"id": "long", "audio": _wav(tmp_path / "long.wav", 40.0), "prompt": f"Hear {block} now.",
              "continuation": " yes"}]
