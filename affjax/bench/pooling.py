@@ -508,18 +508,20 @@ def grid_report(lengths: dict[str, tuple[int, int]], grid_name: str = "32") -> d
 
 def run_bench_pooling(batches=(1,), repeats=5, audio_seconds=(30.0,), text_tokens=40, buffers=BUFFERS,
                       methods_run=METHODS, pool_modes=POOL_MODES, stage_timing=None, config: dict | None = None,
-                      log=print, command: str | None = None, seq_grid: str = "32", on_case=None) -> dict:
+                      log=print, command: str | None = None, seq_grid: str = "32", on_case=None,
+                      done: list | None = None) -> dict:
     """The bench (see the module docstring). `seq_grid`: a key of shapes.SEQ_GRIDS; another than
     the policy's own ("32") runs the whole bench under that grid (shapes.seq_grid). `on_case(res)`
-    is called after each case with the results so far (``res["partial"]`` True)."""
+    is called after each case with the results so far (``res["partial"]`` True); `done`: cases of an
+    interrupted run of the same settings, kept and not measured again (--resume)."""
     from affjax.runtime import shapes
     with shapes.seq_grid(shapes.SEQ_GRIDS[seq_grid]):
         return _run(batches, repeats, audio_seconds, text_tokens, buffers, methods_run, pool_modes, stage_timing,
-                    config, log, command, seq_grid, on_case)
+                    config, log, command, seq_grid, on_case, done or [])
 
 
 def _run(batches, repeats, audio_seconds, text_tokens, buffers, methods_run, pool_modes, stage_timing, config, log,
-         command, seq_grid, on_case=None) -> dict:
+         command, seq_grid, on_case=None, done=()) -> dict:
     import jax
 
     from affjax.runtime.compiles import TRACES
@@ -549,6 +551,11 @@ def _run(batches, repeats, audio_seconds, text_tokens, buffers, methods_run, poo
     for b in batches:
         for s in audio_seconds:
             for buf in buffers:
+                kept = [c for c in done if (c["batch"], c["audio_seconds"], c["sequence_buffer"]) == (b, s, buf)]
+                if kept:
+                    log(f"batch {b}, {s:g} s, buffer {buf}: kept from the interrupted run")
+                    res["cases"].append(kept[0])
+                    continue
                 res["cases"].append(_measure_case(model, cfg, b, s, text_tokens, buf, methods_run, pool_modes,
                                                   repeats, stage_timing, params_bytes, log))
                 if on_case is not None:
@@ -711,6 +718,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and the old grid to compare")
     p.add_argument("--out", default=None, help="write the results as JSON here (also after each case)")
     p.add_argument("--show", default=None, metavar="JSON", help="print the tables of a saved run (no bench)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the cases of an interrupted run of the same command found in --out")
+
+
+def _settings_key(args, seconds, buffers) -> dict:
+    """What a run measures (all but --out/--resume/--show): a resumed run must match it."""
+    return {"batch": list(args.batch), "repeats": args.repeats, "audio_seconds": [float(x) for x in seconds],
+            "text_tokens": args.text_tokens, "buffers": list(buffers),
+            "methods": list(getattr(args, "methods", METHODS)), "pool_modes": list(getattr(args, "pool_modes", POOL_MODES)),
+            "stage_timing": getattr(args, "stage_timing", None), "seq_grid": getattr(args, "seq_grid", "32")}
 
 
 def main_bench_pooling(args) -> int:
@@ -721,17 +738,23 @@ def main_bench_pooling(args) -> int:
         print(format_bench_pooling(r))
         return 0
     seconds = args.audio_seconds if isinstance(args.audio_seconds, (list, tuple)) else [args.audio_seconds]
+    buffers = ["exact"] if args.exact_length else getattr(args, "buffers", list(BUFFERS))
+    done, settings = [], _settings_key(args, seconds, buffers)
+    if getattr(args, "resume", False) and args.out and os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+        if old.get("partial") and old.get("settings") == settings:
+            done = old["cases"]
 
     def save(res):
         with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-    buffers = ["exact"] if args.exact_length else getattr(args, "buffers", list(BUFFERS))
+            json.dump({**res, "settings": settings}, f, indent=1)
     r = run_bench_pooling(tuple(args.batch), args.repeats, tuple(seconds), args.text_tokens, tuple(buffers),
                           tuple(getattr(args, "methods", METHODS)), tuple(getattr(args, "pool_modes", POOL_MODES)),
                           getattr(args, "stage_timing", None), log=lambda s: print(s, flush=True),
                           command=" ".join(["affjax" if sys.argv[0].endswith("affjax") else
                                             "python -m affjax.bench.pooling"] + sys.argv[1:]),
-                          seq_grid=getattr(args, "seq_grid", "32"), on_case=save if args.out else None)
+                          seq_grid=getattr(args, "seq_grid", "32"), on_case=save if args.out else None, done=done)
     print(format_bench_pooling(r))
     if args.out:
         save(r)
