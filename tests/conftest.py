@@ -92,3 +92,24 @@ def librivox():
     items = need_asset(librivox_items)
     assert len(items) == 5
     return [(it, load_audio(it["audio"])) for it in items]
+
+
+@pytest.fixture(scope="session")
+def real_whisper(tmp_path_factory):
+    """name ("tiny.en", "base") -> (checkpoint dir, $AFFJAX_CACHE folder, model, processor, HF config):
+    the installed CTranslate2 Whisper converted once per session into a test cache, laid out as
+    `--model whisper-NAME` finds it, and loaded once (treat the model as read-only)."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            from affjax.data.assets import whisper_ct2_dir
+            from affjax.eval.whisper import load_whisper
+            from affjax.models.checkpoint import ensure_converted
+
+            src = need_asset(whisper_ct2_dir, name)
+            cache = tmp_path_factory.mktemp("affjax_cache")
+            ckpt = ensure_converted(src, cache / "models" / f"whisper-{name}", log=lambda s: None)
+            made[name] = (ckpt, cache, *load_whisper(ckpt))
+        return made[name]
+    return get

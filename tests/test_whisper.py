@@ -27,7 +27,6 @@ torch = need_module("torch")
 
 from affjax.models.whisper import ct2 as ct2mod  # noqa: E402
 from affjax.runtime.compiles import TRACES  # noqa: E402
-from affjax.models.whisper.ct2 import load_whisper_ct2  # noqa: E402
 from affjax.models.whisper.decoding import (  # noqa: E402
     encode, greedy_tokens, prompt_ids, transcribe, whisper_features)
 from affjax.models.whisper.modeling import Whisper, WhisperConfig  # noqa: E402
@@ -226,7 +225,7 @@ def clips(librivox):
 _REAL = {}
 
 
-def _real(name, clips, tmp_path_factory):
+def _real(name, clips, real_whisper):
     """JAX model + processor (saved and reloaded), the HF reference from the same weights, and
     everything both sides computed on the five clips (shared by the tests of one model)."""
     if name in _REAL:
@@ -237,8 +236,7 @@ def _real(name, clips, tmp_path_factory):
 
     from affjax.data.assets import whisper_ct2_dir
     d = need_asset(whisper_ct2_dir, name)
-    pdir = tmp_path_factory.mktemp(f"whisper_{name}_processor")
-    model, _, hcfg = load_whisper_ct2(d, processor_dir=pdir)
+    pdir, _, model, _, hcfg = real_whisper(name)  # converted by the checkpoint converter, as jobs do
     processor = WhisperProcessor.from_pretrained(pdir)  # the saved processor, offline
     gen = GenerationConfig.from_pretrained(pdir)
 
@@ -268,8 +266,8 @@ def _real(name, clips, tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=[pytest.param("base", marks=pytest.mark.slow), "tiny.en"])
-def real(request, clips, tmp_path_factory):
-    return request.param, _real(request.param, clips, tmp_path_factory)
+def real(request, clips, real_whisper):
+    return request.param, _real(request.param, clips, real_whisper)
 
 
 def test_real_config_and_prompt(real):
@@ -334,12 +332,12 @@ def test_real_wer(real, clips):
 
 
 @pytest.mark.slow
-def test_real_transcribe_compiles_once(clips, tmp_path_factory):
+def test_real_transcribe_compiles_once(clips, real_whisper):
     """The public API with a fixed batch size of 8: a second batch of different content (3 of the
     clips, reversed, so 5 padding rows) compiles neither the encoder nor the greedy loop again
     (the first batch, the 5 clips, went through the same jitted functions in the fixture) and
     gives each clip the tokens it got in the first batch."""
-    r = _real("tiny.en", clips, tmp_path_factory)  # the cheaper encoder; base runs the same code
+    r = _real("tiny.en", clips, real_whisper)  # the cheaper encoder; base runs the same code
     _, waves, _ = clips
     counts = dict(TRACES)
     assert counts["whisper_encode"] >= 1 and counts["whisper_greedy"] >= 1

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import need_asset, need_module
+from affjax.runtime.flops import whisper_encoder_flops
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,21 +94,17 @@ def _ct2(name):
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
+def tiny_ckpt(real_whisper):
     """tiny.en converted through checkpoints_convert's code path, placed where `--model` looks
-    (`$AFFJAX_CACHE/models/whisper-tiny.en`)."""
-    from affjax.models.checkpoint import convert
-    src = _ct2("tiny.en")
-    cache = tmp_path_factory.mktemp("affjax_cache")
-    return convert(src, cache / "models" / "whisper-tiny.en", progress=False), cache
+    (`$AFFJAX_CACHE/models/whisper-tiny.en`): (checkpoint dir, cache dir)."""
+    return real_whisper("tiny.en")[:2]
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_ckpt, clips):
+def tiny(real_whisper, clips):
     """(model, processor, unpooled tokens of the five clips) from the converted checkpoint."""
-    from affjax.eval.whisper import _load_whisper
     from affjax.models.whisper.decoding import transcribe
-    model, processor = _load_whisper(tiny_ckpt[0], None)
+    _, _, model, processor, _ = real_whisper("tiny.en")
     ref = transcribe(model, processor, clips[1], batch_size=5)
     return model, processor, ref
 
@@ -197,21 +194,20 @@ def test_deep_stage_runs_with_fewer_encoder_flops(tiny, clips):
     pooling = asr.parse_whisper_pooling("2:tau=0.95,window=1", model.cfg, proportional=True)
     out = asr.transcribe_pooled(model, processor, clips[1][:2], pooling, batch_size=2)
     assert all(a[1] < a[0] for a in out.audio_tokens) and all(out.texts)
-    full = asr.encoder_flops(model.cfg.encoder, [1500] * 4)
+    full = whisper_encoder_flops(model.cfg.encoder, [1500] * 4)
     for lt, n in zip(out.layer_tokens, out.enc_len):
         assert lt[:2] == [1500, 1500] and lt[2] == lt[3] == n < 1500
-        assert asr.encoder_flops(model.cfg.encoder, lt) < full
+        assert whisper_encoder_flops(model.cfg.encoder, lt) < full
 
 
 @pytest.mark.slow
-def test_base_wer_unpooled_and_pooled(clips):
+def test_base_wer_unpooled_and_pooled(clips, real_whisper):
     """The accuracy bench: Whisper base on the five LibriVox clips, unpooled and at the main
     job's default pooled setting (encoder output, tau 0.95, window 1, proportional)."""
     from affjax.eval.whisper import corpus_wer, make_normalizer
     from affjax.models.whisper import asr
-    from affjax.models.whisper.ct2 import load_whisper_ct2
     items, waves = clips
-    model, processor, _ = load_whisper_ct2(_ct2("base"))
+    _, _, model, processor, _ = real_whisper("base")
     norm, _ = make_normalizer(processor.tokenizer)
     refs = [norm(it["text"]) for it in items]
     wers = {}

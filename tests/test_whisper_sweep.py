@@ -22,6 +22,7 @@ import pytest
 
 from conftest import missing, need_asset, need_module
 from affjax.models.whisper import asr
+from affjax.pooling import uniform
 
 # ----------------------------------------------------------------------------------------------
 # Controls vs a numpy reference
@@ -57,7 +58,7 @@ def ref_uniform(h, span, valid, pos, size, k, kind):
     }
 
 
-@pytest.mark.parametrize("kind", asr.CONTROLS)
+@pytest.mark.parametrize("kind", uniform.CONTROLS)
 def test_uniform_stage_matches_numpy(kind):
     rng = np.random.default_rng(0)
     b, n, d = 4, 23, 5
@@ -71,7 +72,7 @@ def test_uniform_stage_matches_numpy(kind):
     pos = np.broadcast_to(np.arange(n, dtype=np.float32), (b, n))
     cases = [[1, 23, 5, 1], [5, 7, 1, 3], [16, 22, 9, 1], [17, 40, 1, 1], [3, 1, 2, 2]]  # > n is clipped
     for groups in cases:
-        out = asr.uniform_stage_jit(jnp.asarray(h), jnp.asarray(span), jnp.asarray(valid), jnp.asarray(pos),
+        out = uniform.uniform_stage_jit(jnp.asarray(h), jnp.asarray(span), jnp.asarray(valid), jnp.asarray(pos),
                                     jnp.asarray(size), jnp.asarray(groups), kind=kind, capacity=n)
         for r in range(b):
             ref = ref_uniform(h[r], span[r], valid[r], pos[r], size[r], groups[r], kind)
@@ -99,7 +100,7 @@ def test_uniform_stage_shapes_are_static():
 
     def stage(*args, **kw):
         traces.append(1)
-        return asr.uniform_stage(*args, **kw)
+        return uniform.uniform_stage(*args, **kw)
 
     f = jax.jit(stage, static_argnames=("kind", "capacity"))
     for g in ([1, 2], [12, 3], [6, 6]):
@@ -195,13 +196,9 @@ def _skip_missing(fn):
 
 
 @pytest.fixture(scope="module")
-def tiny_en():
-    from affjax.data.assets import librivox_items, whisper_ct2_dir
-    from affjax.data.audio import load_audio
-    from affjax.models.whisper.ct2 import load_whisper_ct2
-    items = _skip_missing(librivox_items)
-    model, processor, _ = load_whisper_ct2(_skip_missing(lambda: whisper_ct2_dir("tiny.en")))
-    return model, processor, [load_audio(it["audio"]) for it in items[:3]]
+def tiny_en(real_whisper, librivox):
+    _, _, model, processor, _ = real_whisper("tiny.en")
+    return model, processor, [x for _, x in librivox[:3]]
 
 
 def test_suppress_tokens_come_from_the_ct2_config(tiny_en):

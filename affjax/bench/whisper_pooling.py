@@ -6,14 +6,14 @@
 Data: the five LibriVox clips (real read speech) plus N utterances of the piper voice reading the
 texts of ``affjax/data/tts_texts.jsonl`` (5 to 27 s each, generated and cached at run time, see
 ``affjax.data.tts``). Model: the installed CTranslate2 package (``affjax.data.assets``), loaded with
-``load_whisper_ct2`` so greedy decoding suppresses the checkpoint's suppressed tokens.
+``affjax.eval.whisper.load_installed`` (converted once, like every checkpoint) so greedy decoding suppresses the checkpoint's suppressed tokens.
 
 Cells. For every stage position (``out`` = the encoder output, or an encoder layer l: after layer
 l), window and tau: Affinity Pooling with the plain mean and with ``proportional`` (log group size
 on the keys of every later attention); and, for the windows in ``--control-windows`` and the taus
 in ``--control-taus``, the fixed-rate controls at equal retention, item by item: each item keeps
 exactly as many audio frames as the similarity stage kept for it, by uniform average pooling
-(plain and proportional) or by uniform dropping (``asr.uniform_stage``). Frames past each clip are
+(plain and proportional) or by uniform dropping (``affjax.pooling.uniform``). Frames past each clip are
 kept as they are in every method (see ``affjax/models/whisper/asr.py``).
 
 Per cell: retention (kept audio frames / audio frames, over the corpus), corpus WER (Whisper's
@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from affjax.runtime.flops import whisper_decoder_flops, whisper_encoder_flops
 
 __all__ = ["SweepConfig", "run_sweep", "cell_specs", "load_items", "write_table", "write_plot",
            "main_bench_whisper_pooling", "TAUS", "METHODS"]
@@ -201,10 +203,10 @@ def _metrics(model, res, ref_tokens, prompt_len, texts, norm_refs, norm_hyps, ba
     enc = enc0 = dec = dec0 = 0
     for i, toks in enumerate(res["tokens"]):
         n_gen = len(toks) + (1 if res["finished"][i] else 0)
-        enc += asr.encoder_flops(cfg.encoder, res["layer_tokens"][i])
-        enc0 += asr.encoder_flops(cfg.encoder, [full] * cfg.encoder.layers)
-        dec += asr.decoder_flops(cfg, res["enc_len"][i], prompt_len, n_gen)
-        dec0 += asr.decoder_flops(cfg, full, prompt_len, n_gen)
+        enc += whisper_encoder_flops(cfg.encoder, res["layer_tokens"][i])
+        enc0 += whisper_encoder_flops(cfg.encoder, [full] * cfg.encoder.layers)
+        dec += whisper_decoder_flops(cfg, res["enc_len"][i], prompt_len, n_gen)
+        dec0 += whisper_decoder_flops(cfg, full, prompt_len, n_gen)
     audio, kept = np.asarray(res["audio"], float), np.asarray(res["kept"], float)
     out = {
         "retention": round(float(kept.sum() / audio.sum()), 4),
@@ -227,9 +229,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     """Run (or resume) the sweep; returns the JSON document it wrote."""
     from tqdm import tqdm
 
-    from affjax.data.assets import whisper_ct2_dir
-    from affjax.eval.whisper import MODEL_NAMES, make_normalizer
-    from affjax.models.whisper.ct2 import load_whisper_ct2
+    from affjax.eval.whisper import MODEL_NAMES, load_installed, make_normalizer
     from affjax.models.whisper.decoding import prompt_ids
 
     if cfg.model not in MODEL_NAMES:
@@ -239,7 +239,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     json_path = out_dir / f"{cfg.name}.json"
     t_start = time.perf_counter()
 
-    model, processor, _ = load_whisper_ct2(whisper_ct2_dir(MODEL_NAMES[cfg.model]))
+    model, processor, _ = load_installed(cfg.model)
     n_layers = model.cfg.encoder.layers
     layers = {s: _stage_layer(s, n_layers) for s in cfg.stages}
     norm, norm_name = make_normalizer(processor.tokenizer)

@@ -279,15 +279,9 @@ def resolve_checkpoint(cfg: JobConfig, log=print) -> tuple[Path, str]:
     from affjax.eval.whisper import MODEL_NAMES
     if cfg.model not in MODEL_NAMES:
         raise UsageError(f"unknown --model {cfg.model!r}; known: {', '.join(MODEL_NAMES)}")
-    from affjax.models.checkpoint import CONFIG_NAME, FORMAT, convert
-
-    dst = cache_root() / "models" / cfg.model
-    meta = json.loads((dst / CONFIG_NAME).read_text()) if (dst / CONFIG_NAME).is_file() else None
-    if meta is None or meta.get("format", 1) < FORMAT:
-        src = whisper_ct2_dir(MODEL_NAMES[cfg.model])
-        log(f"converting {cfg.model} ({'first use' if meta is None else 'made by an older converter'}) -> {dst}")
-        convert(src, dst, overwrite=True, progress=False)
-    return dst, cfg.model
+    from affjax.models.checkpoint import ensure_converted
+    return ensure_converted(whisper_ct2_dir(MODEL_NAMES[cfg.model]), cache_root() / "models" / cfg.model,
+                            log=log), cfg.model
 
 
 def _run_lslm(cfg: JobConfig, ckpt: Path, model_label: str, log=print) -> dict:

@@ -29,8 +29,8 @@ manifest order: `id`, `reference`, `text`, `audio_tokens` [audio frames before, 
 holds corpus WER (Whisper's English normaliser, `EnglishTextNormalizer` with the tokenizer's
 spelling mapping when it has one; `--normalizer basic` for `BasicTextNormalizer`; jiwer),
 retention per stage (mean over items of audio frames after the stage / before pooling) and final
-(corpus ratio), encoder and decoder FLOPs relative to unpooled (analytic, asr.encoder_flops /
-asr.decoder_flops: the decoder's unpooled reference is the same token counts over all 1500 frames),
+(corpus ratio), encoder and decoder FLOPs relative to unpooled (analytic, flops.whisper_encoder_flops /
+flops.whisper_decoder_flops: the decoder's unpooled reference is the same token counts over all 1500 frames),
 and times. Bad items (missing file, corrupt audio, bad manifest line) become error rows; the job
 goes on.
 
@@ -54,6 +54,7 @@ from affjax.data.manifest import ManifestRow, read_manifest
 from affjax.eval.metrics import corpus_wer, make_normalizer  # scoring lives in affjax/eval/metrics.py
 from affjax.eval.results import ResultStore, fingerprint_checkpoint, fingerprint_file, open_run
 from affjax.eval.summary import command_line, retention_summary, versions, write_summary
+from affjax.runtime.flops import whisper_decoder_flops, whisper_encoder_flops
 
 __all__ = ["MODEL_NAMES", "DATASETS", "WhisperAsrTask", "run_whisper_asr", "summarize_asr", "make_normalizer",
            "corpus_wer", "format_whisper_summary"]
@@ -89,7 +90,8 @@ def _rows(cfg: runner.JobConfig, log=print):
 # the Whisper ASR task
 
 
-def _load_whisper(ckpt: Path, dtype: str | None):
+def load_whisper(ckpt: Path, dtype: str | None = None):
+    """A converted Whisper checkpoint -> (model, processor, HF config dict)."""
     from transformers import WhisperProcessor
 
     from affjax.models.checkpoint import load
@@ -100,7 +102,13 @@ def _load_whisper(ckpt: Path, dtype: str | None):
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"{ckpt}: no Whisper processor (tokenizer + feature extractor) beside the weights: {e}") \
             from None
-    return model, processor
+    return model, processor, meta["hf_config"]
+
+
+def load_installed(model_name: str, dtype: str | None = None, log=print):
+    """An installed real Whisper (`--model`, a key of MODEL_NAMES), converted once into
+    $AFFJAX_CACHE/models like every checkpoint -> (model, processor, HF config dict)."""
+    return load_whisper(runner.resolve_checkpoint(runner.JobConfig(model=model_name), log=log)[0], dtype)
 
 
 def _settings(cfg: runner.JobConfig, wcfg) -> list[tuple[str, object]]:
@@ -174,10 +182,10 @@ def summarize_asr(rows: list[dict], wcfg, pooling, norm, norm_name: str) -> dict
          "normalizer": norm_name}
     if ok:
         n0 = wcfg.encoder.max_source_positions
-        enc = sum(asr.encoder_flops(wcfg.encoder, r["layer_tokens"]) for r in ok)
-        enc0 = len(ok) * asr.encoder_flops(wcfg.encoder, [n0] * wcfg.encoder.layers)
-        dec = sum(asr.decoder_flops(wcfg, r["enc_frames"], r["prompt_len"], r["generated"]) for r in ok)
-        dec0 = sum(asr.decoder_flops(wcfg, n0, r["prompt_len"], r["generated"]) for r in ok)
+        enc = sum(whisper_encoder_flops(wcfg.encoder, r["layer_tokens"]) for r in ok)
+        enc0 = len(ok) * whisper_encoder_flops(wcfg.encoder, [n0] * wcfg.encoder.layers)
+        dec = sum(whisper_decoder_flops(wcfg, r["enc_frames"], r["prompt_len"], r["generated"]) for r in ok)
+        dec0 = sum(whisper_decoder_flops(wcfg, n0, r["prompt_len"], r["generated"]) for r in ok)
         s.update(retention_summary([r["audio_tokens"] for r in ok]))
         s.update(enc_frames_kept=round(sum(r["enc_frames"] for r in ok) / len(ok) / n0, 4),
                  encoder_flops_rel=round(enc / enc0, 4), decoder_flops_rel=round(dec / dec0, 4),
@@ -205,7 +213,7 @@ def run_whisper_asr(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=pri
         results = (out / name if name else out) / "results.jsonl"
         open_run(results, record, restart=cfg.restart, log=log)
         records.append(results)
-    model, processor = _load_whisper(ckpt, cfg.dtype)
+    model, processor, _ = load_whisper(ckpt, cfg.dtype)
     t_load = time.perf_counter() - t0
     norm, norm_name = make_normalizer(processor.tokenizer, cfg.normalizer)
     runs = []

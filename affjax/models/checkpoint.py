@@ -51,7 +51,7 @@ from affjax.models.weights import KeyTable, WeightError, load_streaming
 
 __all__ = [
     "ConversionError", "ModelSpec", "MODELS", "register", "get_spec", "convert", "load",
-    "load_hf_model", "is_ct2_dir", "CONFIG_NAME", "FORMAT", "PARAMS_DIR", "COPIED_FILES",
+    "load_hf_model", "ensure_converted", "is_ct2_dir", "CONFIG_NAME", "FORMAT", "PARAMS_DIR", "COPIED_FILES",
 ]
 
 CONFIG_NAME = "affjax_config.json"
@@ -669,6 +669,17 @@ def load(ckpt_dir: str | os.PathLike, *, dtype=None, sharding=None):
         restored = ckptr.restore((ckpt_dir / PARAMS_DIR).resolve(), target)
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state), cfg, meta
+
+
+def ensure_converted(src: str | os.PathLike, dst: str | os.PathLike, *, log=print) -> Path:
+    """`dst` holding `src` converted (float32): converted now unless `dst` already holds a
+    checkpoint of the current format (the cache of installed models)."""
+    dst = Path(dst)
+    meta = json.loads((dst / CONFIG_NAME).read_text()) if (dst / CONFIG_NAME).is_file() else None
+    if meta is None or meta.get("format", 1) < FORMAT:
+        log(f"converting {Path(src).name} ({'first use' if meta is None else 'made by an older converter'}) -> {dst}")
+        convert(src, dst, overwrite=True, progress=False)
+    return dst
 
 
 def load_hf_model(src: str | os.PathLike, *, dtype: str = "float32"):

@@ -13,17 +13,9 @@ import functools
 
 import jax
 
-from affjax.runtime.compiles import TRACES
 from affjax.runtime.flops import xla_cost
 
 _COSTS: dict = {}   # (program, abstract args) -> affjax.runtime.flops.xla_cost of its compiled form
-_STATIC: dict = {}  # jitted piece -> its static argument names
-_FRESH: dict = {}   # jitted piece -> a separate jit of the same function (cost analysis only)
-
-
-def register_static(jitted, names: tuple) -> None:
-    """The static argument names of a jitted piece (a fresh copy of it is jitted with the same)."""
-    _STATIC[jitted] = tuple(names)
 
 
 def abstract(tree):
@@ -36,54 +28,38 @@ def abstract(tree):
 class Program:
     """One compiled program of a prefill, as called: the jitted function with its arguments
     (abstract: shapes and dtypes only) and static keywords. `label`: embed, pool@LAYER,
-    layers[START:END), last_head / score_head, or prefill_fixed. `fresh`: lower a separate jit of
-    the same function, for programs this process has not run (lowering the piece itself would
-    fill its trace cache, and a later real call would then compile without counting in TRACES)."""
+    layers[START:END), last_head / score_head, or prefill_fixed.
+
+    Lowering traces the piece itself, as a call would: TRACES counts that trace once, and a later
+    call at the same shapes and static arguments reuses it (no second trace, nothing counted).
+    So a program first met by a cost analysis is counted there, never twice."""
     label: str
     fn: object
     args: tuple
     kwargs: dict
-    fresh: bool = False
 
     def lower(self):
         fn, args, kw = self.fn, self.args, dict(self.kwargs)
         if isinstance(fn, functools.partial):
             fn, args, kw = fn.func, tuple(fn.args) + args, {**fn.keywords, **kw}
-        return (_fresh_jit(fn) if self.fresh else fn).lower(*args, **kw)
-
-
-def _fresh_jit(jitted):
-    if jitted not in _FRESH:
-        inner = jitted.__wrapped__
-
-        @functools.wraps(inner)
-        def again(*args, **kw):
-            return inner(*args, **kw)
-        _FRESH[jitted] = jax.jit(again, static_argnames=_STATIC.get(jitted, ()))
-    return _FRESH[jitted]
+        return fn.lower(*args, **kw)
 
 
 def program_costs(programs: list[Program]) -> dict[str, dict]:
     """{label: affjax.runtime.flops.xla_cost(...)} of each program, compiled at its recorded shapes with
-    its static arguments (cached per shape; TRACES is left as it was). A label seen twice gets
-    a #k suffix."""
+    its static arguments (cached per shape; see Program for how TRACES counts them). A label seen
+    twice gets a #k suffix."""
     out: dict[str, dict] = {}
-    saved = TRACES.copy()
-    try:
-        for p in programs:
-            leaves, tree = jax.tree.flatten(p.args)
-            fn = (p.fn.func, tuple(sorted(p.fn.keywords.items()))) if isinstance(p.fn, functools.partial) else p.fn
-            key = (fn, p.fresh, tree,
-                   tuple((l.shape, str(l.dtype)) for l in leaves), tuple(sorted(p.kwargs.items(), key=str)))
-            if key not in _COSTS:
-                _COSTS[key] = xla_cost(p.lower().compile())
-            label, k = p.label, 2
-            while label in out:
-                label, k = f"{p.label}#{k}", k + 1
-            out[label] = _COSTS[key]
-    finally:
-        TRACES.clear()
-        TRACES.update(saved)
+    for p in programs:
+        leaves, tree = jax.tree.flatten(p.args)
+        fn = (p.fn.func, tuple(sorted(p.fn.keywords.items()))) if isinstance(p.fn, functools.partial) else p.fn
+        key = (fn, tree, tuple((l.shape, str(l.dtype)) for l in leaves), tuple(sorted(p.kwargs.items(), key=str)))
+        if key not in _COSTS:
+            _COSTS[key] = xla_cost(p.lower().compile())
+        label, k = p.label, 2
+        while label in out:
+            label, k = f"{p.label}#{k}", k + 1
+        out[label] = _COSTS[key]
     return out
 
 def prefill_cost(engine, batch, *, extra: int = 0, score: bool = False, unpooled: bool = False) -> dict:

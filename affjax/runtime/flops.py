@@ -1,4 +1,4 @@
-"""Prefill FLOPs of the language model, counted the two ways docs/pooling.md section 5 asks for.
+"""FLOPs: the language model's prefill counted the two ways docs/pooling.md section 5 asks for.
 
 Analytic (`lm_prefill_flops`, `analytic_lm_flops`, `pooled_vs_unpooled`): 2 FLOPs per multiply-add
 over every matrix product of each decoder layer (q/k/v/o projections with their real GQA widths,
@@ -81,6 +81,40 @@ def pooled_vs_unpooled(text_cfg, stages, per_item_counts: Sequence[Sequence[int]
     pooled = analytic_lm_flops(text_cfg, [tokens_per_layer(L, stages, c) for c in per_item_counts])
     unpooled = analytic_lm_flops(text_cfg, [[int(c[0])] * L for c in per_item_counts])
     return pooled / unpooled
+
+
+# ----------------------------------------------------------------------------------------------
+# Whisper, analytic (2 per multiply-add; attention scores and values over the full square)
+
+def whisper_encoder_flops(cfg, layer_tokens: Sequence[int]) -> int:
+    """Whisper encoder FLOPs (`cfg`: its EncoderConfig) with ``layer_tokens[i]`` frames present in layer i+1: the conv stem (on the
+    full 30 s input), then per layer the q/k/v/o projections, scores and weighted values over the
+    n x n square, and the two MLP matrices. The final LayerNorm and activations are not counted."""
+    d, f = cfg.d_model, cfg.ffn_dim
+    n0 = cfg.max_source_positions
+    total = 2 * cfg.mel_frames * 3 * cfg.num_mel_bins * d + 2 * n0 * 3 * d * d
+    for n in layer_tokens:
+        total += 2 * n * 4 * d * d + 2 * 2 * n * n * d + 2 * 2 * n * d * f
+    return int(total)
+
+
+def whisper_decoder_flops(cfg, enc_len: int, prompt_len: int, generated: int) -> int:
+    """Whisper decoder FLOPs (`cfg`: a WhisperConfig) of one greedy transcription: the prompt (``prompt_len`` tokens, self-attention
+    over the full square) and each generated token fed back (``generated - 1`` of them: the last
+    one, eos or the limit, is never fed). Per layer: self-attention projections and scores, the
+    cross-attention's q/o projections and its scores and values over ``enc_len`` frames, the
+    cross k/v projections of the ``enc_len`` frames (once), the MLP; the logits of every position
+    that yields a token (the prompt's last one and each fed token)."""
+    d, f, v = cfg.d_model, cfg.decoder_ffn_dim, cfg.vocab_size
+    s = enc_len
+
+    def tokens(t, keys):  # t query tokens, each seeing `keys` self-attention keys
+        return t * (2 * 4 * d * d + 2 * 2 * keys * d + 2 * 2 * d * d + 2 * 2 * s * d + 2 * 2 * d * f)
+
+    per_layer = 2 * 2 * s * d * d + tokens(prompt_len, prompt_len)
+    for k in range(max(generated - 1, 0)):
+        per_layer += tokens(1, prompt_len + k + 1)
+    return int(cfg.decoder_layers * per_layer + 2 * d * v * max(generated, 1))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ length inside a bucket never recompiles:
 - token sequences are padded to SEQ_BUCKETS (after a pooling stage the packed length is bucketed
   the same way, and a fixed-capacity stage's buffer is the bucket of its retention cap);
 - scored continuations are padded to CONT_BUCKETS;
+- Whisper's pooled encoder frames are sliced to `encoder_buckets` (ENCODER_STEP multiples);
 - batches are padded to the fixed batch size with dummy rows (masked out, results dropped);
 - audio clips per batch are padded to a multiple of the batch size;
 - the KV cache of each layer group holds its prompt bucket plus max_new_tokens slots.
@@ -86,6 +87,9 @@ def _grid(start: int, grid: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
 
 SEQ_BUCKETS: tuple[int, ...] = _grid(SEQ_MIN, SEQ_GRID)
 CONT_BUCKETS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
+# Whisper's encoder: after a pooling stage its frame buffer (1500 frames unpooled) is sliced to a
+# multiple of ENCODER_STEP frames; a deep stage's later layers and the decoder run at that length.
+ENCODER_STEP = 128
 
 
 class BucketError(ValueError):
@@ -120,6 +124,12 @@ def seq_grid(grid: tuple[tuple[int, int], ...]):
         yield SEQ_BUCKETS
     finally:
         SEQ_BUCKETS = saved
+
+
+def encoder_buckets(max_frames: int, step: int = ENCODER_STEP) -> tuple[int, ...]:
+    """Whisper encoder buffer lengths after a stage: multiples of ``step`` below ``max_frames``, then
+    ``max_frames`` (use with `bucket(n, encoder_buckets(N), "encoder frames")`)."""
+    return tuple(range(step, max_frames, step)) + (max_frames,)
 
 
 def audio_slots(n_audio: int, batch_size: int) -> int:

@@ -1,5 +1,5 @@
 """Whisper speech recognition with Affinity Pooling on the encoder: pooled encoding, greedy
-transcription, and the analytic FLOPs count.
+transcription (its analytic FLOPs: affjax.runtime.flops.whisper_encoder_flops / whisper_decoder_flops).
 
 Where stages sit (docs/pooling.md section 2, with LAYER meaning an *encoder* layer of a model with
 L of them):
@@ -32,7 +32,7 @@ Steps. ``pooled_encode`` is ``encoder_start`` -> (``encoder_advance`` to a stage
 ``encoder_stage``)* -> ``encoder_finish``; states are immutable, so a sweep runs the encoder once
 up to a stage position and starts every setting of that stage from the same state.
 
-Fixed-rate controls (``uniform_stage``, ``encoder_stage(control=...)``): uniform average pooling
+Fixed-rate controls (``encoder_stage(control=...)``, affjax.pooling.uniform): uniform average pooling
 (the clip's frames cut into k contiguous groups of near-equal size, each averaged) and uniform
 dropping (k evenly spaced frames kept), with k given per row, e.g. the count a similarity stage
 kept for that item (equal retention). They yield the same packed buffers as ``pool_stage``, so
@@ -41,7 +41,7 @@ everything after a stage (proportional included) treats them alike; padding fram
 Static shapes (bucketed mode, docs/pooling.md section 4). The encoder runs as jitted pieces: the
 stem, each group of layers between two stages, the pooling stages (``pool_stage_jit``) and the
 greedy loop. After a stage the host reads the batch's largest valid length and slices the packed
-buffer to the smallest bucket of :func:`encoder_buckets` that holds it, so thresholds are exact and
+buffer to the smallest bucket of ``shapes.encoder_buckets`` that holds it, so thresholds are exact and
 each (piece, bucket, batch size) compiles once. Padding rows of a batch are marked invalid from the
 start, so they never hold a bucket open.
 """
@@ -61,31 +61,18 @@ from flax import nnx
 from affjax.runtime.compiles import TRACES, traced
 from affjax.models.whisper.decoding import greedy_tokens, prompt_ids, whisper_features
 from affjax.models.whisper.modeling import EncoderConfig, Whisper, WhisperConfig
-from affjax.pooling.affinity import StageOut, pool_stage_jit
+from affjax.pooling.affinity import pool_stage_jit
+from affjax.pooling.uniform import uniform_stage_jit
+from affjax.runtime import shapes
 from affjax.pooling.spec import PoolingConfig, Stage, parse_pooling
 
 __all__ = [
-    "SAMPLES_PER_FRAME", "BUCKET_STEP", "TRACES", "encoder_buckets", "audio_frames", "parse_whisper_pooling",
-    "default_pooling", "CONTROLS", "uniform_stage", "uniform_stage_jit", "EncoderState", "encoder_start",
-    "encoder_advance", "encoder_stage", "encoder_finish", "EncodeOut", "pooled_encode", "batch_frames",
-    "decode_encoded", "AsrOut", "transcribe_pooled", "encoder_flops", "decoder_flops",
+    "SAMPLES_PER_FRAME", "TRACES", "audio_frames", "parse_whisper_pooling", "default_pooling", "EncoderState",
+    "encoder_start", "encoder_advance", "encoder_stage", "encoder_finish", "EncodeOut", "pooled_encode",
+    "batch_frames", "decode_encoded", "AsrOut", "transcribe_pooled",
 ]
 
 SAMPLES_PER_FRAME = 320  # feature hop (160 samples) x conv2 stride (2)
-BUCKET_STEP = 128
-
-
-def encoder_buckets(max_frames: int, step: int = BUCKET_STEP) -> tuple[int, ...]:
-    """Buffer lengths after a stage: multiples of ``step`` below ``max_frames``, then ``max_frames``."""
-    return tuple(range(step, max_frames, step)) + (max_frames,)
-
-
-def _bucket(n: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    raise ValueError(f"{n} frames exceed the largest encoder bucket {buckets[-1]}")
-
 
 def audio_frames(n_samples: int, cfg: EncoderConfig) -> int:
     """Encoder frames that cover a clip of ``n_samples`` (16 kHz): ``ceil(n / 320)``, at most 1500,
@@ -127,75 +114,6 @@ def _log_size(size):
     return jnp.log(jnp.maximum(size, 1.0))
 
 
-# ----------------------------------------------------------------------------------------------
-# Fixed-rate controls: uniform average pooling and uniform dropping
-
-
-CONTROLS = ("avg", "drop")
-
-
-def uniform_stage(h, span, valid, pos, size, groups, *, kind: str, capacity: int) -> StageOut:
-    """A fixed-rate stage with the packed outputs of ``pool_stage`` (same buffers, same meaning).
-
-    Each row holds at most one audio span (frames with span id > 0, contiguous: Whisper's clip);
-    every other valid frame is kept as it is, in order. With n audio frames and
-    ``k = clip(groups[row], 1, n)``:
-      ``avg``: the span is cut into k contiguous groups of near-equal size (frame i of the span
-        goes to group ``floor(i k / n)``) and each group becomes the plain mean of its members;
-      ``drop``: k evenly spaced frames are kept, frame ``floor((2 j + 1) n / (2 k))`` for
-        j = 0 .. k-1 (the middle of each of k equal stretches); the others are dropped.
-    Sizes add up as in ``pool_stage`` (a dropped frame gives its size to no one), positions are
-    the first member's. ``groups``: Int['B'], traced (one compile serves every k).
-    """
-    if kind not in CONTROLS:
-        raise ValueError(f"control kind must be one of {CONTROLS}, got {kind!r}")
-    b, n_in, _ = h.shape
-    c = int(capacity)
-    valid = valid.astype(bool)
-    span = span.astype(jnp.int32)
-    audio = valid & (span > 0)
-    n = jnp.sum(audio, axis=1, dtype=jnp.int32)                          # ['B'] span length
-    k = jnp.clip(jnp.asarray(groups, jnp.int32), 1, jnp.maximum(n, 1))   # ['B'] groups wanted
-    i = jnp.cumsum(audio, axis=1, dtype=jnp.int32) - 1                   # index inside the span
-    rows = jnp.arange(b)[:, None]
-    if kind == "avg":
-        g = (i * k[:, None]) // jnp.maximum(n, 1)[:, None]
-        g_prev = ((i - 1) * k[:, None]) // jnp.maximum(n, 1)[:, None]    # i = 0 gives -1: a start
-        start = valid & (~audio | (g != g_prev))
-        member = valid
-    else:
-        j = jnp.arange(n_in, dtype=jnp.int32)[None, :]
-        pick = ((2 * j + 1) * n[:, None]) // (2 * k[:, None])            # kept span index of group j
-        first = jnp.argmax(audio, axis=1).astype(jnp.int32)[:, None]     # the span's first frame
-        kept = jnp.zeros((b, n_in), bool).at[rows, jnp.where(j < k[:, None], first + pick, n_in)].set(
-            True, mode="drop")
-        start = member = valid & (~audio | kept)
-    seg = jnp.cumsum(start, axis=1, dtype=jnp.int32) - 1
-    n_valid = jnp.sum(start, axis=1, dtype=jnp.int32)
-    idx = jnp.where(member, seg, c)  # out of range -> dropped (padding slots, dropped frames)
-
-    def seg_sum(x):
-        return jnp.zeros((b, c) + x.shape[2:], x.dtype).at[rows, idx].add(x, mode="drop")
-
-    w = member.astype(jnp.float32)
-    wsum = seg_sum(w)
-    valid_out = jnp.arange(c)[None, :] < n_valid[:, None]
-    h_out = seg_sum(h.astype(jnp.float32) * w[..., None]) / jnp.where(wsum > 0, wsum, 1.0)[..., None]
-    return StageOut(
-        h=jnp.where(valid_out[..., None], h_out, 0.0).astype(h.dtype),
-        valid=valid_out,
-        pos=jnp.where(valid_out, seg_sum(jnp.where(start, pos.astype(jnp.float32), 0.0)), 0.0),
-        size=jnp.where(valid_out, seg_sum(jnp.where(member, size.astype(jnp.float32), 0.0)), 0.0),
-        span=jnp.where(valid_out, seg_sum(jnp.where(start, span, 0)), 0),
-        group_of=jnp.where(member, seg, -1),
-        audio_in=n,
-        audio_out=jnp.sum(start & audio, axis=1, dtype=jnp.int32),
-        forced=jnp.zeros((b,), jnp.int32),
-        n_valid=n_valid,
-    )
-
-
-uniform_stage_jit = jax.jit(uniform_stage, static_argnames=("kind", "capacity"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +191,7 @@ def encoder_stage(st: EncoderState, stage: Stage, *, proportional: bool = False,
     smallest bucket that holds the batch's longest row. ``proportional``: attention after this
     stage adds log(size) to each key's logit."""
     n = int(st.x.shape[1])
-    buckets = buckets or encoder_buckets(n)
+    buckets = buckets or shapes.encoder_buckets(n)
     if control is None:
         # tau is traced (float32): every threshold of a (window, weighted, shape) shares one program
         out = pool_stage_jit(st.x, st.span, st.valid, st.pos, st.size, tau=np.float32(stage.tau),
@@ -284,7 +202,7 @@ def encoder_stage(st: EncoderState, stage: Stage, *, proportional: bool = False,
         out = uniform_stage_jit(st.x, st.span, st.valid, st.pos, st.size, jnp.asarray(groups, jnp.int32),
                                 kind=control, capacity=n)
     n_valid, a_out = jax.device_get((out.n_valid, out.audio_out))
-    cap = min(_bucket(max(int(n_valid.max()), 1), buckets), n)
+    cap = min(shapes.bucket(max(int(n_valid.max()), 1), tuple(buckets), "encoder frames"), n)
     x, valid, size, span, pos = (a[:, :cap] for a in (out.h, out.valid, out.size, out.span, out.pos))
     return st.evolve(x=x, valid=valid, size=size, span=span, pos=pos, key_valid=valid,
                      bias=_log_size(size) if proportional else None, present=np.asarray(n_valid, np.int64),
@@ -327,7 +245,7 @@ def pooled_encode(model: Whisper, features, n_frames, n_valid_rows: int, pooling
             raise ValueError(f"pooling stage at layer {s.layer}: Whisper stages lie in 0 .. {big} "
                              f"(encoder layers; {big} = the encoder output)")
     st = encoder_start(model, features, n_frames, n_valid_rows, drop_padding=drop_padding)
-    buckets = encoder_buckets(int(st.x.shape[1]))
+    buckets = shapes.encoder_buckets(int(st.x.shape[1]))
     for stage in pooling.stages:
         st = encoder_stage(encoder_advance(model, st, stage.layer), stage, proportional=pooling.proportional,
                            buckets=buckets)
@@ -394,38 +312,3 @@ def transcribe_pooled(model: Whisper, processor, waveforms, pooling: PoolingConf
             out.enc_len.append(int(e.enc_len[i]))
     out.texts = [processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Analytic FLOPs (2 per multiply-add; attention scores and values over the full square)
-
-
-def encoder_flops(cfg: EncoderConfig, layer_tokens: Sequence[int]) -> int:
-    """Encoder FLOPs with ``layer_tokens[i]`` frames present in layer i+1: the conv stem (on the
-    full 30 s input), then per layer the q/k/v/o projections, scores and weighted values over the
-    n x n square, and the two MLP matrices. The final LayerNorm and activations are not counted."""
-    d, f = cfg.d_model, cfg.ffn_dim
-    n0 = cfg.max_source_positions
-    total = 2 * cfg.mel_frames * 3 * cfg.num_mel_bins * d + 2 * n0 * 3 * d * d
-    for n in layer_tokens:
-        total += 2 * n * 4 * d * d + 2 * 2 * n * n * d + 2 * 2 * n * d * f
-    return int(total)
-
-
-def decoder_flops(cfg: WhisperConfig, enc_len: int, prompt_len: int, generated: int) -> int:
-    """Decoder FLOPs of one greedy transcription: the prompt (``prompt_len`` tokens, self-attention
-    over the full square) and each generated token fed back (``generated - 1`` of them: the last
-    one, eos or the limit, is never fed). Per layer: self-attention projections and scores, the
-    cross-attention's q/o projections and its scores and values over ``enc_len`` frames, the
-    cross k/v projections of the ``enc_len`` frames (once), the MLP; the logits of every position
-    that yields a token (the prompt's last one and each fed token)."""
-    d, f, v = cfg.d_model, cfg.decoder_ffn_dim, cfg.vocab_size
-    s = enc_len
-
-    def tokens(t, keys):  # t query tokens, each seeing `keys` self-attention keys
-        return t * (2 * 4 * d * d + 2 * 2 * keys * d + 2 * 2 * d * d + 2 * 2 * s * d + 2 * 2 * d * f)
-
-    per_layer = 2 * 2 * s * d * d + tokens(prompt_len, prompt_len)
-    for k in range(max(generated - 1, 0)):
-        per_layer += tokens(1, prompt_len + k + 1)
-    return int(cfg.decoder_layers * per_layer + 2 * d * v * max(generated, 1))
