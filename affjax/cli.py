@@ -68,6 +68,7 @@ def _add_run(p: argparse.ArgumentParser, schedule_default: str) -> None:
 def _run_job(args) -> int:
     """score / generate / eval through the one runner; one line and exit 1 on bad options or input,
     on an empty manifest and on a run in which every item failed."""
+    # deferred: --help and option parsing must not import jax (the runner validates before loading it)
     from affjax.data.assets import AssetMissing
     from affjax.eval.runner import JobConfig, enable_compile_cache, format_summary, run_eval
 
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cmd in ("eval", "score", "generate"):
         return _run_job(args)
+    # deferred: each command imports only its own module (jax, matplotlib, torch), after parsing
     if args.cmd == "report":
         from affjax.eval.report import main_report
         return main_report(args)

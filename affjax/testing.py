@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from affjax.data.assets import qwen2_tokenizer_json
+
 __all__ = [
     "AUDIO_SPECIAL_TOKENS",
     "SAVED_KEY_PREFIXES",
@@ -59,9 +61,7 @@ def build_qwen2_tokenizer(dst_dir: str | os.PathLike | None = None):
     vocabulary: read them with ``tokenizer.convert_tokens_to_ids``. eos and pad are
     ``<|endoftext|>``. Saved to ``dst_dir`` when given. Raises ``AssetMissing`` without the asset.
     """
-    from transformers import PreTrainedTokenizerFast
-
-    from affjax.data.assets import qwen2_tokenizer_json
+    from transformers import PreTrainedTokenizerFast  # deferred: transformers is heavy
 
     tok = PreTrainedTokenizerFast(
         tokenizer_file=str(qwen2_tokenizer_json()),
@@ -92,7 +92,7 @@ def _randomize_(model, seed: int) -> None:
     Biases (q/v/out projections, LayerNorm biases, projector) become non-zero, so a loader that
     drops one shows up in parity tests.
     """
-    import torch
+    import torch  # deferred: torch is optional (the torch / test extras)
 
     g = torch.Generator().manual_seed(seed)
     norm_types = (torch.nn.LayerNorm,)
@@ -140,6 +140,7 @@ def make_tiny_qwen2_audio(
     (the real Qwen2 vocabulary plus the audio tokens) and ``audio_token_index`` the tokenizer's
     ``<|AUDIO|>`` id. ``sharded=True`` writes several ``model-*.safetensors`` and an index.
     """
+    # deferred: torch is optional, transformers heavy
     import torch
     from transformers import (
         GenerationConfig,

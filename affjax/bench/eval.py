@@ -17,7 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
+
+from affjax.eval.runner import JobConfig, enable_compile_cache, run_eval
+from affjax.models.checkpoint import convert, load
+from affjax.testing import long_prompt, make_tiny_qwen2_audio, synth_speech_like
 
 # ~70 M parameters with the real Qwen2 vocabulary (151,6xx tokens; tied embeddings: 48.5 M)
 MODELS = {
@@ -29,9 +35,8 @@ MODELS = {
 
 
 def _manifest(d: Path, n: int, seed: int = 0) -> Path:
-    import soundfile as sf
+    import soundfile as sf  # deferred: soundfile (libsndfile) loads only when the manifest is written
 
-    from affjax.testing import long_prompt, synth_speech_like
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
@@ -46,20 +51,12 @@ def _manifest(d: Path, n: int, seed: int = 0) -> Path:
 
 
 def _n_params(ckpt: Path) -> int:
-    import jax
-
-    from affjax.models.checkpoint import load
-    from flax import nnx
     model, _, _ = load(ckpt)
     return int(sum(x.size for x in jax.tree.leaves(nnx.state(model))))
 
 
 def run_bench(models=("tiny", "70m"), batches=(1, 4, 8), poolings=("none", "dap-aggressive"), items: int = 16,
               max_new_tokens: int = 16, repeats: int = 1, log=print) -> dict:
-    from affjax.models.checkpoint import convert
-    from affjax.eval.runner import JobConfig, run_eval
-    from affjax.testing import make_tiny_qwen2_audio
-
     out = {"items": items, "max_new_tokens": max_new_tokens, "cells": []}
     with tempfile.TemporaryDirectory(prefix="affjax-bench-eval-") as tmp:
         tmp = Path(tmp)
@@ -121,7 +118,6 @@ def markdown(result: dict) -> str:
 
 
 def main_bench_eval(args) -> int:
-    from affjax.eval.runner import enable_compile_cache
     enable_compile_cache()
     res = run_bench(models=tuple(args.models), batches=tuple(args.batch), poolings=tuple(args.pooling),
                     items=args.items, max_new_tokens=args.max_new_tokens, repeats=args.repeats)

@@ -58,6 +58,7 @@ Run: ``python -m affjax.bench.pooling --batch 1 --audio-seconds 5 10 15 20 25 30
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -67,7 +68,30 @@ import statistics
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from affjax.models.qwen2_audio.inputs import Encoded, collate
+from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
+from affjax.pooling.affinity import retention_slots
+from affjax.pooling.spec import PoolingConfig, Stage
+from affjax.runtime import shapes
+from affjax.runtime.compiles import TRACES
+from affjax.runtime.costs import program_costs
+from affjax.runtime.engine import (
+    POOL_COMPILER_OPTIONS,
+    Engine,
+    Seq,
+    chained_capacity,
+    embed_seq,
+    pool_program,
+    pool_seq,
+    run_layers,
+    slice_seq,
+)
+from affjax.runtime.flops import analytic_lm_flops, lm_xla_flops, tokens_per_layer, total_flops, xla_cost
 
 BENCH_POOLING_CONFIG = {
     "model_type": "qwen2_audio",
@@ -90,9 +114,6 @@ METHODS = ("input", "deep", "dap")
 
 
 def build_model(config: dict | None = None, seed: int = 0):
-    from flax import nnx
-
-    from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
     cfg = Qwen2AudioConfig.from_hf(config or BENCH_POOLING_CONFIG)
     return Qwen2Audio(cfg, rngs=nnx.Rngs(seed)), cfg
 
@@ -101,7 +122,6 @@ def pooling_inputs(cfg, batch: int, audio_seconds: float = 30.0, text_tokens: in
                    seed: int = 0):
     """Identical-shape items: text tokens around one audio placeholder run. `exact`: the sequence
     buffer is the valid length (no bucket padding); else the job path's bucket (shapes.bucket)."""
-    from affjax.models.qwen2_audio.inputs import Encoded, collate
     rng = np.random.default_rng(seed)
     frames = min(int(round(audio_seconds * 100)), cfg.audio.mel_frames)
     n_audio = int(cfg.audio.output_lengths(frames))
@@ -132,7 +152,6 @@ def method_label(num_layers: int, name: str) -> str:
 
 def methods(num_layers: int, input_retention: float = INPUT_RETENTION, dap_retention: float = DAP_RETENTION):
     """{name: (PoolingConfig, capacity)} of the fixed-capacity settings (deep stage at L - 3)."""
-    from affjax.pooling.spec import PoolingConfig, Stage
     out = {"unpooled": (PoolingConfig(()), None)}
     for m in METHODS:
         stages, rs = method_stages(num_layers, m, input_retention, dap_retention)
@@ -150,14 +169,11 @@ def _median(fn, repeats: int) -> tuple[float, list[float]]:
 
 
 def _tree_bytes(tree) -> int:
-    import jax
     return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
 
 
 def _peak_excl_params(program, cost: dict) -> int:
     """XLA's temp + output - aliased bytes plus the program's non-parameter arguments."""
-    import jax
-    from flax import nnx
     args = program.args
     params = args[0] if args and isinstance(args[0], nnx.State) else None
     other = [x for x in (args[1:] if params is not None else args)]
@@ -179,14 +195,6 @@ def _stage_timing(engine, batch, retentions, deep_layer: int, repeats: int) -> l
     program's options. The fixed-capacity stage as a call of its own is reported too: it adds the
     per-call cost (dispatch, executor start) that the prefill never pays.
     """
-    import dataclasses
-
-    import jax
-    import jax.numpy as jnp
-
-    from affjax.runtime import shapes
-    from affjax.runtime.engine import chained_capacity, embed_seq, pool_seq, pool_program, run_layers
-    from affjax.pooling.spec import Stage
     rin, rdap = retentions
     embed = engine.jitted("embed", embed_seq)
     layer = engine.jitted("group", run_layers, static=("start", "end", "extra", "proportional", "keep_cache"))
@@ -240,11 +248,6 @@ def _stage_timing(engine, batch, retentions, deep_layer: int, repeats: int) -> l
 
 @functools.lru_cache(maxsize=None)
 def _calib_fns(graphdef):
-    import jax
-    from flax import nnx
-
-    from affjax.runtime.engine import POOL_COMPILER_OPTIONS, embed_seq, pool_seq, run_layers
-
     def embed(state, *args):
         return embed_seq(nnx.merge(graphdef, state), *args)
 
@@ -259,7 +262,6 @@ def _calib_fns(graphdef):
 
 
 def _span_lengths(seq) -> list[np.ndarray]:
-    import jax
     span, valid = jax.device_get((seq.span, seq.valid))
     return [np.bincount(span[b][valid[b] & (span[b] > 0)]) for b in range(span.shape[0])]
 
@@ -268,8 +270,6 @@ def _calibrate_tau(pool, seq, stage_static, positions: str, target: int, iters: 
     """A tau whose threshold rule leaves `target` audio tokens over the batch: the middle of the
     interval of taus that do (so float noise between programs cannot flip a decision), or the
     closest count when no tau gives it exactly. Returns (tau, audio tokens it leaves)."""
-    import jax
-
     def count(tau):
         _, st = pool(seq, np.float32(tau), stage=stage_static, positions=positions, capacity=seq.x.shape[1])
         return int(jax.device_get(st["audio_out"]).sum())
@@ -293,13 +293,6 @@ def calibrate_bucketed(engine_state, graphdef, batch, stages, retentions, positi
     """Per-stage taus for the bucketed mode keeping max(1, ceil(r_k T)) of the T tokens each audio
     span has entering stage k (summed over the batch), with the engine's own buffers: the input
     buffer, then after each stage the bucket of the longest row. Returns [(tau, kept, target)]."""
-    import jax
-    import jax.numpy as jnp
-
-    from affjax.runtime import shapes
-    from affjax.runtime.engine import slice_seq
-    from affjax.pooling.affinity import retention_slots
-    from affjax.pooling.spec import Stage
     embed, group, pool = _calib_fns(graphdef)
     seq = embed(engine_state, *map(jnp.asarray, (batch.ids, batch.valid, batch.span, batch.audio_index,
                                                  batch.features, batch.feature_lengths)))
@@ -324,11 +317,6 @@ def calibrate_bucketed(engine_state, graphdef, batch, stages, retentions, positi
 
 @functools.lru_cache(maxsize=None)
 def _layer_fn(graphdef):
-    import jax
-    from flax import nnx
-
-    from affjax.runtime.engine import run_layers
-
     def one_layer(state, seq):
         return run_layers(nnx.merge(graphdef, state), seq, 0, 1, 1, False, keep_cache=True)
     return jax.jit(one_layer)
@@ -339,11 +327,6 @@ _LAYER_FLOPS: dict = {}
 
 def _layer_xla_flops(graphdef, state, n: int, d: int) -> float:
     """XLA's (loop-corrected) FLOPs of one decoder layer on one row of exactly n tokens."""
-    import jax
-    import jax.numpy as jnp
-
-    from affjax.runtime.engine import Seq
-    from affjax.runtime.flops import xla_cost
     if n not in _LAYER_FLOPS:
         s = lambda *shape, dt=jnp.float32: jax.ShapeDtypeStruct(shape, dt)
         seq = Seq(s(1, n, d), s(1, n, dt=bool), s(1, n), s(1, n), s(1, n, dt=jnp.int32), s(1, n, dt=jnp.int32))
@@ -354,8 +337,6 @@ def _layer_xla_flops(graphdef, state, n: int, d: int) -> float:
 
 def _engines(model, cfg, batch, methods_run, pool_modes, log):
     """{label: (Engine, calibration)}: unpooled first, then each method in each pooling mode."""
-    from affjax.runtime.engine import Engine
-    from affjax.pooling.spec import PoolingConfig, Stage
     L = cfg.text.layers
     engines = {"unpooled": (Engine(model), None)}
     for m in methods_run:
@@ -377,10 +358,6 @@ def _engines(model, cfg, batch, methods_run, pool_modes, log):
 
 def _measure_case(model, cfg, b, seconds, text_tokens, buffer, methods_run, pool_modes, repeats, stage_timing,
                   params_bytes, log):
-    import jax
-
-    from affjax.runtime.compiles import TRACES
-    from affjax.runtime.flops import analytic_lm_flops, lm_xla_flops, tokens_per_layer, total_flops
     L = cfg.text.layers
     batch = pooling_inputs(cfg, b, seconds, text_tokens, exact=buffer == "exact")
     n_valid = int(batch.valid[0].sum())
@@ -407,7 +384,6 @@ def _measure_case(model, cfg, b, seconds, text_tokens, buffer, methods_run, pool
                        "bytes": _tree_bytes(out.caches[li:li + n])})
             li += n
         del out
-        from affjax.runtime.costs import program_costs
         costs = program_costs(programs)
         embed = program_costs(eng.unpooled_programs(batch, extra=1))["embed"]
         counts = [[int(batch.valid[i].sum())] + [int(s["n_valid"][i]) for s in stats] for i in range(b)]
@@ -481,8 +457,6 @@ def _measure_case(model, cfg, b, seconds, text_tokens, buffer, methods_run, pool
 def _buffers(eng, programs, batch) -> list[int]:
     """The sequence buffer of each (non-empty) layer group as the prefill ran it: the input buffer
     before the first stage, then each stage's (bucketed: the sliced bucket; fixed: the cap's bucket)."""
-    from affjax.runtime import shapes
-    from affjax.runtime.engine import chained_capacity
     if eng.pool_mode == "fixed" and eng.pooling.stages:
         T = int(batch.ids.shape[1])
         need = chained_capacity(batch.span, batch.valid, eng.capacity)
@@ -494,7 +468,6 @@ def _buffers(eng, programs, batch) -> list[int]:
 def grid_report(lengths: dict[str, tuple[int, int]], grid_name: str = "32") -> dict:
     """The bucket grid in force and the buckets a job over these length ranges can hit (compiles
     per piece), beside the same counts for the other grids of shapes.SEQ_GRIDS."""
-    from affjax.runtime import shapes
     others = {k: shapes._grid(shapes.SEQ_MIN, g) for k, g in shapes.SEQ_GRIDS.items() if k != grid_name}
     return {"name": grid_name, "grid": [list(g) for g in shapes.SEQ_GRIDS[grid_name]], "first_bucket": shapes.SEQ_MIN,
             "buckets": len(shapes.SEQ_BUCKETS),
@@ -514,7 +487,6 @@ def run_bench_pooling(batches=(1,), repeats=5, audio_seconds=(30.0,), text_token
     the policy's own ("32") runs the whole bench under that grid (shapes.seq_grid). `on_case(res)`
     is called after each case with the results so far (``res["partial"]`` True); `done`: cases of an
     interrupted run of the same settings, kept and not measured again (--resume)."""
-    from affjax.runtime import shapes
     with shapes.seq_grid(shapes.SEQ_GRIDS[seq_grid]):
         return _run(batches, repeats, audio_seconds, text_tokens, buffers, methods_run, pool_modes, stage_timing,
                     config, log, command, seq_grid, on_case, done or [])
@@ -522,15 +494,11 @@ def run_bench_pooling(batches=(1,), repeats=5, audio_seconds=(30.0,), text_token
 
 def _run(batches, repeats, audio_seconds, text_tokens, buffers, methods_run, pool_modes, stage_timing, config, log,
          command, seq_grid, on_case=None, done=()) -> dict:
-    import jax
-
-    from affjax.runtime.compiles import TRACES
     if isinstance(audio_seconds, (int, float)):
         audio_seconds = (float(audio_seconds),)
     stage_timing = len(audio_seconds) == 1 if stage_timing is None else stage_timing
     model, cfg = build_model(config)
     L = cfg.text.layers
-    from flax import nnx
     params_bytes = _tree_bytes(nnx.state(model))
     res = {"command": command,
            "config": f"text d{cfg.text.hidden} x {L} layers ({cfg.text.heads} heads, kv {cfg.text.kv_heads}, "

@@ -16,8 +16,16 @@ import platform
 import statistics
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from affjax.models.qwen2_audio.inputs import Encoded, collate
+from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
+from affjax.models.qwen2_audio.params import KEY_ALIASES, KEYS
+from affjax.models.weights import KeyTable, iter_state_dict, load_streaming
+from affjax.runtime.engine import Engine
 from affjax.runtime.flops import lm_prefill_flops  # noqa: F401  (one implementation, re-exported here)
 
 BENCH_CONFIG = {
@@ -61,9 +69,7 @@ def _best_time(fn, repeats: int) -> float:
 
 def matmul_peak(repeats: int = 5, n: int = 2048) -> dict:
     """Best of 2 * repeats runs of a 2048-square float32 matmul: a peak, so the fastest run."""
-    import jax
-    import jax.numpy as jnp
-    import torch
+    import torch  # deferred: torch is optional (the torch extra)
     flops = 2 * n ** 3
     x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
     f = jax.jit(lambda a: a @ a)
@@ -75,14 +81,10 @@ def matmul_peak(repeats: int = 5, n: int = 2048) -> dict:
 
 def build_models(seed: int = 0):
     """Random transformers model and the same weights in affjax (no disk round trip)."""
+    # deferred: torch is optional, transformers heavy
     import torch
-    from flax import nnx
     from transformers import Qwen2AudioConfig as HFConfig
     from transformers import Qwen2AudioForConditionalGeneration
-
-    from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
-    from affjax.models.qwen2_audio.params import KEY_ALIASES, KEYS
-    from affjax.models.weights import KeyTable, iter_state_dict, load_streaming
 
     torch.manual_seed(seed)
     hf_cfg = HFConfig(audio_config=BENCH_CONFIG["audio_config"], text_config=BENCH_CONFIG["text_config"],
@@ -96,7 +98,6 @@ def build_models(seed: int = 0):
 
 def bench_inputs(cfg, batch: int, audio_seconds: float, text_tokens: int, seed: int = 0):
     """A batch of identical-shape items: text tokens around one audio placeholder run."""
-    from affjax.models.qwen2_audio.inputs import Encoded, collate
     rng = np.random.default_rng(seed)
     frames = min(int(audio_seconds * 100), cfg.audio.mel_frames)
     n_audio = int(cfg.audio.output_lengths(frames))
@@ -112,10 +113,7 @@ def bench_inputs(cfg, batch: int, audio_seconds: float, text_tokens: int, seed: 
 
 
 def run_bench(batches=(1, 4), repeats=5, audio_seconds=30.0, text_tokens=40, threads=2, torch_side=True) -> dict:
-    import jax
-    import torch
-
-    from affjax.runtime.engine import Engine
+    import torch  # deferred: torch is optional (the torch extra)
 
     torch.set_num_threads(threads)
     hf, model, cfg = build_models()

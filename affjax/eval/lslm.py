@@ -34,20 +34,18 @@ from pathlib import Path
 
 import numpy as np
 
-from affjax.eval import metrics, runner
-
-from affjax.runtime import shapes
-
-from affjax.runtime import sharding
-from affjax.eval.summary import command_line, flops_summary, retention_summary, versions, write_summary
 from affjax.data.audio import load_audio
 from affjax.data.manifest import read_manifest
+from affjax.eval import metrics, recipes, runner
+from affjax.eval.results import ResultStore, fingerprint_checkpoint, fingerprint_file, open_run
+from affjax.eval.summary import command_line, flops_summary, retention_summary, versions, write_summary
+from affjax.models.checkpoint import CONFIG_NAME, get_spec
+from affjax.models.qwen2_audio.inputs import check_clips, collate, encode, window_prompt
+from affjax.pooling.spec import parse_pooling
+from affjax.runtime import shapes, sharding
 from affjax.runtime.costs import program_costs
 from affjax.runtime.engine import Engine
 from affjax.runtime.flops import lm_xla_flops
-from affjax.models.qwen2_audio.inputs import check_clips, collate, encode, window_prompt
-from affjax.pooling.spec import parse_pooling
-from affjax.eval.results import ResultStore, fingerprint_checkpoint, fingerprint_file, open_run
 
 __all__ = ["TASKS", "load_for_inference", "run_lslm", "summarize", "summary_markdown", "format_lslm_summary"]
 
@@ -58,7 +56,7 @@ _SCORED = ("score", "qa")  # tasks whose items may carry continuations
 def load_for_inference(ckpt: str, dtype: str | None = None, mesh=None):
     """(model, cfg, processor, eos_ids, pad_id) from a converted checkpoint directory; with a `mesh`
     every parameter is restored directly onto its shards (affjax.runtime.sharding)."""
-    from transformers import AutoProcessor, GenerationConfig
+    from transformers import AutoProcessor, GenerationConfig  # deferred: transformers is heavy
 
     model, cfg, _ = sharding.load(ckpt, mesh, dtype=dtype)
     processor = AutoProcessor.from_pretrained(ckpt)
@@ -354,7 +352,6 @@ class LslmTask:
 def _rows(cfg: runner.JobConfig, task: str, out_dir: Path, log):
     """(manifest rows, task, data label, data fingerprint) from --manifest or --data hf:..."""
     if cfg.data and cfg.data.startswith("hf:"):
-        from affjax.eval import recipes
         data_dir = out_dir / "data"
         manifest = data_dir / "manifest.jsonl"
         recipe = data_dir / "recipe.json"  # written by recipes.load, last: the data set is complete
@@ -382,8 +379,6 @@ def _rows(cfg: runner.JobConfig, task: str, out_dir: Path, log):
 
 def run_lslm(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=print) -> dict:
     """Run (or resume) a score / generate / eval job on a Qwen2-Audio checkpoint; returns the summary."""
-    from affjax.models.checkpoint import CONFIG_NAME, get_spec
-
     t_start = time.perf_counter()
     task = cfg.task
     file_job = task in ("score", "generate")

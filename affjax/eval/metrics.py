@@ -41,6 +41,7 @@ import math
 import re
 import string
 import unicodedata
+from importlib.resources import files
 from typing import Callable, Iterable, Sequence
 
 __all__ = [
@@ -122,6 +123,7 @@ def make_normalizer(tokenizer=None, kind: str = "english"):
     """(normaliser, description): Whisper's English normaliser with its British -> American
     spelling table (the tokenizer's when it has one, else the copy in the `whisper-normalizer`
     package: the table OpenAI ships as `normalizer.json`), or the basic one."""
+    # deferred: transformers is heavy; this module is imported by light code (affjax report)
     from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
     if kind == "basic":
@@ -139,7 +141,6 @@ def english_spelling_table() -> dict[str, str]:
     """Whisper's British -> American spelling table; {} when `whisper-normalizer` is not installed
     (CTranslate2 tokenizers, like the offline Whisper assets, do not carry it)."""
     try:
-        from importlib.resources import files
         path = files("whisper_normalizer").joinpath("normalizers/english.json")
         return json.loads(path.read_text(encoding="utf-8"))
     except (ImportError, OSError):
@@ -148,7 +149,7 @@ def english_spelling_table() -> dict[str, str]:
 
 def corpus_wer(refs: list[str], hyps: list[str]) -> float | None:
     """Corpus WER (errors / reference words) over normalised pairs; empty references are skipped."""
-    import jiwer
+    import jiwer  # deferred: jiwer loads only when scoring
 
     pairs = [(r, h) for r, h in zip(refs, hyps) if r.strip()]
     if not pairs:
@@ -175,7 +176,7 @@ def normalize_zh(text: str) -> str:
 def cer(refs: Sequence[str], hyps: Sequence[str]) -> float | None:
     """Corpus CER (character edits / reference characters) after :func:`normalize_zh`; pairs whose
     normalised reference is empty are skipped; None when none is left."""
-    import jiwer
+    import jiwer  # deferred: jiwer loads only when scoring
 
     if len(refs) != len(hyps):
         raise ValueError(f"cer: {len(refs)} references but {len(hyps)} hypotheses")
@@ -197,7 +198,7 @@ def bleu_tokenizer(target_lang: str | None) -> str:
 
 def bleu(refs: Sequence[str], hyps: Sequence[str], target_lang: str | None = None) -> float | None:
     """sacrebleu corpus BLEU (0..100), one reference per hypothesis; None for an empty corpus."""
-    import sacrebleu
+    import sacrebleu  # deferred: sacrebleu is heavy; only BLEU needs it
 
     if len(refs) != len(hyps):
         raise ValueError(f"bleu: {len(refs)} references but {len(hyps)} hypotheses")

@@ -65,6 +65,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import soxr
+from tqdm import tqdm
 
 from affjax.eval import metrics
 
@@ -421,7 +423,7 @@ def _generic(columns: dict, task: str) -> Recipe:
 
 def _decode(value) -> tuple[np.ndarray, int]:
     """(float32 mono samples, sample rate) from any form a datasets audio cell takes."""
-    import soundfile as sf
+    import soundfile as sf  # deferred: soundfile (libsndfile) loads only when audio is decoded
 
     if value is None:
         raise _RowError("missing audio (the audio cell is empty)")
@@ -465,7 +467,7 @@ def _decode(value) -> tuple[np.ndarray, int]:
 
 def _write_wav(path: Path, x: np.ndarray, sr: int) -> float:
     """Resample to TARGET_SR, write 16-bit PCM; returns the duration in seconds."""
-    import soundfile as sf
+    import soundfile as sf  # deferred: soundfile (libsndfile) loads only when audio is written
 
     if x.size == 0:
         raise _RowError("empty audio (0 samples)")
@@ -474,8 +476,6 @@ def _write_wav(path: Path, x: np.ndarray, sr: int) -> float:
     if sr <= 0:
         raise _RowError(f"bad sample rate {sr}")
     if sr != TARGET_SR:
-        import soxr
-
         x = soxr.resample(x, sr, TARGET_SR).astype(np.float32)
     x = np.clip(x, -1.0, 1.0)
     sf.write(str(path), x, TARGET_SR, subtype="PCM_16")
@@ -501,7 +501,7 @@ def _safe_name(rid: str, used: set[str]) -> str:
 
 def _load_dataset(name: str, config: str | None, split: str):
     try:
-        import datasets
+        import datasets  # deferred: optional (the hf extra) and heavy
     except ImportError:
         raise RecipeError("the hf: recipes need the 'datasets' package (pip install 'affjax[hf]')") from None
     p = Path(name).expanduser()
@@ -532,7 +532,7 @@ def _load_dataset(name: str, config: str | None, split: str):
 
 def _undecoded(ds):
     """Audio columns switched to undecoded {bytes, path} cells (decoding is done here)."""
-    from datasets import Audio
+    from datasets import Audio  # deferred: datasets is optional and heavy
 
     for name, feat in ds.features.items():
         if isinstance(feat, Audio) and feat.decode:
@@ -548,8 +548,6 @@ def load(spec: str, out_dir, *, limit: int | None = None, progress: bool = True,
     ``recipe`` forces a recipe by name; ``columns`` (with ``task``) describes an unknown dataset:
     {"audio": col, "reference": col} for asr / st (st also "target_lang": a code, optional
     "source_lang"), {"audio": col, "answer": col[, "choices": col]} for qa, optional "id"."""
-    from tqdm import tqdm
-
     name, config, split = parse_spec(spec)
     if recipe is not None:
         if recipe not in RECIPES:

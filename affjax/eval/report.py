@@ -24,6 +24,8 @@ import math
 import sys
 from pathlib import Path
 
+from affjax.eval.metrics import primary
+
 __all__ = ["load_runs", "run_rows", "format_table", "plot_runs", "main_report", "COLUMNS"]
 
 # (header, key in the row dict)
@@ -75,8 +77,6 @@ def _primary(s: dict) -> tuple[str | None, float | None]:
     m = s.get("metrics") if isinstance(s.get("metrics"), dict) else s
     task = s.get("task")
     if task in ("asr", "st", "qa"):
-        from affjax.eval.metrics import primary
-
         name, value = primary(task, m)
         if value is not None or name in m:
             return name, _num(value)
@@ -150,7 +150,7 @@ def format_table(rows: list[dict]) -> str:
 
 def plot_runs(rows: list[dict], path) -> Path:
     """PNG: headline metric vs final retention and vs FLOPs ratio, one series per task / data / model."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is heavy; only --plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -19,8 +19,11 @@ import os
 import time
 from pathlib import Path
 
-from affjax.runtime.compiles import TRACES
+from tqdm import tqdm
+
+from affjax.data.assets import whisper_ct2_dir
 from affjax.eval.results import ResultStore
+from affjax.runtime.compiles import TRACES
 
 SCHEDULES = ("two-pass", "in-order")
 
@@ -83,7 +86,7 @@ def validate(cfg: JobConfig) -> None:
     if cfg.pool_mode == "fixed" and cfg.pooling not in (None, "none"):
         need(cfg.capacity is not None, "--pool-mode fixed needs --capacity (a fraction of the audio tokens)")
     if cfg.mesh is not None:
-        from affjax.runtime.sharding import parse_mesh
+        from affjax.runtime.sharding import parse_mesh  # deferred: sharding imports jax; only --mesh needs it
         try:
             parse_mesh(cfg.mesh)
         except ValueError as e:
@@ -208,8 +211,6 @@ def run_items(task, rows: list, store: ResultStore, *, window: int, retry_errors
     """The skeleton: skip done ids, prepare each item (a bad one is an error row), hand windows of
     prepared items to the task, flush the store after each. Several processes run the same number
     of windows (the task's batches are collective)."""
-    from tqdm import tqdm
-
     done = store.done(retry_errors)
     todo = [r for r in rows if r.id not in done]
     if len(todo) < len(rows):
@@ -220,7 +221,7 @@ def run_items(task, rows: list, store: ResultStore, *, window: int, retry_errors
     sink = Sink(store, bar, clock)
     n_windows = -(-len(todo) // window)
     if multi:
-        from affjax.runtime import sharding
+        from affjax.runtime import sharding  # deferred: keeps this module jax-free (imported before validation)
         n_windows = int(sharding.agree_max([n_windows])[0])
     try:
         for w in range(0, n_windows * window, window):
@@ -245,7 +246,7 @@ def run_items(task, rows: list, store: ResultStore, *, window: int, retry_errors
 
 def enable_compile_cache(path: str | None = None) -> str:
     """JAX's persistent compilation cache: warm runs skip XLA compilation."""
-    import jax
+    import jax  # deferred: keeps this module jax-free (imported before validation)
     path = path or os.environ.get("AFFJAX_COMPILE_CACHE") or str(Path.home() / ".cache" / "affjax" / "jax-compile")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -275,22 +276,21 @@ def resolve_checkpoint(cfg: JobConfig, log=print) -> tuple[Path, str]:
         if not p.is_dir():
             raise FileNotFoundError(f"checkpoint not found: {p}")
         return p, p.resolve().name
-    from affjax.data.assets import whisper_ct2_dir
-    from affjax.eval.whisper import MODEL_NAMES
+    from affjax.eval.whisper import MODEL_NAMES  # deferred: import cycle with affjax.eval.whisper
     if cfg.model not in MODEL_NAMES:
         raise UsageError(f"unknown --model {cfg.model!r}; known: {', '.join(MODEL_NAMES)}")
-    from affjax.models.checkpoint import ensure_converted
+    from affjax.models.checkpoint import ensure_converted  # deferred: model code (jax) loads only now
     return ensure_converted(whisper_ct2_dir(MODEL_NAMES[cfg.model]), cache_root() / "models" / cfg.model,
                             log=log), cfg.model
 
 
 def _run_lslm(cfg: JobConfig, ckpt: Path, model_label: str, log=print) -> dict:
-    from affjax.eval.lslm import run_lslm
+    from affjax.eval.lslm import run_lslm  # deferred: import cycle with affjax.eval.lslm
     return run_lslm(cfg, ckpt, model_label, log=log)
 
 
 def _run_whisper(cfg: JobConfig, ckpt: Path, model_label: str, log=print) -> dict:
-    from affjax.eval.whisper import run_whisper_asr
+    from affjax.eval.whisper import run_whisper_asr  # deferred: import cycle with affjax.eval.whisper
     return run_whisper_asr(cfg, ckpt, model_label, log=log)
 
 
@@ -303,7 +303,7 @@ def run_eval(cfg: JobConfig, log=print) -> dict:
     """Validate the options, resolve the checkpoint, dispatch on (model_type, task); the summary.
     Every job (score, generate, eval) comes here."""
     validate(cfg)
-    from affjax.models.checkpoint import CONFIG_NAME
+    from affjax.models.checkpoint import CONFIG_NAME  # deferred: model code (jax) loads after validation
 
     ckpt, model_label = resolve_checkpoint(cfg, log)
     try:
@@ -322,7 +322,7 @@ def run_eval(cfg: JobConfig, log=print) -> dict:
 def format_summary(summary: dict) -> str:
     """The summary as the CLI prints it, per model."""
     if summary.get("task") in ("score", "generate", "qa", "st") or "primary" in summary:
-        from affjax.eval.lslm import format_lslm_summary
+        from affjax.eval.lslm import format_lslm_summary  # deferred: import cycles with affjax.eval.lslm / .whisper
         return format_lslm_summary(summary)
     from affjax.eval.whisper import format_whisper_summary
     return format_whisper_summary(summary)

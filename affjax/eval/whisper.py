@@ -48,12 +48,15 @@ import json
 import time
 from pathlib import Path
 
-from affjax.eval import runner
+from affjax.data.assets import librivox_items
 from affjax.data.audio import load_audio
 from affjax.data.manifest import ManifestRow, read_manifest
+from affjax.eval import runner
 from affjax.eval.metrics import corpus_wer, make_normalizer  # scoring lives in affjax/eval/metrics.py
 from affjax.eval.results import ResultStore, fingerprint_checkpoint, fingerprint_file, open_run
 from affjax.eval.summary import command_line, retention_summary, versions, write_summary
+from affjax.models.checkpoint import CONFIG_NAME, get_spec, load
+from affjax.models.whisper import asr
 from affjax.runtime.flops import whisper_decoder_flops, whisper_encoder_flops
 
 __all__ = ["MODEL_NAMES", "DATASETS", "WhisperAsrTask", "run_whisper_asr", "summarize_asr", "make_normalizer",
@@ -78,8 +81,6 @@ def _rows(cfg: runner.JobConfig, log=print):
         return rows, Path(cfg.manifest).stem, fingerprint_file(cfg.manifest)
     if cfg.data not in DATASETS:
         raise runner.UsageError(f"unknown --data {cfg.data!r}; known: {', '.join(DATASETS)}")
-    from affjax.data.assets import librivox_items
-
     items = [{**it, "audio": str(it["audio"]), "reference": it["text"]} for it in librivox_items()]
     rows = [ManifestRow(i + 1, it["id"], it, None) for i, it in enumerate(items)]
     rows = rows[:cfg.limit] if cfg.limit else rows
@@ -92,9 +93,7 @@ def _rows(cfg: runner.JobConfig, log=print):
 
 def load_whisper(ckpt: Path, dtype: str | None = None):
     """A converted Whisper checkpoint -> (model, processor, HF config dict)."""
-    from transformers import WhisperProcessor
-
-    from affjax.models.checkpoint import load
+    from transformers import WhisperProcessor  # deferred: transformers is heavy
 
     model, mcfg, meta = load(ckpt, dtype=dtype)
     try:
@@ -112,8 +111,6 @@ def load_installed(model_name: str, dtype: str | None = None, log=print):
 
 
 def _settings(cfg: runner.JobConfig, wcfg) -> list[tuple[str, object]]:
-    from affjax.models.whisper import asr
-
     try:
         if cfg.pooling is None:
             return [("unpooled", asr.parse_whisper_pooling("none", wcfg)), ("pooled", asr.default_pooling(wcfg))]
@@ -151,8 +148,6 @@ class WhisperAsrTask:
             sink.store.flush()
 
     def _batch(self, clips: list[_Clip], bsz: int) -> list[dict]:
-        from affjax.models.whisper import asr
-
         secs = sum(min(len(c.wave), self.chunk_samples) for c in clips) / self.sr
         out = self.clock.timed(lambda: asr.transcribe_pooled(
             self.model, self.processor, [c.wave for c in clips], self.pooling, drop_padding=self.cfg.drop_padding,
@@ -171,8 +166,6 @@ class WhisperAsrTask:
 
 def summarize_asr(rows: list[dict], wcfg, pooling, norm, norm_name: str) -> dict:
     """WER, retention and analytic encoder / decoder FLOPs relative to unpooled, from result rows."""
-    from affjax.models.whisper import asr
-
     ok = [r for r in rows if "error" not in r]
     scored = [r for r in ok if r.get("reference") is not None]
     wer = corpus_wer([norm(r["reference"]) for r in scored], [norm(r["text"]) for r in scored])
@@ -198,7 +191,6 @@ def run_whisper_asr(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=pri
     rows, data_label, data_fp = _rows(cfg, log)
     runner.check_rows(rows, f"manifest {cfg.manifest or cfg.data}")
     runner.dedupe_ids(rows)
-    from affjax.models.checkpoint import CONFIG_NAME, get_spec
     meta = json.loads((ckpt / CONFIG_NAME).read_text())
     wcfg = get_spec(meta["model_type"]).config_from_hf(meta["hf_config"])
     settings = _settings(cfg, wcfg)

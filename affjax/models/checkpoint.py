@@ -42,12 +42,25 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # bfloat16 / float8: dtypes numpy itself lacks
 import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
 
+from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
+from affjax.models.qwen2_audio.params import KEY_ALIASES, KEYS
 from affjax.models.weights import KeyTable, WeightError, load_streaming
+from affjax.models.whisper.ct2 import CT2Error, ct2_hf_config, ct2_processor, ct2_to_hf_state_dict, read_ct2
+from affjax.models.whisper.modeling import Whisper, WhisperConfig
+from affjax.models.whisper.params import KEYS as WHISPER_KEYS
 
 __all__ = [
     "ConversionError", "ModelSpec", "MODELS", "register", "get_spec", "convert", "load",
@@ -105,8 +118,6 @@ class ModelSpec:
         return KeyTable(list(self.keys), list(self.aliases))
 
     def abstract_model(self, cfg, dtype):
-        from flax import nnx
-
         return nnx.eval_shape(lambda: self.model_class(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
@@ -129,9 +140,6 @@ def get_spec(model_type: str | None) -> ModelSpec:
 
 
 def _register_builtin() -> None:
-    from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
-    from affjax.models.qwen2_audio.params import KEY_ALIASES, KEYS
-
     register("qwen2_audio", ModelSpec(
         config_from_hf=Qwen2AudioConfig.from_hf,
         model_class=Qwen2Audio,
@@ -141,9 +149,6 @@ def _register_builtin() -> None:
         shared=lambda cfg: ({"language_model.lm_head.weight": "language_model.model.embed_tokens.weight"}
                             if cfg.text.tie_embeddings else {}),
     ))
-
-    from affjax.models.whisper.modeling import Whisper, WhisperConfig
-    from affjax.models.whisper.params import KEYS as WHISPER_KEYS
 
     register("whisper", ModelSpec(
         config_from_hf=WhisperConfig.from_hf,
@@ -186,8 +191,6 @@ def _np_dtype(name: str) -> np.dtype:
               "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
     if name in simple:
         return np.dtype(simple[name])
-    import ml_dtypes  # bfloat16 / float8: dtypes numpy itself lacks
-
     extra = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
     if name not in extra:
         raise ConversionError(f"unsupported safetensors dtype {name}")
@@ -215,8 +218,6 @@ def _safetensors_loader(path: Path, name: str, info: dict, data_start: int) -> L
 
 
 def _open_safetensors(files: list[Path]) -> _Source:
-    from safetensors import SafetensorError, safe_open
-
     keys = {}
     for path in files:
         try:
@@ -235,19 +236,17 @@ def _open_safetensors(files: list[Path]) -> _Source:
 
 
 def _torch_to_numpy(t) -> np.ndarray:
-    import torch
+    import torch  # deferred: torch is optional (only PyTorch .bin weights need it)
 
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
 
 
 def _open_torch_bins(files: list[Path]) -> _Source:
     try:
-        import torch
+        import torch  # deferred: torch is optional
     except ImportError:
         raise ConversionError(f"{files[0].name}: reading PyTorch .bin weights needs torch installed "
                               "(or convert the source to safetensors)") from None
@@ -289,8 +288,6 @@ def is_ct2_dir(src: str | os.PathLike) -> bool:
 
 def _open_ct2(src: Path) -> tuple[dict, _Source]:
     """A CTranslate2 Whisper folder as (HF config dict, in-memory HF-keyed source)."""
-    from affjax.models.whisper.ct2 import CT2Error, ct2_hf_config, ct2_to_hf_state_dict, read_ct2
-
     if not (src / "tokenizer.json").is_file():
         raise ConversionError(f"{src}: CTranslate2 folder without tokenizer.json")
     try:
@@ -328,8 +325,6 @@ def open_weights(src: str | os.PathLike) -> _Source:
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("affjax")
     except Exception:  # noqa: BLE001
         return "0+unknown"
@@ -414,8 +409,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
         n_params, n_bytes = _save_params(state, tmp / PARAMS_DIR)
         del state
         if ct2:  # CT2's config.json is not an HF one: write the HF config, processor, generation config
-            from affjax.models.whisper.ct2 import ct2_processor
-
             ct2_processor(src, tmp, hf_config=hf_config)
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         else:
@@ -543,8 +536,6 @@ def _remove_stale_temps(dst: Path) -> list[Path]:
 
 
 def _fill(spec: ModelSpec, cfg, source: _Source, dtype: str, progress: bool):
-    import jax.numpy as jnp
-
     table = spec.table()
     skip = _skip_shared(source, table, spec.shared(cfg) if spec.shared else {})
     ignore = (lambda k: k in skip or spec.ignore(table.canonical(k), cfg)) if spec.ignore else \
@@ -553,8 +544,6 @@ def _fill(spec: ModelSpec, cfg, source: _Source, dtype: str, progress: bool):
     tensors: Any = iter(source)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(tensors, total=len(source.keys), unit="tensor", desc="converting")
         tensors = bar
     try:
@@ -574,10 +563,6 @@ def _save_params(state, path: Path) -> tuple[int, int]:
     plain per-array zarr layout instead of OCDBT, and chunks of at most 64 MiB so that encoding
     holds only a few chunks at a time. `ocp.StandardCheckpointer().restore` reads this format.
     """
-    import jax
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
     pure = nnx.to_pure_dict(state)
     leaves = jax.tree_util.tree_leaves(pure)
     n_params = sum(int(np.prod(x.shape)) for x in leaves)
@@ -623,8 +608,6 @@ def _publish(tmp: Path, dst: Path) -> None:
 
 
 def _sharding_tree(sharding, abstract_pure):
-    import jax
-
     if sharding is None:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree_util.tree_map(lambda _: dev, abstract_pure)
@@ -644,11 +627,6 @@ def load(ckpt_dir: str | os.PathLike, *, dtype=None, sharding=None):
     jax.sharding.Sharding for every leaf, a function (path tuple, jax.ShapeDtypeStruct) -> Sharding,
     or a tree of shardings shaped like `nnx.to_pure_dict(nnx.state(model))`.
     """
-    import jax
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
     ckpt_dir = Path(ckpt_dir)
     try:
         meta = json.loads((ckpt_dir / CONFIG_NAME).read_text())

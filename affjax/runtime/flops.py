@@ -25,6 +25,10 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+import jax
+import jaxlib._hlo as hlo
+from jax._src.lib import xla_client as xc
+
 # ----------------------------------------------------------------------------------------------
 # Analytic count (docs/pooling.md section 5)
 
@@ -126,7 +130,6 @@ _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
 def _hlo_text(compiled) -> str:
-    import jaxlib._hlo as hlo
     mods = compiled.runtime_executable().hlo_modules()
     if len(mods) != 1:
         raise ValueError(f"expected one HLO module, got {len(mods)}")
@@ -160,8 +163,6 @@ def _loops(text: str):
 
 def _flops_as_entry(lines, name: str, client) -> float:
     """XLA's cost analysis of computation `name` made the module's entry."""
-    import jaxlib._hlo as hlo
-    from jax._src.lib import xla_client as xc
     out = ["HloModule cost"]
     for line in lines[1:]:
         m = _HEAD.match(line)
@@ -177,7 +178,6 @@ def loop_corrected_flops(compiled) -> tuple[float, float, int]:
 
     A loop without a known trip count is counted once, as XLA does. Loops reached through
     `call`/`conditional` computations (not produced by the engine's programs) are not expanded."""
-    import jax
     raw = float(compiled.cost_analysis()["flops"])
     try:
         text = _hlo_text(compiled)

@@ -18,7 +18,15 @@ import copy
 import functools
 import json
 import math
+import sys
 from pathlib import Path
+
+from flax import nnx
+from jax.sharding import AbstractMesh
+
+from affjax.models.qwen2.modeling import Qwen2ForCausalLM, TextConfig
+from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
+from affjax.runtime.sharding import AXES, param_spec
 
 GiB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -102,11 +110,9 @@ def _configs(hf_config: dict):
     """(model_type, audio EncoderConfig or None, TextConfig, builder) for an HF config dict."""
     mt = hf_config.get("model_type")
     if mt == "qwen2_audio":
-        from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
         cfg = Qwen2AudioConfig.from_hf(hf_config)
         return mt, cfg.audio, cfg.text, lambda rngs: Qwen2Audio(cfg, rngs=rngs)
     if mt in ("qwen2", "llama"):
-        from affjax.models.qwen2.modeling import Qwen2ForCausalLM, TextConfig
         cfg = TextConfig.from_hf(hf_config)
         return mt, None, cfg, lambda rngs: Qwen2ForCausalLM(cfg, rngs=rngs)
     raise ValueError(f"model_type {mt!r}: plan knows qwen2_audio, qwen2 and llama")
@@ -129,8 +135,6 @@ def _part(path: tuple) -> str:
 @functools.lru_cache(maxsize=16)
 def _param_shapes(config_json: str) -> tuple[tuple[tuple, tuple[int, ...]], ...]:
     """(path, shape) of every parameter of the abstractly built model."""
-    from flax import nnx
-
     _, _, _, build = _configs(json.loads(config_json))
     abstract = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
     return tuple((tuple(path), tuple(leaf.shape)) for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
@@ -146,10 +150,6 @@ def _param_counts(config_json: str) -> tuple[tuple[str, int], ...]:
 
 @functools.lru_cache(maxsize=64)
 def _param_elements_per_chip(config_json: str, model: int) -> int:
-    from jax.sharding import AbstractMesh
-
-    from affjax.runtime.sharding import AXES, param_spec
-
     cfg = _model_config(json.loads(config_json))
     mesh = AbstractMesh((1, model), AXES)
     total = 0
@@ -162,9 +162,7 @@ def _param_elements_per_chip(config_json: str, model: int) -> int:
 def _model_config(hf_config: dict):
     mt = hf_config.get("model_type")
     if mt == "qwen2_audio":
-        from affjax.models.qwen2_audio.modeling import Qwen2AudioConfig
         return Qwen2AudioConfig.from_hf(hf_config)
-    from affjax.models.qwen2.modeling import TextConfig
     return TextConfig.from_hf(hf_config)
 
 
@@ -382,8 +380,6 @@ def load_hf_config(spec: str) -> dict:
 
 def main_plan(args) -> int:
     """`affjax plan`: the full plan for the first (batch, length), then a grid of totals."""
-    import sys
-
     try:
         cfg = load_hf_config(args.ckpt_config)
         batches, lengths = list(args.batch) or [1], list(args.length) or [1024]

@@ -39,6 +39,7 @@ engine part with 2 processes x 4 CPU devices (jax.distributed on localhost).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -48,7 +49,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from affjax.models.qwen2_audio.inputs import Batch
+from affjax.runtime import shapes
 
 AXES = ("data", "model")
 
@@ -257,6 +262,7 @@ def param_sharding(mesh: Mesh, cfg=None) -> Callable[[tuple, jax.ShapeDtypeStruc
 def load(ckpt: str | os.PathLike, mesh: Mesh | None, *, dtype=None):
     """`checkpoint.load` with every parameter restored directly onto its shard of `mesh` (None: one
     device) -> (model, cfg, meta)."""
+    # deferred: runner.validate imports this module for --mesh; model code (flax, orbax) loads only here
     from affjax.models import checkpoint
 
     if mesh is None:
@@ -350,8 +356,6 @@ def local_rows(x, mesh: Mesh | None = None) -> np.ndarray:
         return None
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
     full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return full[global_rows(mesh, local_count(mesh, full.shape[0]))]
 
@@ -360,8 +364,6 @@ def host_value(x) -> np.ndarray:
     """The whole of a (possibly multi-host) array on every process, as numpy."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -372,8 +374,6 @@ def agree_max(values) -> np.ndarray:
     v = np.atleast_1d(np.asarray(values, np.int64))
     if jax.process_count() == 1:
         return v
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(v)).reshape(-1, v.size).max(0)
 
 
@@ -384,8 +384,6 @@ def globalize_batch(batch, mesh: Mesh | None, out_frames: int):
     Every process must bring the same number of rows."""
     if mesh is None or jax.process_count() == 1:
         return batch
-    import dataclasses
-
     b, t = batch.ids.shape
     a = batch.features.shape[0]
     k = 0 if batch.cont_ids is None else batch.cont_ids.shape[1]
@@ -409,9 +407,6 @@ def globalize_batch(batch, mesh: Mesh | None, out_frames: int):
 def empty_batch(batch_size: int, *, n_mels: int, frames: int, score: bool, pad_id: int = 0):
     """An all-padding Batch (rows=0): what a host with no rows left runs so that every process makes
     the same engine calls."""
-    from affjax.runtime import shapes
-    from affjax.models.qwen2_audio.inputs import Batch
-
     b, t = batch_size, shapes.SEQ_BUCKETS[0]
     z = lambda *s: np.zeros(s, np.int32)  # noqa: E731
     batch = Batch(np.full((b, t), pad_id, np.int32), np.zeros((b, t), bool), z(b), z(b, t), z(b, t),
@@ -489,8 +484,6 @@ def gather_to_host0(records: list[dict]) -> list[dict] | None:
     records)."""
     if jax.process_count() == 1:
         return list(records)
-    from jax.experimental import multihost_utils
-
     blob = np.frombuffer(json.dumps(records).encode(), np.uint8)
     n = int(agree_max([blob.size])[0])
     padded = np.zeros(n + 8, np.uint8)

@@ -27,7 +27,9 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import gguf
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj.weight",
@@ -148,8 +150,6 @@ def gguf_hf_config(reader) -> dict:
 def iter_gguf_tensors(path: str | Path) -> tuple[dict, Iterator[tuple[str, Callable[[], np.ndarray]]]]:
     """(hf_config, (hf_key, loader) pairs): each loader dequantizes one tensor to float32 in HF
     layout (torch Linear (out, in)), q/k rows un-permuted. The pairs feed `weights.load_streaming`."""
-    import gguf
-
     reader = gguf.GGUFReader(str(path))
     cfg = gguf_hf_config(reader)
     unknown = [t.name for t in reader.tensors if hf_key(t.name) is None]
@@ -188,9 +188,6 @@ def gguf_tokenizer(path: str | Path):
     """A `tokenizers.Tokenizer` built from the GGUF's byte-level BPE vocabulary and merges
     (`tokenizer.ggml.model == "gpt2"`). It pre-tokenizes with GPT-2's byte-level regex, which can
     split digit runs differently from the model's own pre-tokenizer; ordinary text matches it."""
-    import gguf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     reader = gguf.GGUFReader(str(path))
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":

@@ -22,6 +22,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from tokenizers import AddedToken
 
 __all__ = ["CT2Error", "read_ct2", "ct2_to_hf_state_dict", "ct2_hf_config", "ct2_processor",
            "ct2_special_ids", "is_multilingual", "CT2_DTYPES"]
@@ -344,7 +345,7 @@ def ct2_processor(ct2_dir: str | os.PathLike, dst: str | os.PathLike, *, languag
     timestamps; for multilingual models it forces `<|{language}|><|{task}|>`. `hf_config` (from
     `ct2_hf_config`) avoids reading model.bin again.
     """
-    from tokenizers import AddedToken
+    # deferred: transformers is heavy (only the processor needs it)
     from transformers import GenerationConfig, WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizerFast
 
     ct2_dir, dst = Path(ct2_dir), Path(dst)
