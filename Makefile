@@ -2,11 +2,15 @@
 #   make main   install everything, then run the main job (real Whisper base weights, real speech)
 #   make test   install everything, then run the test suite
 #   make test-fast   the same set-up, then the suite without the tests marked slow (the edit loop)
+#   make corpus   synthetic speech for training (affjax/data/corpus.py; resumable, needs the Debian
+#                 engines: see docs/assets.md)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+AFFJAX_CACHE ?= $(HOME)/.cache/affjax
+CORPUS_N ?= 20000
 
-.PHONY: setup assets main test test-fast bench
+.PHONY: setup assets main test test-fast bench corpus
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,3 +32,6 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/affjax bench --batch 1 4 --repeats 5
+
+corpus: $(VENV)/.installed
+	$(BIN)/python -m affjax.data.corpus generate --out $(AFFJAX_CACHE)/corpus --n $(CORPUS_N)
