@@ -15,7 +15,7 @@ CORPUS_N ?= 20000
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test,assets]"
+	$(BIN)/python -m pip install -q -e ".[test,assets,tpu]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -25,10 +25,10 @@ main: setup
 	$(BIN)/affjax eval --model whisper-base --data librivox
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 bench: setup
 	$(BIN)/affjax bench --batch 1 4 --repeats 5

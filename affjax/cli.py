@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -114,7 +115,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--length", type=int, nargs="*", default=[1024, 2048, 4096])
     p.add_argument("--topology", default=None, nargs="+",
                    help="TPU topologies: v4-8, v5e-8, v5p-8 (several, or 'all'): per-chip bytes of each "
-                        "(data, model) mesh and the mesh picked")
+                        "(data, model) mesh and the mesh picked; with --aot one topology, e.g. v5e:2x4")
+    g = p.add_argument_group("--aot: compile every job program with the real TPU compiler (needs the tpu extra)")
+    g.add_argument("--aot", action="store_true", help="compile for --topology instead of the analytic plan")
+    g.add_argument("--mesh", default=None, help="data=D,model=M over the topology's chips (default: all on data)")
+    g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    g.add_argument("--pooling", default=None, help="a preset or setting (see `affjax eval --help`); none: unpooled")
+    g.add_argument("--retention", type=float, nargs="+", default=None,
+                   help="fixed-capacity retention per stage (sizes the stage buffers); default 0.5 per stage")
+    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--audio-seconds", type=float, default=30.0)
+    g.add_argument("--text-tokens", type=int, default=40)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--score-tokens", type=int, default=0, help="> 0: a scoring job (continuations of this length)")
+    g.add_argument("--depth", default="two-point", choices=("two-point", "full"),
+                   help="two-point: compile 1 and 2 layers per group and extrapolate (fast); full: the real depth")
+    g.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON")
+    g.add_argument("--dump-hlo", default=None, metavar="DIR", help="write each compiled program's HLO text here")
 
     p = sub.add_parser("bench", help="prefill benchmark: affjax vs transformers (PyTorch eager) on one config")
     p.add_argument("--batch", type=int, nargs="*", default=[1, 4])
@@ -217,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "report":
         from affjax.eval.report import main_report
         return main_report(args)
+    if args.cmd == "plan" and args.aot:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax loads: the TPU devices are compile-only
+        from affjax.runtime.aot import main_plan_aot
+        return main_plan_aot(args)
     if args.cmd == "plan":
         from affjax.runtime.plan import main_plan
         return main_plan(args)

@@ -12,6 +12,15 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The coarse bucket grid (affjax.runtime.shapes, AFFJAX_SEQ_GRID): every code path as with the policy's
+# fine grid, with far fewer compiles; tests/test_shapes.py checks the policy grid itself.
+os.environ.setdefault("AFFJAX_SEQ_GRID", "old")
+# With libtpu installed (the tpu extra), JAX would look for a TPU: keep the tests on the CPU, the TPU
+# devices compile-only (tests/test_aot.py), and libtpu quiet (see affjax.runtime.aot.prepare_env).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 try:
     import torch
@@ -113,3 +122,14 @@ def real_whisper(tmp_path_factory):
             made[name] = (ckpt, cache, *load_whisper(ckpt))
         return made[name]
     return get
+
+
+# The longest modules first: `make test` spreads whole modules over two workers (pytest-xdist,
+# --dist loadfile), and a long module started last would run alone at the end.
+_FIRST = ("test_sharding.py", "test_eval_lslm.py", "test_jobs.py", "test_pooled_model.py", "test_qwen2_audio.py",
+          "test_whisper.py", "test_aot.py", "test_smollm2.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_FIRST)}
+    items.sort(key=lambda it: rank.get(it.path.name, len(_FIRST)))

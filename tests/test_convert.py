@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from conftest import need_module
+torch = need_module("torch")
+transformers = need_module("transformers")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

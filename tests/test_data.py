@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import need_module, need_asset
 import soundfile as sf
 
 from affjax.data import assets
@@ -14,10 +16,7 @@ from affjax.data.manifest import ManifestRow, read_manifest
 
 
 def _asset(fn, *args):
-    try:
-        return fn(*args)
-    except AssetMissing as e:
-        pytest.skip(str(e))
+    return need_asset(fn, *args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +302,7 @@ def test_tiny_qwen2_audio_roundtrip(tiny_qwen2_audio_dir):
 
 
 def test_tiny_qwen2_audio_sharded_tied(tmp_path):
-    pytest.importorskip("torch")
+    need_module("torch")
     _asset(assets.qwen2_tokenizer_json)
     import torch
     from transformers import Qwen2AudioForConditionalGeneration

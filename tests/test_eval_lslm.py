@@ -12,18 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-sf = pytest.importorskip("soundfile")
+from conftest import need_module, need_asset
+torch = need_module("torch")
+sf = need_module("soundfile")
 
 SR = 16000
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_qwen2_audio_dir, tmp_path_factory):
-    from affjax.models.checkpoint import convert
-    dst = tmp_path_factory.mktemp("lslm_ckpt") / "ckpt"
-    convert(tiny_qwen2_audio_dir, dst, progress=False)
-    return dst
+def ckpt(tiny_qwen2_audio_ckpt):
+    return tiny_qwen2_audio_ckpt
 
 
 @pytest.fixture(scope="module")
@@ -263,12 +261,9 @@ def test_new_lengths_in_a_bucket_do_not_recompile(ckpt, processor, tmp_path):
 def test_hf_recipe_end_to_end(ckpt, tmp_path):
     """`--data hf:PATH:openbookqa:test` on a tiny data set in VoiceBench's form (real LibriVox audio,
     one row without audio): the recipe's manifest, choices scored, the recipe's error cause kept."""
-    datasets = pytest.importorskip("datasets")
-    from affjax.data.assets import AssetMissing, librivox_items
-    try:
-        clips = librivox_items()[:2]
-    except AssetMissing as e:
-        pytest.skip(str(e))
+    datasets = need_module("datasets")
+    from affjax.data.assets import librivox_items
+    clips = need_asset(librivox_items)[:2]
     # cells as hub parquet files hold them: the encoded file's bytes (datasets needs torchcodec to
     # encode arrays itself)
     audio = [{"bytes": Path(c["audio"]).read_bytes(), "path": Path(c["audio"]).name} for c in clips]

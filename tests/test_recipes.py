@@ -13,8 +13,9 @@ import json
 import numpy as np
 import pytest
 
-datasets = pytest.importorskip("datasets", reason="the hf: recipes need the 'datasets' package")
-sf = pytest.importorskip("soundfile")
+from conftest import need_module
+datasets = need_module("datasets", "the hf: recipes need the 'datasets' package")
+sf = need_module("soundfile")
 
 from affjax.eval import metrics, recipes  # noqa: E402
 from affjax.eval.recipes import RecipeError  # noqa: E402

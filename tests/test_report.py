@@ -4,10 +4,11 @@ import json
 
 import pytest
 
+from conftest import need_module
 from affjax.cli import main
 from affjax.eval.report import format_table, load_runs
 
-pytest.importorskip("matplotlib")
+need_module("matplotlib")
 
 
 def write_run(root, name, summary):

@@ -1,9 +1,34 @@
-"""The sequence bucket grid (affjax/runtime/shapes.py): a deliberate policy with a stated padding bound."""
+"""The sequence bucket grid (affjax/runtime/shapes.py): a deliberate policy with a stated padding bound.
+
+The rest of the suite runs under the coarse "old" grid (conftest sets AFFJAX_SEQ_GRID: far fewer
+compiles); these tests put the policy's own grid back around each test."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from affjax.runtime import shapes
+
+
+def test_the_suite_runs_the_coarse_grid_and_jobs_the_policy():
+    assert os.environ.get("AFFJAX_SEQ_GRID") == "old"
+    assert shapes.SEQ_BUCKETS == shapes._grid(shapes.SEQ_MIN, shapes.SEQ_GRIDS["old"])
+    env = {k: v for k, v in os.environ.items() if k != "AFFJAX_SEQ_GRID"}
+    out = subprocess.run([sys.executable, "-c", "from affjax.runtime import shapes; print(shapes.bucket(630))"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "640"  # a job (no AFFJAX_SEQ_GRID) gets the policy grid
+
+
+@pytest.fixture(autouse=True)
+def policy_grid(request):
+    if request.node.name.startswith("test_the_suite_runs"):
+        yield
+        return
+    with shapes.seq_grid(shapes.SEQ_GRID):
+        yield
 
 
 def test_grid_is_monotone_and_covers_the_max():
@@ -64,7 +89,7 @@ def test_buckets_between_counts_compiles_per_piece():
 
 
 def test_seq_grid_swaps_and_restores():
-    before = shapes.SEQ_BUCKETS
+    before = shapes.SEQ_BUCKETS  # the policy grid (the fixture)
     with shapes.seq_grid(shapes.SEQ_GRIDS["old"]):
         assert shapes.bucket(630) == 768
     assert shapes.SEQ_BUCKETS is before and shapes.bucket(630) == 640

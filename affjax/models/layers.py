@@ -94,13 +94,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
 
     q: ['B Tq H hd'], k/v: ['B Tk KVH hd']. Which keys a query sees is given either by
     `mask` Bool['B Tq Tk'] (True = attend; small inputs), or by `key_valid` Bool['B Tk'] plus
-    `causal` (query i sees key j <= i; needs Tq == Tk). The second form never builds a (Tq, Tk)
-    mask: it runs query chunks of every head at once, one row at a time, so each score block
+    `causal` (query i sees key j <= i; needs Tq == Tk). On one CPU device the second form never
+    builds a (Tq, Tk) mask: it runs query chunks of every head at once, one row at a time, so each score block
     (about `block_elems` floats) stays in cache (on a CPU whose memory bandwidth is low, one
     (B, H, Tq, Tk) softmax through memory costs more than the matmuls), and under `causal` each
     chunk reads only the keys up to its last query (about half the work of the full square).
     key_bias: Float['B Tk'] added to every query's logit for that key (log group size under
-    `proportional` pooling). Returns ['B Tq H hd'].
+    `proportional` pooling). Elsewhere (`_blocked` false) both forms run as one batched softmax.
+    Returns ['B Tq H hd'].
     """
     b, tq, h, hd = q.shape
     tk, kvh = k.shape[1], k.shape[2]
@@ -116,6 +117,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
         return out.reshape(b, tq, h, hd).astype(q.dtype)
     if causal and tq != tk:
         raise ValueError(f"causal attention needs as many queries as keys, got {tq} and {tk}")
+    if not _blocked():  # one batched softmax: the mask form above
+        ok = jnp.ones((b, tk), bool) if key_valid is None else key_valid
+        mask = ok[:, None, :] & (jnp.tril(jnp.ones((tq, tk), bool))[None] if causal else True)
+        return attention(q, k, v, mask, key_bias, scale=1.0)  # q is scaled already
     if key_valid is not None:
         add = jnp.where(key_valid, add, MASK_VALUE)
     n = max(1, -(-h * tq * tk // block_elems))  # query chunks
@@ -147,6 +152,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
         out = jnp.stack([_map(lambda bi, ci=ci: block(bi, ci, min(tk, (ci + 1) * c)), b) for ci in range(n)], 1)
     out = out.reshape(b, n, kvh, g, c, hd).transpose(0, 1, 4, 2, 3, 5).reshape(b, n * c, h, hd)
     return out[:, :tq].astype(q.dtype)
+
+
+def _blocked() -> bool:
+    """Whether attention runs the CPU blocking (loops over rows and query chunks): on a CPU backend
+    outside a mesh only. Under a mesh a loop over batch rows makes the partitioner gather every data
+    shard's rows (each chip would compute the whole batch's attention; seen in the TPU compiler's
+    HLO, tests/test_aot.py), and accelerators want one large fused softmax."""
+    return jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty
 
 
 def _map(f, count: int) -> jax.Array:

@@ -126,7 +126,33 @@ def whisper_decoder_flops(cfg, enc_len: int, prompt_len: int, generated: int) ->
 
 _HEAD = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
 _WHILE = re.compile(r"\bwhile\(.*?\bbody=%?([\w.\-]+)")
+_COND = re.compile(r"\bcondition=%?([\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CONST = re.compile(r"^\s*%?([\w.\-]+) = s32\[\]\S* constant\((-?\d+)\)")
+_LT = re.compile(r"compare\(%?[\w.\-]+, %?([\w.\-]+)\), direction=LT")
+
+
+def _cond_bound(lines, name: str) -> int | None:
+    """The constant an induction variable is compared with (`i < N`) in loop condition `name`: the
+    trip count of a loop counting from 0 by 1 (how jax.lax loops are built), an upper bound for one
+    that may stop early (the decode loop). TPU HLO carries no known_trip_count; this stands in."""
+    consts, inside, bound = {}, False, None
+    for line in lines:
+        m = _HEAD.match(line)
+        if m:
+            inside = m.group(2) == name
+            continue
+        if not inside:
+            continue
+        if line.startswith("}"):
+            break
+        c = _CONST.match(line)
+        if c:
+            consts[c.group(1)] = int(c.group(2))
+        lt = _LT.search(line)
+        if lt and lt.group(1) in consts:
+            bound = consts[lt.group(1)]
+    return bound
 
 
 def _hlo_text(compiled) -> str:
@@ -157,7 +183,13 @@ def _loops(text: str):
             w = _WHILE.search(line)
             if w:
                 t = _TRIP.search(line)
-                comps[cur].append((w.group(1), int(t.group(1)) if t else None))
+                c = _COND.search(line)
+                comps[cur].append((w.group(1), int(t.group(1)) if t else c and c.group(1)))
+    # loops without known_trip_count: the bound from their condition
+    for loops in comps.values():
+        for i, (body, trip) in enumerate(loops):
+            if isinstance(trip, str):
+                loops[i] = (body, _cond_bound(lines, trip))
     return comps, entry, lines
 
 
@@ -176,7 +208,8 @@ def _flops_as_entry(lines, name: str, client) -> float:
 def loop_corrected_flops(compiled) -> tuple[float, float, int]:
     """(flops with every while body counted trip-count times, XLA's raw figure, loops found).
 
-    A loop without a known trip count is counted once, as XLA does. Loops reached through
+    A loop without a known trip count (TPU HLO has none) takes the bound of its condition
+    (`_cond_bound`); one with neither is counted once, as XLA does. Loops reached through
     `call`/`conditional` computations (not produced by the engine's programs) are not expanded."""
     raw = float(compiled.cost_analysis()["flops"])
     try:

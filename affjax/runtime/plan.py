@@ -74,6 +74,18 @@ QWEN2_AUDIO_7B_CONFIG: dict = {
     },
 }
 
+
+
+def tiny_config() -> dict:
+    """Qwen2-Audio-7B's config with tiny widths and depths (same vocabulary, mel bins and 30 s
+    window): `--ckpt-config qwen2-audio-tiny`, for quick plans and the TPU compile tests."""
+    cfg = copy.deepcopy(QWEN2_AUDIO_7B_CONFIG)
+    cfg["audio_config"].update(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128)
+    cfg["text_config"].update(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=128)
+    return cfg
+
+
 ASSUMPTIONS = [
     "parameters: counted from the model built with nnx.eval_shape; bytes = count x dtype size, "
     "every parameter in the plan's dtype",
@@ -367,14 +379,16 @@ def format_plan(result: dict, *, assumptions: bool = True) -> str:
 
 
 def load_hf_config(spec: str) -> dict:
-    """'qwen2-audio-7b', a config.json path, or a checkpoint folder holding config.json."""
+    """'qwen2-audio-7b', 'qwen2-audio-tiny', a config.json path, or a checkpoint folder holding config.json."""
     if spec.lower() in ("qwen2-audio-7b", "qwen2_audio_7b"):
         return copy.deepcopy(QWEN2_AUDIO_7B_CONFIG)
+    if spec.lower() in ("qwen2-audio-tiny", "qwen2_audio_tiny"):
+        return tiny_config()
     p = Path(spec)
     if p.is_dir():
         p = p / "config.json"
     if not p.is_file():
-        raise FileNotFoundError(f"no config.json at {p} (give a config.json, a checkpoint folder or 'qwen2-audio-7b')")
+        raise FileNotFoundError(f"no config.json at {p} (give a config.json, a checkpoint folder, 'qwen2-audio-7b' or 'qwen2-audio-tiny')")
     return json.loads(p.read_text())
 
 

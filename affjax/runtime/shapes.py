@@ -57,6 +57,7 @@ with the alternatives in SEQ_GRIDS); jobs never call it.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 
@@ -85,7 +86,10 @@ def _grid(start: int, grid: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
-SEQ_BUCKETS: tuple[int, ...] = _grid(SEQ_MIN, SEQ_GRID)
+# AFFJAX_SEQ_GRID names another grid of SEQ_GRIDS for a whole process (the test suite runs the
+# coarse "old" one: the same code paths with far fewer compiles; tests/test_shapes.py checks the
+# policy's own grid). Jobs leave it unset.
+SEQ_BUCKETS: tuple[int, ...] = _grid(SEQ_MIN, SEQ_GRIDS[os.environ.get("AFFJAX_SEQ_GRID") or "32"])
 CONT_BUCKETS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
 # Whisper's encoder: after a pooling stage its frame buffer (1500 frames unpooled) is sliced to a
 # multiple of ENCODER_STEP frames; a deep stage's later layers and the decoder run at that length.

@@ -1,0 +1,475 @@
+"""Every program of a Qwen2-Audio job compiled for a real TPU topology, on a machine without a TPU.
+
+The `libtpu` wheel (`pip install -e ".[tpu]"`) gives compile-only TPU devices through
+`jax.experimental.topologies`: nothing can be placed on them, but `jit(...).lower(abstract sharded
+inputs).compile()` runs the real TPU compiler. So a plan made here is the TPU compiler's own:
+per-chip peak HBM (`memory_analysis().peak_memory_in_bytes`; an HBM overflow is a compile error,
+reported as "does not fit"), FLOPs, and the collectives it inserted.
+
+What is compiled (`job_programs`), as a job runs it in fixed-capacity mode (one buffer size per
+stage, from the retention cap, as `affjax score/generate --pool-mode fixed` does):
+  embed              the audio encoder + projector + token embedding (`engine.embed_seq`)
+  pool@L             each pooling stage, at its capacity (`engine.pool_seq`)
+  layers[a:b)        each layer group between two stages (`engine.run_layers`), KV caches kept
+  last_head          the next-token logits of the prompt's last position
+  score_head         the continuation's log-probabilities (scoring jobs)
+  decode             the greedy loop (`lax.while_loop`, every layer, the KV caches carried)
+Inputs and parameters are `ShapeDtypeStruct`s sharded by the logical-axis table
+(affjax.runtime.sharding); each program's outputs are compiled with the shardings the compiler
+chose and feed the next program, as the arrays of a real run would.
+
+Depth (`depth="two-point"`). A 7B model's 32 layers unrolled in one program take 10+ minutes to
+compile on 2 cores. Every layer of a group has the same shapes, so a program's FLOPs and peak bytes
+are linear in its layer count: the job is compiled twice, with one layer per group (and one audio
+encoder layer) and with two, and each program's figure v is extrapolated to its full depth n:
+    v(n) = v(1) + (n - 1) x (v(2) - v(1))
+(n = the group's layers for `layers[a:b)`, the encoder's for `embed`; programs without layers have
+v(2) = v(1)). The decode loop runs every group: v(1) + (L / G - 1) x (v(2) - v(1)) with G groups of
+L layers in all, exact when the groups are alike and otherwise a blend of their per-layer costs.
+`depth="full"` compiles the real depth; `tests/test_aot.py` checks the rule against it.
+
+Loops. TPU HLO carries no `known_trip_count`, so XLA's cost analysis counts a `while` body once;
+`affjax.runtime.flops.loop_corrected_flops` takes the trip count from the loop's condition (an
+induction variable compared with a constant), which gives the decode loop's bound (max_new_tokens).
+
+JAX is imported inside the functions: `prepare_env` must run before it is (JAX reads JAX_PLATFORMS
+on import, libtpu its TPU_* variables when the backends start).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+GiB = 1 << 30
+
+# Published per-chip figures: HBM bytes, peak bf16 FLOP/s, HBM bandwidth (bytes/s).
+CHIPS: dict[str, dict] = {
+    "v4": {"hbm": 32 * GiB, "flops": 275e12, "hbm_bw": 1.2e12},
+    "v5e": {"hbm": 16 * GiB, "flops": 197e12, "hbm_bw": 0.819e12},
+    "v5p": {"hbm": 95 * GiB, "flops": 459e12, "hbm_bw": 2.765e12},
+    "v6e": {"hbm": 32 * GiB, "flops": 918e12, "hbm_bw": 1.64e12},
+}
+# Cloud TPU slice names -> the topology names `get_topology_desc` accepts
+ALIASES: dict[str, str] = {
+    "v4-8": "v4:2x2x1", "v4-16": "v4:2x2x2", "v5p-8": "v5p:2x2x1", "v5p-16": "v5p:2x2x2",
+    "v5e-1": "v5e:1x1", "v5e-4": "v5e:2x2", "v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4",
+    "v5litepod-4": "v5e:2x2", "v5litepod-8": "v5e:2x4", "v5litepod-16": "v5e:4x4",
+    "v6e-1": "v6e:1x1", "v6e-4": "v6e:2x2", "v6e-8": "v6e:2x4", "v6e-16": "v6e:4x4",
+}
+_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+x\d+(x\d+)?)$")
+INSTALL = 'pip install -e ".[tpu]"   (the libtpu wheel jax[tpu] pins; compile-only, no TPU needed)'
+
+
+class AotError(ValueError):
+    pass
+
+
+def canonical_topology(name: str) -> str:
+    """'v5e-8' or 'v5e:2x4' -> 'v5e:2x4'; anything else is refused with the accepted forms."""
+    name = ALIASES.get(name, name)
+    if not _TOPOLOGY.match(name):
+        raise AotError(f"unknown TPU topology {name!r}: give CHIP:AxB[xC] with CHIP in {', '.join(CHIPS)} "
+                       f"(e.g. v5e:2x4, v4:2x2x1) or a slice name ({', '.join(sorted(ALIASES))})")
+    return name
+
+
+def chip(topology: str) -> dict:
+    return CHIPS[canonical_topology(topology).split(":")[0]]
+
+
+def prepare_env() -> None:
+    """Before JAX starts: keep the host on CPU and tell libtpu it is not on a TPU VM (it would
+    otherwise probe for one and print errors)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compile-only processes at once
+
+
+def libtpu_missing() -> str | None:
+    """None when the TPU compiler is installed, else how to install it."""
+    try:
+        import libtpu  # noqa: F401  (only whether it is there)
+    except ImportError:
+        return f"the TPU compiler (libtpu) is not installed: {INSTALL}"
+    return None
+
+
+def topology_devices(topology: str) -> list:
+    """The compile-only devices of a TPU topology (one per chip)."""
+    why = libtpu_missing()
+    if why:
+        raise AotError(why)
+    from jax.experimental import topologies
+    return list(topologies.get_topology_desc(topology_name=canonical_topology(topology), platform="tpu").devices)
+
+
+def tpu_mesh(topology: str, mesh_text: str | None = None):
+    """A ("data", "model") mesh over a topology's compile-only devices (`parse_mesh` text)."""
+    import jax
+    from jax.sharding import AxisType, Mesh
+
+    from affjax.runtime.sharding import AXES, parse_mesh
+    devices = topology_devices(topology)
+    sizes = parse_mesh(mesh_text, len(devices))
+    grid = np.array(devices, dtype=object).reshape(sizes["data"], sizes["model"])
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES)), jax
+
+
+# ----------------------------------------------------------------------------------------------
+# what one compiled program shows
+
+
+_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute|"
+                         r"ragged-all-to-all)(-start)?\(")
+_ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8}
+
+
+def _array_bytes(text: str) -> int:
+    """Bytes of the last array type in `text` (an async start's tuple ends with its output)."""
+    found = _ARRAY.findall(text)
+    if not found:
+        return 0
+    dtype, dims = found[-1]
+    return _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+
+
+def collectives(hlo_text: str) -> dict[str, dict]:
+    """{kind: {"count", "bytes"}} of the collectives in a compiled program's HLO (static count: a
+    collective inside a loop body is counted once, like the body itself)."""
+    out: dict[str, dict] = {}
+    for line in hlo_text.splitlines():
+        m = _COLLECTIVE.search(line)
+        if not m:
+            continue
+        c = out.setdefault(m.group(2), {"count": 0, "bytes": 0})
+        c["count"] += 1
+        c["bytes"] += _array_bytes(m.group(1))
+    return out
+
+
+def is_hbm_overflow(err: BaseException) -> bool:
+    text = str(err)
+    return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
+
+
+@dataclasses.dataclass
+class ProgramReport:
+    label: str
+    fits: bool
+    peak_bytes: int | None = None      # per chip, the compiler's peak (None when it did not fit)
+    flops: float | None = None          # per chip, loops counted trip-count times
+    flops_raw: float | None = None      # XLA's own figure (loop bodies once)
+    loops: int = 0
+    collectives: dict = dataclasses.field(default_factory=dict)
+    compile_seconds: float = 0.0
+    layers: tuple[int, int] | None = None   # (compiled, full) layer count of the program's model part
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def compile_program(label: str, jitted, args: tuple, kwargs: dict, mesh, *, dump_dir: str | None = None):
+    """Lower and compile one program for the mesh's TPU devices -> (ProgramReport, compiled or None)."""
+    import jax
+
+    from affjax.runtime.flops import loop_corrected_flops
+    t0 = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = jitted.lower(*args, **kwargs).compile()
+    except Exception as e:  # the compiler's own verdict: HBM overflow, or a real error
+        if is_hbm_overflow(e):
+            return ProgramReport(label, fits=False, compile_seconds=time.perf_counter() - t0,
+                                 error=str(e).splitlines()[0][:300]), None
+        raise
+    text = compiled.as_text()
+    if dump_dir:
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+        (Path(dump_dir) / f"{re.sub(r'[^A-Za-z0-9_.@-]+', '_', label)}.hlo.txt").write_text(text)
+    flops, raw, loops = loop_corrected_flops(compiled)
+    return ProgramReport(label, fits=True, peak_bytes=int(compiled.memory_analysis().peak_memory_in_bytes),
+                         flops=flops, flops_raw=raw, loops=loops, collectives=collectives(text),
+                         compile_seconds=time.perf_counter() - t0), compiled
+
+
+# ----------------------------------------------------------------------------------------------
+# abstract, sharded parameters and inputs
+
+
+def abstract_model(hf_config: dict, dtype: str, mesh, *, text_layers: int | None = None,
+                   audio_layers: int | None = None):
+    """(graphdef, sharded abstract state, cfg) of a Qwen2-Audio model built from shapes only; with
+    `text_layers` / `audio_layers` a shallower model of the same widths (see module docstring)."""
+    import copy
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from affjax.models.checkpoint import get_spec
+    from affjax.runtime.sharding import param_spec
+
+    hf = copy.deepcopy(hf_config)
+    if text_layers is not None:
+        hf["text_config"]["num_hidden_layers"] = text_layers
+    if audio_layers is not None:
+        hf["audio_config"]["encoder_layers"] = audio_layers
+    spec = get_spec(hf.get("model_type"))
+    cfg = spec.config_from_hf(hf)
+    graphdef, state = nnx.split(spec.abstract_model(cfg, jnp.dtype(dtype)))
+    pure = nnx.to_pure_dict(state)
+
+    def place(path, x):
+        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, param_spec(keys, x.shape, mesh, cfg)))
+    return graphdef, jax.tree_util.tree_map_with_path(place, pure), cfg
+
+
+def _rows(mesh, shape, dtype):
+    """An input whose first axis is the batch: rows over the data axis, as `sharding.put_rows`."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+    spec = PartitionSpec("data") if shape[0] % mesh.shape["data"] == 0 else PartitionSpec()
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+
+def _like(out_info, compiled):
+    """A program's outputs as the next program's abstract inputs, with the compiler's shardings."""
+    import jax
+    return jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), out_info,
+                        compiled.output_shardings)
+
+
+# ----------------------------------------------------------------------------------------------
+# the job's programs
+
+
+@dataclasses.dataclass(frozen=True)
+class JobShape:
+    """What a job feeds the model: `batch` rows, each one clip of `audio_seconds` (a 30 s window,
+    as the feature extractor pads) and `text_tokens` prompt tokens around it."""
+    batch: int = 1
+    audio_seconds: float = 30.0
+    text_tokens: int = 40
+    max_new_tokens: int = 128
+    score_tokens: int = 0           # > 0: a scoring job with continuations of this many tokens
+    dtype: str = "bfloat16"
+
+
+def _piece(name: str, fn, static: tuple = ()):
+    """`fn(model, ...)` jitted over the parameter state, as the engine's pieces are (the graphdef
+    static), with its compile counter name."""
+    import jax
+    from flax import nnx
+
+    from affjax.runtime.compiles import traced
+
+    def wrapped(state, *args, graphdef, **kw):
+        traced(f"aot_{name}")
+        return fn(nnx.merge(graphdef, state), *args, **kw)
+    wrapped.__name__ = name
+    return jax.jit(wrapped, static_argnames=("graphdef",) + tuple(static))
+
+
+def _compile_depth(hf_config: dict, mesh, job: JobShape, stages: tuple, rets: tuple, positions: str,
+                   proportional: bool, per_group: int | None, dump_dir, log) -> tuple[dict, dict]:
+    """Compile the job's programs once, each layer group with `per_group` layers (None: its real
+    depth) -> ({label: ProgramReport}, layout)."""
+    import jax
+    import jax.numpy as jnp
+
+    from affjax.pooling.affinity import retention_fraction
+    from affjax.runtime import engine as E
+    from affjax.runtime import shapes
+
+    n_text, n_audio = int(hf_config["text_config"]["num_hidden_layers"]), int(hf_config["audio_config"]["encoder_layers"])
+    bounds = [0] + [s.layer for s in stages] + [n_text]
+    groups = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+    if any(b <= a for a, b in groups):
+        raise AotError(f"pooling stages at layers {[s.layer for s in stages]} leave an empty layer group")
+    kept = [b - a if per_group is None else min(per_group, b - a) for a, b in groups]
+    c_bounds = np.concatenate([[0], np.cumsum(kept)]).astype(int).tolist()
+    c_groups = tuple((c_bounds[i], c_bounds[i + 1]) for i in range(len(kept)))
+    c_audio = n_audio if per_group is None else min(per_group, n_audio)
+    graphdef, state, cfg = abstract_model(hf_config, job.dtype, mesh, text_layers=c_bounds[-1], audio_layers=c_audio)
+
+    frames = 2 * cfg.audio.max_source_positions            # one 30 s window of mel frames
+    audio_tokens = int(cfg.audio.output_lengths(min(frames, int(round(job.audio_seconds * 100)))))
+    T = shapes.bucket(audio_tokens + job.text_tokens)
+    B = job.batch
+    rows = lambda shape, dt: _rows(mesh, shape, dt)  # noqa: E731
+    batch = (rows((B, T), jnp.int32), rows((B, T), jnp.bool_), rows((B, T), jnp.int32), rows((B, T), jnp.int32),
+             rows((B, cfg.audio.num_mel_bins, frames), jnp.float32), rows((B,), jnp.int32))
+    n_prompt = rows((B,), jnp.int32)
+    extra = 0 if job.score_tokens else job.max_new_tokens
+    reports: dict[str, ProgramReport] = {}
+
+    def run(label, jitted, args, kw, depth=None):
+        rep, compiled = compile_program(label, jitted, (state,) + args, {**kw, "graphdef": graphdef}, mesh,
+                                        dump_dir=dump_dir)
+        rep.layers = depth
+        reports[label] = rep
+        log(f"  {label}: " + (f"peak {rep.peak_bytes / GiB:.3f} GiB/chip, {rep.flops / 1e9:.2f} GFLOP/chip, "
+                              f"compiled in {rep.compile_seconds:.0f} s" if rep.fits else "does not fit in HBM"))
+        if compiled is None:
+            return None
+        with jax.set_mesh(mesh):
+            out = jax.eval_shape(lambda *a: jitted(*a, **{**kw, "graphdef": graphdef}), state, *args)
+        return _like(out, compiled)
+
+    seq = run("embed", _piece("embed", E.embed_seq), batch, {}, depth=(c_audio, n_audio))
+    buffers, audio_now, caches = [T], audio_tokens, []
+    for g, ((a, b), (ca, cb)) in enumerate(zip(groups, c_groups)):
+        if seq is None:
+            break
+        if g > 0:
+            st = stages[g - 1]
+            p, q = retention_fraction(rets[g - 1])
+            audio_now = max(1, math.ceil(audio_now * p / q))
+            cap = min(shapes.bucket(audio_now + job.text_tokens), buffers[-1])
+            kw = dict(stage=st.static, positions=positions, capacity=cap, retention=float(rets[g - 1]))
+            out = run(f"pool@{st.layer}", _piece("pool", _pool, tuple(kw)), (seq, jnp.float32(st.tau)), kw)
+            if out is None:
+                break
+            seq = out[0]
+            buffers.append(cap)
+        kw = dict(start=ca, end=cb, extra=extra, proportional=proportional and g > 0, keep_cache=not job.score_tokens)
+        out = run(f"layers[{a}:{b})", _piece("group", E.run_layers, tuple(kw)), (seq,), kw, depth=(cb - ca, b - a))
+        seq = None if out is None else out[0]
+        if out is not None:
+            caches += out[1]
+    if seq is not None and job.score_tokens:
+        K = shapes.bucket(job.score_tokens, shapes.CONT_BUCKETS, "continuation")
+        run("score_head", _piece("score_head", E._cont_logprobs),
+            (seq, n_prompt, rows((B, K), jnp.int32), rows((B, K), jnp.bool_)), {})
+    elif seq is not None:
+        logits = run("last_head", _piece("last_head", E._last_logits), (seq, n_prompt), {})
+        if logits is not None:
+            lens = [rows((B,), jnp.int32)] * len(groups)
+            bias = [rows((B, n + extra), jnp.float32) if proportional and g > 0 else None
+                    for g, n in enumerate(buffers)]
+            kw = dict(groups=c_groups, max_new=job.max_new_tokens, eos=(0,), pad_id=0)
+            run("decode", _piece("decode", E._decode_loop, tuple(kw)),
+                (logits, caches, lens, lens, bias, rows((B,), jnp.bool_)), kw, depth=(c_bounds[-1], n_text))
+    layout = {"groups": groups, "sequence_buffer": T, "stage_buffers": buffers[1:], "audio_tokens": audio_tokens,
+              "groups_compiled": list(c_groups), "audio_layers_compiled": c_audio}
+    return reports, layout
+
+
+def _pool(model, seq, tau, **kw):
+    """A pooling stage as a piece (the model is unused; the TPU build has no CPU compiler options)."""
+    from affjax.runtime.engine import pool_seq
+    return pool_seq(seq, tau=tau, **kw)
+
+
+def plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobShape, pooling=None, retention=None, *,
+             depth: str = "two-point", dump_dir: str | None = None, log=print) -> dict:
+    """Compile every program of one job for a TPU topology (module docstring) -> a JSON-friendly
+    report: per program and in total, per-chip peak HBM, whether it fits, FLOPs and collectives."""
+    import jax
+
+    if depth not in ("two-point", "full"):
+        raise AotError(f"depth must be 'two-point' or 'full', got {depth!r}")
+    mesh, _ = tpu_mesh(topology, mesh_text)
+    stages = tuple(pooling.stages) if pooling is not None else ()
+    if stages and retention is None:
+        raise AotError("a pooled plan needs the retention of each stage (it sizes the stage buffers)")
+    rets = tuple(retention) if isinstance(retention, (tuple, list)) else (retention,) * len(stages)
+    if len(rets) != len(stages):
+        raise AotError(f"{len(stages)} pooling stages but {len(rets)} retentions")
+    positions = pooling.positions if pooling is not None else "first"
+    proportional = bool(pooling is not None and pooling.proportional)
+    t0 = time.perf_counter()
+    if depth == "full":
+        reps, layout = _compile_depth(hf_config, mesh, job, stages, rets, positions, proportional, None, dump_dir, log)
+        programs = {k: {**r.to_json(), "peak_bytes_full": r.peak_bytes, "flops_full": r.flops} for k, r in reps.items()}
+    else:
+        log(" depth 1 (one layer per group):")
+        r1, layout = _compile_depth(hf_config, mesh, job, stages, rets, positions, proportional, 1, dump_dir, log)
+        log(" depth 2:")
+        r2, _ = _compile_depth(hf_config, mesh, job, stages, rets, positions, proportional, 2, None, log)
+        n_text = int(hf_config["text_config"]["num_hidden_layers"])
+        programs = {}
+        for label, a in r1.items():
+            b = r2.get(label)
+            d = a.to_json()
+            if a.fits and b is not None and b.fits and a.layers is not None:
+                n = a.layers[1] if label != "decode" else n_text / len(layout["groups"])
+                d["peak_bytes_full"] = int(round(a.peak_bytes + (n - 1) * (b.peak_bytes - a.peak_bytes)))
+                d["flops_full"] = a.flops + (n - 1) * (b.flops - a.flops)
+            else:
+                d["peak_bytes_full"], d["flops_full"] = d["peak_bytes"], d["flops"]
+            programs[label] = d
+    hbm = chip(topology)["hbm"]
+    for d in programs.values():
+        d["fits"] = bool(d["fits"] and d["peak_bytes_full"] is not None and d["peak_bytes_full"] <= hbm)
+    ok = [d for d in programs.values() if d["flops_full"] is not None]
+    return {"topology": canonical_topology(topology), "mesh": {k: int(v) for k, v in mesh.shape.items()},
+            "chip": chip(topology), "depth": depth, "job": dataclasses.asdict(job),
+            "pooling": None if pooling is None else [dataclasses.asdict(s) for s in stages],
+            "retention": list(rets), "layout": layout, "programs": programs,
+            "fits": all(d["fits"] for d in programs.values()),
+            "peak_bytes_max": max((d["peak_bytes_full"] or 0) for d in programs.values()),
+            "prefill_flops": sum(d["flops_full"] for k, d in programs.items() if k != "decode" and d["flops_full"]),
+            "compile_seconds": round(time.perf_counter() - t0, 1), "jax": jax.__version__,
+            "programs_compiled": len(programs) * (1 if depth == "full" else 2) if ok else 0}
+
+
+# ----------------------------------------------------------------------------------------------
+# affjax plan --aot
+
+
+def format_report(r: dict) -> str:
+    gib = lambda b: "-" if b is None else f"{b / GiB:.3f}"  # noqa: E731
+    hbm = r["chip"]["hbm"]
+    lines = [f"{r['topology']} mesh {r['mesh']}, {r['job']['dtype']}, batch {r['job']['batch']}, "
+             f"{r['job']['audio_seconds']:g} s audio, depth {r['depth']}; HBM {hbm / GiB:.0f} GiB per chip",
+             f"{'program':<16}{'fits':>5}{'peak GiB/chip':>15}{'GFLOP/chip':>12}  collectives (static count, MiB)"]
+    for label, d in r["programs"].items():
+        coll = ", ".join(f"{k} {c['count']} ({c['bytes'] / 2**20:.1f})" for k, c in sorted(d["collectives"].items()))
+        fl = "-" if d["flops_full"] is None else f"{d['flops_full'] / 1e9:.1f}"
+        lines.append(f"{label:<16}{'yes' if d['fits'] else 'NO':>5}{gib(d['peak_bytes_full']):>15}{fl:>12}  "
+                     f"{coll or '-'}")
+    lines.append(f"fits: {'yes' if r['fits'] else 'NO'}; largest program peak {gib(r['peak_bytes_max'])} GiB/chip; "
+                 f"prefill {r['prefill_flops'] / 1e9:.1f} GFLOP/chip; compiled in {r['compile_seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def main_plan_aot(args) -> int:
+    import json
+
+    from affjax.pooling.spec import parse_pooling
+    from affjax.runtime.plan import load_hf_config
+
+    prepare_env()
+    try:
+        if not args.topology or len(args.topology) != 1:
+            raise AotError("--aot takes one --topology, e.g. v5e:2x4")
+        topology = canonical_topology(args.topology[0])
+        cfg = load_hf_config(args.ckpt_config)
+        pooling = parse_pooling(args.pooling, cfg["text_config"]["num_hidden_layers"]) if args.pooling else None
+        n_stages = len(pooling.stages) if pooling else 0
+        retention = args.retention or ([0.5] * n_stages if n_stages else None)
+        job = JobShape(batch=args.batch_size, audio_seconds=args.audio_seconds, text_tokens=args.text_tokens,
+                       max_new_tokens=args.max_new_tokens, score_tokens=args.score_tokens, dtype=args.dtype)
+        r = plan_job(cfg, topology, args.mesh, job, pooling, retention, depth=args.depth, dump_dir=args.dump_hlo)
+    except (AotError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_report(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1, default=str))
+    return 0 if r["fits"] else 3

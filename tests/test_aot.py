@@ -1,0 +1,153 @@
+"""affjax.runtime.aot: job programs compiled by the real TPU compiler on compile-only devices
+(libtpu, the tpu extra), and what is read from them: peak HBM, loop-corrected FLOPs, collectives."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from conftest import need_module
+from affjax.runtime import aot
+from affjax.runtime.plan import tiny_config
+
+
+def test_topology_names():
+    assert aot.canonical_topology("v5e-8") == "v5e:2x4"
+    assert aot.canonical_topology("v4-8") == "v4:2x2x1"
+    assert aot.canonical_topology("v5e:2x2") == "v5e:2x2"
+    with pytest.raises(aot.AotError, match="unknown TPU topology 'v9-8'.*v5e:2x4"):
+        aot.canonical_topology("v9-8")
+    assert aot.chip("v5e-8")["hbm"] == 16 * aot.GiB
+
+
+def test_collectives_from_hlo_text():
+    text = "\n".join([
+        "  %all-gather.3 = bf16[4,256]{1,0:T(4,128)(2,1)} all-gather(%convert.6), channel_id=2, dimensions={1}",
+        "  %ag-start = (f32[2,8]{1,0}, f32[4,8]{1,0}) all-gather-start(%p), dimensions={0}",
+        "  %ag-done = f32[4,8]{1,0} all-gather-done(%ag-start)",
+        "  %all-reduce.1 = f32[] all-reduce(%x), to_apply=%add",
+        "  %fusion.2 = f32[4,128]{1,0} fusion(%all-gather.3), kind=kOutput, calls=%fused",
+    ])
+    got = aot.collectives(text)
+    # the done half of an async pair is not a second collective; bytes are the output's
+    assert got == {"all-gather": {"count": 2, "bytes": 4 * 256 * 2 + 4 * 8 * 4}, "all-reduce": {"count": 1, "bytes": 4}}
+
+
+@pytest.fixture(scope="module")
+def tpu():
+    need_module("libtpu", aot.INSTALL)
+    return aot
+
+
+def _small_config():
+    """The tiny config with 4 s windows (200 encoder positions): quick compiles."""
+    cfg = copy.deepcopy(tiny_config())
+    cfg["audio_config"]["max_source_positions"] = 200
+    return cfg
+
+
+def test_tpu_loop_trip_count_from_the_condition(tpu):
+    """TPU HLO has no known_trip_count: the loop's bound comes from its condition, so a fori_loop
+    of 7 matmuls counts 7 times the body's FLOPs (XLA's own figure counts one)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh, _ = tpu.tpu_mesh("v5e:2x2", "data=2,model=2")
+    x = jax.ShapeDtypeStruct((8, 256), jnp.float32, sharding=NamedSharding(mesh, P("data", None)))
+    w = jax.ShapeDtypeStruct((256, 256), jnp.float32, sharding=NamedSharding(mesh, P(None, "model")))
+
+    def f(x, w):
+        return jax.lax.fori_loop(0, 7, lambda i, h: jnp.tanh(h @ w), x)
+    rep, _ = tpu.compile_program("loop", jax.jit(f), (x, w), {}, mesh)
+    per_chip = 2 * 4 * 256 * 128 * 7  # 4 rows x 128 columns per chip
+    assert rep.fits and rep.loops == 1
+    assert per_chip <= rep.flops < 1.1 * per_chip, (rep.flops, per_chip)
+    assert rep.flops_raw < 0.3 * per_chip
+    assert rep.collectives["all-gather"]["count"] >= 1  # w's columns are gathered for the next step
+
+
+def test_hbm_overflow_is_does_not_fit(tpu):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh, _ = tpu.tpu_mesh("v5e:2x2", "data=4,model=1")
+    x = jax.ShapeDtypeStruct((80_000, 1024), jnp.float32, sharding=NamedSharding(mesh, P()))
+    rep, compiled = tpu.compile_program("big", jax.jit(lambda a: a @ a.T), (x,), {}, mesh)  # 25.6 GB out
+    assert compiled is None and not rep.fits and "HBM" in rep.error
+
+
+@pytest.fixture(scope="module")
+def unpooled_full(tpu):
+    job = tpu.JobShape(batch=4, audio_seconds=3.0, text_tokens=24, max_new_tokens=8)
+    return job, tpu.plan_job(_small_config(), "v5e:2x2", "data=4,model=1", job, depth="full", log=lambda s: None)
+
+
+def test_tiny_job_compiles_for_v5e(unpooled_full):
+    from affjax.runtime.flops import lm_prefill_flops
+    from affjax.models.qwen2_audio.modeling import Qwen2AudioConfig
+    job, r = unpooled_full
+    assert r["fits"] and list(r["programs"]) == ["embed", "layers[0:4)", "last_head", "decode"]
+    for d in r["programs"].values():
+        assert d["peak_bytes"] > 0 and d["flops"] > 0
+    # the layer group's FLOPs per chip: the analytic count of its rows (a quarter of the batch per
+    # chip), plus the element-wise work the analytic count leaves out
+    cfg = Qwen2AudioConfig.from_hf(_small_config())
+    t = r["layout"]["sequence_buffer"]
+    analytic = lm_prefill_flops(cfg.text, [t] * 4, items=0) * job.batch / 4
+    got = r["programs"]["layers[0:4)"]["flops"]
+    assert analytic <= got < 1.25 * analytic, (got, analytic)
+    # pure data parallelism: no activation is gathered in the decoder, the head or the decode loop
+    # (the loop's one all-reduce is its stop test, every row done)
+    for label in ("layers[0:4)", "last_head", "decode"):
+        assert "all-gather" not in r["programs"][label]["collectives"], (label, r["programs"][label]["collectives"])
+    assert r["programs"]["decode"]["collectives"].get("all-reduce", {}).get("bytes", 0) <= 4
+    # the decode loop counts max_new_tokens steps, not one
+    assert r["programs"]["decode"]["flops"] > 0.9 * job.max_new_tokens * r["programs"]["decode"]["flops_raw"] / 2
+
+
+def test_two_point_depth_matches_the_full_compile(tpu, unpooled_full):
+    job, full = unpooled_full
+    two = tpu.plan_job(_small_config(), "v5e:2x2", "data=4,model=1", job, depth="two-point", log=lambda s: None)
+    for label, d in full["programs"].items():
+        e = two["programs"][label]
+        assert abs(e["flops_full"] - d["flops"]) <= 0.03 * d["flops"], (label, e["flops_full"], d["flops"])
+        assert abs(e["peak_bytes_full"] - d["peak_bytes"]) <= 0.15 * d["peak_bytes"] + (1 << 20), \
+            (label, e["peak_bytes_full"], d["peak_bytes"])
+
+
+def test_pooled_job_on_a_2d_mesh_and_the_cli(tpu, tmp_path, capsys):
+    """dap-style stages at layers 1 and 3 on data=2,model=2, through `affjax plan --aot`."""
+    import json
+
+    from affjax.cli import main
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(_small_config()))
+    out = tmp_path / "r.json"
+    rc = main(["plan", "--aot", "--topology", "v5e-4", "--mesh", "data=2,model=2", "--ckpt-config", str(cfg),
+               "--pooling", "1:tau=0.9,window=2;3:tau=0.9,window=2", "--retention", "0.5", "0.5",
+               "--batch-size", "2", "--audio-seconds", "3", "--max-new-tokens", "8", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    r = json.loads(out.read_text())
+    assert list(r["programs"]) == ["embed", "layers[0:1)", "pool@1", "layers[1:3)", "pool@3", "layers[3:4)",
+                                   "last_head", "decode"]
+    assert r["layout"]["stage_buffers"][0] < r["layout"]["sequence_buffer"]
+    assert "pool@1" in text and "fits: yes" in text
+    # tensor parallelism needs its all-reduces
+    assert any("all-reduce" in d["collectives"] for d in r["programs"].values())
+    assert main(["plan", "--aot", "--topology", "v9-8", "--ckpt-config", str(cfg)]) == 1
+    assert "unknown TPU topology" in capsys.readouterr().err
+
+
+def test_loop_bound_parser_reads_lt_constants():
+    from affjax.runtime.flops import _cond_bound
+    lines = ["%cond.1 (p: (s32[], f32[4])) -> pred[] {",
+             "  %gte = s32[] get-tuple-element(%p), index=0",
+             "  %constant.9 = s32[]{:T(128)} constant(12)",
+             "  ROOT %lt = pred[] compare(%gte, %constant.9), direction=LT",
+             "}"]
+    assert _cond_bound(lines, "cond.1") == 12
+    assert _cond_bound(lines, "other") is None
+    np.testing.assert_equal(_cond_bound(lines[:3] + ["}"], "cond.1"), None)
