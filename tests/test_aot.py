@@ -127,7 +127,8 @@ def test_pooled_job_on_a_2d_mesh_and_the_cli(tpu, tmp_path, capsys):
     out = tmp_path / "r.json"
     rc = main(["plan", "--aot", "--topology", "v5e-4", "--mesh", "data=2,model=2", "--ckpt-config", str(cfg),
                "--pooling", "1:tau=0.9,window=2;3:tau=0.9,window=2", "--retention", "0.5", "0.5",
-               "--batch-size", "2", "--audio-seconds", "3", "--max-new-tokens", "8", "--json", str(out)])
+               "--batch-size", "2", "--audio-seconds", "3", "--text-tokens", "16", "--max-new-tokens", "8",
+               "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
     r = json.loads(out.read_text())
