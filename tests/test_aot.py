@@ -89,6 +89,8 @@ def test_tiny_job_compiles_for_v5e(unpooled_full):
     from affjax.models.qwen2_audio.modeling import Qwen2AudioConfig
     job, r = unpooled_full
     assert r["fits"] and list(r["programs"]) == ["embed", "layers[0:4)", "last_head", "decode"]
+    # the job keeps every parameter resident; each program adds its own activations and caches
+    assert 0 < r["param_bytes"] < r["job_bytes"] <= r["param_bytes"] + r["peak_bytes_max"]
     for d in r["programs"].values():
         assert d["peak_bytes"] > 0 and d["flops"] > 0
     # the layer group's FLOPs per chip: the analytic count of its rows (a quarter of the batch per

@@ -39,6 +39,7 @@ on import, libtpu its TPU_* variables when the backends start).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -96,9 +97,7 @@ def prepare_env() -> None:
 
 def libtpu_missing() -> str | None:
     """None when the TPU compiler is installed, else how to install it."""
-    try:
-        import libtpu  # noqa: F401  (only whether it is there)
-    except ImportError:
+    if importlib.util.find_spec("libtpu") is None:
         return f"the TPU compiler (libtpu) is not installed: {INSTALL}"
     return None
 
@@ -168,6 +167,8 @@ class ProgramReport:
     label: str
     fits: bool
     peak_bytes: int | None = None      # per chip, the compiler's peak (None when it did not fit)
+    argument_bytes: int | None = None  # per chip: the parameters the program uses + its inputs
+    input_bytes: int | None = None     # per chip: its inputs that are not parameters (activations, caches)
     flops: float | None = None          # per chip, loops counted trip-count times
     flops_raw: float | None = None      # XLA's own figure (loop bodies once)
     loops: int = 0
@@ -199,9 +200,17 @@ def compile_program(label: str, jitted, args: tuple, kwargs: dict, mesh, *, dump
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
         (Path(dump_dir) / f"{re.sub(r'[^A-Za-z0-9_.@-]+', '_', label)}.hlo.txt").write_text(text)
     flops, raw, loops = loop_corrected_flops(compiled)
-    return ProgramReport(label, fits=True, peak_bytes=int(compiled.memory_analysis().peak_memory_in_bytes),
-                         flops=flops, flops_raw=raw, loops=loops, collectives=collectives(text),
-                         compile_seconds=time.perf_counter() - t0), compiled
+    mem = compiled.memory_analysis()
+    return ProgramReport(label, fits=True, peak_bytes=int(mem.peak_memory_in_bytes),
+                         argument_bytes=int(mem.argument_size_in_bytes), flops=flops, flops_raw=raw, loops=loops,
+                         collectives=collectives(text), compile_seconds=time.perf_counter() - t0), compiled
+
+
+def chip_bytes(tree) -> int:
+    """Per-chip bytes of a tree of sharded ShapeDtypeStructs (the largest shard of each leaf)."""
+    import jax
+    return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                   for x in jax.tree.leaves(tree) if hasattr(x, "sharding") and x.sharding is not None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,8 +307,8 @@ def _compile_depth(hf_config: dict, mesh, job: JobShape, stages: tuple, rets: tu
     n_text, n_audio = int(hf_config["text_config"]["num_hidden_layers"]), int(hf_config["audio_config"]["encoder_layers"])
     bounds = [0] + [s.layer for s in stages] + [n_text]
     groups = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
-    if any(b <= a for a, b in groups):
-        raise AotError(f"pooling stages at layers {[s.layer for s in stages]} leave an empty layer group")
+    if any(b < a for a, b in groups):
+        raise AotError(f"pooling stages at layers {[s.layer for s in stages]} are not in order")
     kept = [b - a if per_group is None else min(per_group, b - a) for a, b in groups]
     c_bounds = np.concatenate([[0], np.cumsum(kept)]).astype(int).tolist()
     c_groups = tuple((c_bounds[i], c_bounds[i + 1]) for i in range(len(kept)))
@@ -321,6 +330,7 @@ def _compile_depth(hf_config: dict, mesh, job: JobShape, stages: tuple, rets: tu
         rep, compiled = compile_program(label, jitted, (state,) + args, {**kw, "graphdef": graphdef}, mesh,
                                         dump_dir=dump_dir)
         rep.layers = depth
+        rep.input_bytes = chip_bytes(args)
         reports[label] = rep
         log(f"  {label}: " + (f"peak {rep.peak_bytes / GiB:.3f} GiB/chip, {rep.flops / 1e9:.2f} GFLOP/chip, "
                               f"compiled in {rep.compile_seconds:.0f} s" if rep.fits else "does not fit in HBM"))
@@ -346,6 +356,8 @@ def _compile_depth(hf_config: dict, mesh, job: JobShape, stages: tuple, rets: tu
                 break
             seq = out[0]
             buffers.append(cap)
+        if a == b:  # a stage before the first layer (input pooling): no layers in between
+            continue
         kw = dict(start=ca, end=cb, extra=extra, proportional=proportional and g > 0, keep_cache=not job.score_tokens)
         out = run(f"layers[{a}:{b})", _piece("group", E.run_layers, tuple(kw)), (seq,), kw, depth=(cb - ca, b - a))
         seq = None if out is None else out[0]
@@ -393,9 +405,13 @@ def plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobShap
     positions = pooling.positions if pooling is not None else "first"
     proportional = bool(pooling is not None and pooling.proportional)
     t0 = time.perf_counter()
+    def own(r):  # what a program holds beyond the parameters it reads: activations, caches, temporaries
+        return None if r.peak_bytes is None else r.peak_bytes - r.argument_bytes + r.input_bytes
+
     if depth == "full":
         reps, layout = _compile_depth(hf_config, mesh, job, stages, rets, positions, proportional, None, dump_dir, log)
-        programs = {k: {**r.to_json(), "peak_bytes_full": r.peak_bytes, "flops_full": r.flops} for k, r in reps.items()}
+        programs = {k: {**r.to_json(), "peak_bytes_full": r.peak_bytes, "flops_full": r.flops,
+                        "own_bytes_full": own(r)} for k, r in reps.items()}
     else:
         log(" depth 1 (one layer per group):")
         r1, layout = _compile_depth(hf_config, mesh, job, stages, rets, positions, proportional, 1, dump_dir, log)
@@ -407,13 +423,20 @@ def plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobShap
             b = r2.get(label)
             d = a.to_json()
             if a.fits and b is not None and b.fits and a.layers is not None:
-                n = a.layers[1] if label != "decode" else n_text / len(layout["groups"])
+                n = a.layers[1] if label != "decode" else n_text / sum(b > a for a, b in layout["groups"])
                 d["peak_bytes_full"] = int(round(a.peak_bytes + (n - 1) * (b.peak_bytes - a.peak_bytes)))
                 d["flops_full"] = a.flops + (n - 1) * (b.flops - a.flops)
+                d["own_bytes_full"] = int(round(own(a) + (n - 1) * (own(b) - own(a))))
+                d["collectives"] = {k: {f: int(round(c[f] + (n - 1) * (b.collectives.get(k, {}).get(f, 0) - c[f])))
+                                        for f in ("count", "bytes")} for k, c in a.collectives.items()}
             else:
-                d["peak_bytes_full"], d["flops_full"] = d["peak_bytes"], d["flops"]
+                d["peak_bytes_full"], d["flops_full"], d["own_bytes_full"] = d["peak_bytes"], d["flops"], own(a)
             programs[label] = d
     hbm = chip(topology)["hbm"]
+    # every parameter stays in HBM for the whole job (each program reads only its own): the job's
+    # need is the resident parameters plus the largest program's own footprint
+    params = chip_bytes(abstract_model(hf_config, job.dtype, mesh)[1])
+    own_max = max((d["own_bytes_full"] or 0) for d in programs.values())
     for d in programs.values():
         d["fits"] = bool(d["fits"] and d["peak_bytes_full"] is not None and d["peak_bytes_full"] <= hbm)
     ok = [d for d in programs.values() if d["flops_full"] is not None]
@@ -421,7 +444,8 @@ def plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobShap
             "chip": chip(topology), "depth": depth, "job": dataclasses.asdict(job),
             "pooling": None if pooling is None else [dataclasses.asdict(s) for s in stages],
             "retention": list(rets), "layout": layout, "programs": programs,
-            "fits": all(d["fits"] for d in programs.values()),
+            "param_bytes": params, "job_bytes": params + own_max,
+            "fits": all(d["fits"] for d in programs.values()) and params + own_max <= hbm,
             "peak_bytes_max": max((d["peak_bytes_full"] or 0) for d in programs.values()),
             "prefill_flops": sum(d["flops_full"] for k, d in programs.items() if k != "decode" and d["flops_full"]),
             "compile_seconds": round(time.perf_counter() - t0, 1), "jax": jax.__version__,
@@ -443,6 +467,8 @@ def format_report(r: dict) -> str:
         fl = "-" if d["flops_full"] is None else f"{d['flops_full'] / 1e9:.1f}"
         lines.append(f"{label:<16}{'yes' if d['fits'] else 'NO':>5}{gib(d['peak_bytes_full']):>15}{fl:>12}  "
                      f"{coll or '-'}")
+    lines.append(f"resident parameters {gib(r['param_bytes'])} GiB/chip + the largest program's activations and "
+                 f"caches = {gib(r['job_bytes'])} GiB/chip of {hbm / GiB:.0f}")
     lines.append(f"fits: {'yes' if r['fits'] else 'NO'}; largest program peak {gib(r['peak_bytes_max'])} GiB/chip; "
                  f"prefill {r['prefill_flops'] / 1e9:.1f} GFLOP/chip; compiled in {r['compile_seconds']:.0f} s")
     return "\n".join(lines)
