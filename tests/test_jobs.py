@@ -288,3 +288,20 @@ def test_run_batch_rule():
     done = run_batch(fn, [1, 2, 3], lambda u, cause: failed.append((u, cause)), log=lambda *_: None)
     assert done == [(1, 10), (3, 30)] and failed == [(2, "ValueError: bad item")]
     np.testing.assert_equal(run_batch(lambda us: [0 for _ in us], [5], None), [(5, 0)])
+
+
+def test_windows_follow_the_processors_feature_window():
+    """A processor whose feature extractor hears 4 s: 10 s of audio becomes 4 + 4 + 2 s windows
+    (nothing is left for the extractor to cut), each its own audio block in the prompt."""
+    from types import SimpleNamespace
+
+    from affjax.models.qwen2_audio.inputs import window_prompt
+    proc = SimpleNamespace(audio_bos_token="<b>", audio_token="<a>", audio_eos_token="<e>",
+                           feature_extractor=SimpleNamespace(chunk_length=4))
+    wave = np.arange(10 * 16000, dtype=np.float32)
+    prompt, clips = window_prompt(proc, "x <b><a><e> y", [wave], 16000)
+    assert [len(c) for c in clips] == [4 * 16000, 4 * 16000, 2 * 16000]
+    assert prompt == "x " + "<b><a><e>" * 3 + " y"
+    np.testing.assert_array_equal(np.concatenate(clips), wave)
+    _, clips = window_prompt(proc, "<b><a><e>", [wave], 16000, seconds=30)  # an explicit window wins
+    assert len(clips) == 1

@@ -9,7 +9,7 @@ and `eval` tasks `asr` (WER / CER), `qa` (accuracy) and `st` (BLEU), with Affini
 Items (manifest fields per task: docs/manifests.md). `score` scores the item's `continuation`
 after its `prompt`; `generate`, asr and st generate greedily; qa with `choices` scores each choice
 as a continuation of the prompt and predicts the best; qa without choices generates and is scored
-by normalised exact match. Audio longer than 30 s is split into 30 s windows, each its own clip,
+by normalised exact match. Audio longer than the processor's feature window (30 s) is split into windows of it, each its own clip,
 placed as consecutive audio spans (affjax.models.qwen2_audio.inputs.window_prompt), in every task.
 
 Results go through affjax.eval.results: rows appended and fsynced per batch, a rerun resumes, a rerun

@@ -35,7 +35,7 @@ class Batch:
     cont_valid: np.ndarray | None = None  # Bool['B K']
 
 
-WINDOW_SECONDS = 30  # the feature extractor's chunk: it truncates anything longer
+WINDOW_SECONDS = 30  # Qwen2-Audio's feature window; window_prompt takes the processor's own
 
 
 def audio_block(processor) -> str:
@@ -51,10 +51,14 @@ def split_windows(wave: np.ndarray, sr: int, seconds: float = WINDOW_SECONDS) ->
 
 
 def window_prompt(processor, prompt: str, audios: list[np.ndarray], sr: int,
-                  seconds: float = WINDOW_SECONDS) -> tuple[str, list[np.ndarray]]:
-    """Split clips longer than ``seconds`` into windows, each its own clip: the prompt's block for
-    that clip is repeated once per window, so the windows become consecutive audio spans (never
-    merged across by pooling). Raises ValueError when blocks and clips do not pair up."""
+                  seconds: float | None = None) -> tuple[str, list[np.ndarray]]:
+    """Split clips longer than ``seconds`` (default: the processor's own feature window,
+    ``feature_extractor.chunk_length``, 30 s for Qwen2-Audio) into windows, each its own clip: the
+    prompt's block for that clip is repeated once per window, so the windows become consecutive
+    audio spans (never merged across by pooling). Raises ValueError when blocks and clips do not
+    pair up."""
+    if seconds is None:
+        seconds = getattr(getattr(processor, "feature_extractor", None), "chunk_length", None) or WINDOW_SECONDS
     block = audio_block(processor)
     parts = prompt.split(block)
     if len(parts) - 1 != len(audios):
