@@ -2,8 +2,8 @@
 #   make main   install everything, then run the main job (real Whisper base weights, real speech)
 #   make test   install everything, then run the test suite
 #   make test-fast   the same set-up, then the suite without the tests marked slow (the edit loop)
-#   make corpus   synthetic speech for training (affjax/data/corpus.py; resumable, needs the Debian
-#                 engines: see docs/assets.md)
+#   make corpus   synthetic speech for training (affjax/data/corpus.py; resumable; installs its Debian
+#                 engines with apt-get when run as root, see docs/assets.md)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -33,5 +33,9 @@ test-fast: setup
 bench: setup
 	$(BIN)/affjax bench --batch 1 4 --repeats 5
 
+CORPUS_APT := fortunes fortunes-min espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
+
 corpus: $(VENV)/.installed
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get install -y -q $(CORPUS_APT) >/dev/null; \
+	else echo "not root or no apt-get: install the engines yourself: apt-get install -y $(CORPUS_APT)"; fi
 	$(BIN)/python -m affjax.data.corpus generate --out $(AFFJAX_CACHE)/corpus --n $(CORPUS_N)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -235,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         from affjax.eval.report import main_report
         return main_report(args)
     if args.cmd == "plan" and args.aot:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax loads: the TPU devices are compile-only
-        from affjax.runtime.aot import main_plan_aot
-        return main_plan_aot(args)
+        from affjax.runtime import aot
+        aot.prepare_env()  # before jax loads: the host on CPU, the TPU devices compile-only
+        return aot.main_plan_aot(args)
     if args.cmd == "plan":
         from affjax.runtime.plan import main_plan
         return main_plan(args)

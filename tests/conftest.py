@@ -17,10 +17,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("AFFJAX_SEQ_GRID", "old")
 # With libtpu installed (the tpu extra), JAX would look for a TPU: keep the tests on the CPU, the TPU
 # devices compile-only (tests/test_aot.py), and libtpu quiet (see affjax.runtime.aot.prepare_env).
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+from affjax.runtime.aot import prepare_env  # noqa: E402  (imports no jax)
+
+prepare_env()
 
 try:
     import torch

@@ -54,7 +54,7 @@ def test_tpu_loop_trip_count_from_the_condition(tpu):
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
-    mesh, _ = tpu.tpu_mesh("v5e:2x2", "data=2,model=2")
+    mesh = tpu.tpu_mesh("v5e:2x2", "data=2,model=2")
     x = jax.ShapeDtypeStruct((8, 256), jnp.float32, sharding=NamedSharding(mesh, P("data", None)))
     w = jax.ShapeDtypeStruct((256, 256), jnp.float32, sharding=NamedSharding(mesh, P(None, "model")))
 
@@ -72,7 +72,7 @@ def test_hbm_overflow_is_does_not_fit(tpu):
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
-    mesh, _ = tpu.tpu_mesh("v5e:2x2", "data=4,model=1")
+    mesh = tpu.tpu_mesh("v5e:2x2", "data=4,model=1")
     x = jax.ShapeDtypeStruct((80_000, 1024), jnp.float32, sharding=NamedSharding(mesh, P()))
     rep, compiled = tpu.compile_program("big", jax.jit(lambda a: a @ a.T), (x,), {}, mesh)  # 25.6 GB out
     assert compiled is None and not rep.fits and "HBM" in rep.error

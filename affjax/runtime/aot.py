@@ -113,14 +113,13 @@ def topology_devices(topology: str) -> list:
 
 def tpu_mesh(topology: str, mesh_text: str | None = None):
     """A ("data", "model") mesh over a topology's compile-only devices (`parse_mesh` text)."""
-    import jax
     from jax.sharding import AxisType, Mesh
 
     from affjax.runtime.sharding import AXES, parse_mesh
     devices = topology_devices(topology)
     sizes = parse_mesh(mesh_text, len(devices))
     grid = np.array(devices, dtype=object).reshape(sizes["data"], sizes["model"])
-    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES)), jax
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,10 +225,9 @@ def abstract_model(hf_config: dict, dtype: str, mesh, *, text_layers: int | None
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import NamedSharding
 
     from affjax.models.checkpoint import get_spec
-    from affjax.runtime.sharding import param_spec
+    from affjax.runtime.sharding import param_sharding
 
     hf = copy.deepcopy(hf_config)
     if text_layers is not None:
@@ -240,10 +238,11 @@ def abstract_model(hf_config: dict, dtype: str, mesh, *, text_layers: int | None
     cfg = spec.config_from_hf(hf)
     graphdef, state = nnx.split(spec.abstract_model(cfg, jnp.dtype(dtype)))
     pure = nnx.to_pure_dict(state)
+    shard = param_sharding(mesh, cfg)  # the table that places a restored checkpoint
 
     def place(path, x):
         keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, param_spec(keys, x.shape, mesh, cfg)))
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard(keys, x))
     return graphdef, jax.tree_util.tree_map_with_path(place, pure), cfg
 
 
@@ -395,7 +394,7 @@ def plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobShap
 
     if depth not in ("two-point", "full"):
         raise AotError(f"depth must be 'two-point' or 'full', got {depth!r}")
-    mesh, _ = tpu_mesh(topology, mesh_text)
+    mesh = tpu_mesh(topology, mesh_text)
     stages = tuple(pooling.stages) if pooling is not None else ()
     if stages and retention is None:
         raise AotError("a pooled plan needs the retention of each stage (it sizes the stage buffers)")
@@ -477,10 +476,9 @@ def format_report(r: dict) -> str:
 def main_plan_aot(args) -> int:
     import json
 
-    from affjax.pooling.spec import parse_pooling
+    from affjax.pooling.spec import parse_pooling  # after prepare_env (the CLI calls it first): loads jax
     from affjax.runtime.plan import load_hf_config
 
-    prepare_env()
     try:
         if not args.topology or len(args.topology) != 1:
             raise AotError("--aot takes one --topology, e.g. v5e:2x4")

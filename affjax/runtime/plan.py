@@ -26,6 +26,7 @@ from jax.sharding import AbstractMesh
 
 from affjax.models.qwen2.modeling import Qwen2ForCausalLM, TextConfig
 from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
+from affjax.runtime.aot import CHIPS
 from affjax.runtime.sharding import AXES, param_spec
 
 GiB = 1 << 30
@@ -34,9 +35,9 @@ HEADROOM = 0.2  # a mesh fits when the per-chip total stays under (1 - HEADROOM)
 
 # chips per slice and HBM per chip (bytes)
 TOPOLOGIES: dict[str, dict] = {
-    "v4-8": {"chips": 4, "hbm": 32 * GiB},
-    "v5e-8": {"chips": 8, "hbm": 16 * GiB},
-    "v5p-8": {"chips": 4, "hbm": 95 * GiB},
+    "v4-8": {"chips": 4, "hbm": CHIPS["v4"]["hbm"]},
+    "v5e-8": {"chips": 8, "hbm": CHIPS["v5e"]["hbm"]},
+    "v5p-8": {"chips": 4, "hbm": CHIPS["v5p"]["hbm"]},
 }
 
 # The geometry of the public Qwen2-Audio-7B config.json, in that file's form.
