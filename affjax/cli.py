@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-tokens", type=int, default=40)
     p.add_argument("--exact-length", action="store_true",
                    help="sequence buffer = valid length (default: the job path's bucket)")
+    p.add_argument("--ckpt-config", default=None, metavar="CONFIG",
+                   help="model geometry ('qwen2-audio-7b', an HF config.json, ...; random weights); default: the "
+                        "bench's 32-layer narrow model")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
     p = sub.add_parser("bench-eval", help="items/s of `affjax eval` (Qwen2-Audio asr) for a tiny and a ~70 M random "

@@ -91,6 +91,7 @@ from affjax.runtime.engine import (
     run_layers,
     slice_seq,
 )
+from affjax.runtime.plan import load_hf_config
 from affjax.runtime.flops import analytic_lm_flops, lm_xla_flops, tokens_per_layer, total_flops, xla_cost
 
 BENCH_POOLING_CONFIG = {
@@ -113,9 +114,9 @@ POOL_MODES = ("bucketed", "fixed")
 METHODS = ("input", "deep", "dap")
 
 
-def build_model(config: dict | None = None, seed: int = 0):
+def build_model(config: dict | None = None, seed: int = 0, dtype: str = "float32"):
     cfg = Qwen2AudioConfig.from_hf(config or BENCH_POOLING_CONFIG)
-    return Qwen2Audio(cfg, rngs=nnx.Rngs(seed)), cfg
+    return Qwen2Audio(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed)), cfg
 
 
 def pooling_inputs(cfg, batch: int, audio_seconds: float = 30.0, text_tokens: int = 40, exact: bool = False,
@@ -482,28 +483,30 @@ def grid_report(lengths: dict[str, tuple[int, int]], grid_name: str = "32") -> d
 def run_bench_pooling(batches=(1,), repeats=5, audio_seconds=(30.0,), text_tokens=40, buffers=BUFFERS,
                       methods_run=METHODS, pool_modes=POOL_MODES, stage_timing=None, config: dict | None = None,
                       log=print, command: str | None = None, seq_grid: str = "32", on_case=None,
-                      done: list | None = None) -> dict:
+                      done: list | None = None, dtype: str = "float32") -> dict:
     """The bench (see the module docstring). `seq_grid`: a key of shapes.SEQ_GRIDS; another than
     the policy's own ("32") runs the whole bench under that grid (shapes.seq_grid). `on_case(res)`
     is called after each case with the results so far (``res["partial"]`` True); `done`: cases of an
-    interrupted run of the same settings, kept and not measured again (--resume)."""
+    interrupted run of the same settings, kept and not measured again (--resume). `config`: an HF
+    config dict (default BENCH_POOLING_CONFIG; `--ckpt-config qwen2-audio-7b` gives the real geometry
+    for an accelerator), random weights in `dtype`."""
     with shapes.seq_grid(shapes.SEQ_GRIDS[seq_grid]):
         return _run(batches, repeats, audio_seconds, text_tokens, buffers, methods_run, pool_modes, stage_timing,
-                    config, log, command, seq_grid, on_case, done or [])
+                    config, log, command, seq_grid, on_case, done or [], dtype)
 
 
 def _run(batches, repeats, audio_seconds, text_tokens, buffers, methods_run, pool_modes, stage_timing, config, log,
-         command, seq_grid, on_case=None, done=()) -> dict:
+         command, seq_grid, on_case=None, done=(), dtype="float32") -> dict:
     if isinstance(audio_seconds, (int, float)):
         audio_seconds = (float(audio_seconds),)
     stage_timing = len(audio_seconds) == 1 if stage_timing is None else stage_timing
-    model, cfg = build_model(config)
+    model, cfg = build_model(config, dtype=dtype)
     L = cfg.text.layers
     params_bytes = _tree_bytes(nnx.state(model))
     res = {"command": command,
            "config": f"text d{cfg.text.hidden} x {L} layers ({cfg.text.heads} heads, kv {cfg.text.kv_heads}, "
                      f"mlp {cfg.text.intermediate}, vocab {cfg.text.vocab_size}), audio d{cfg.audio.d_model} x "
-                     f"{cfg.audio.layers}; random weights",
+                     f"{cfg.audio.layers}; random weights, {dtype}",
            "params_bytes": params_bytes, "audio_seconds": list(audio_seconds), "text_tokens": text_tokens,
            "repeats": repeats, "sequence_buffers": list(buffers), "pool_modes": list(pool_modes),
            "methods": [method_label(L, m) for m in methods_run],
@@ -686,6 +689,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and the old grid to compare")
     p.add_argument("--out", default=None, help="write the results as JSON here (also after each case)")
     p.add_argument("--show", default=None, metavar="JSON", help="print the tables of a saved run (no bench)")
+    p.add_argument("--ckpt-config", default=None, metavar="CONFIG",
+                   help="model geometry: 'qwen2-audio-7b', 'qwen2-audio-tiny', an HF config.json or a checkpoint folder "
+                        "(random weights); default: the bench's own 32-layer narrow model, sized for a CPU")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="parameter and compute dtype")
     p.add_argument("--resume", action="store_true",
                    help="keep the cases of an interrupted run of the same command found in --out")
 
@@ -695,7 +702,8 @@ def _settings_key(args, seconds, buffers) -> dict:
     return {"batch": list(args.batch), "repeats": args.repeats, "audio_seconds": [float(x) for x in seconds],
             "text_tokens": args.text_tokens, "buffers": list(buffers),
             "methods": list(getattr(args, "methods", METHODS)), "pool_modes": list(getattr(args, "pool_modes", POOL_MODES)),
-            "stage_timing": getattr(args, "stage_timing", None), "seq_grid": getattr(args, "seq_grid", "32")}
+            "stage_timing": getattr(args, "stage_timing", None), "seq_grid": getattr(args, "seq_grid", "32"),
+            "ckpt_config": getattr(args, "ckpt_config", None), "dtype": getattr(args, "dtype", "float32")}
 
 
 def main_bench_pooling(args) -> int:
@@ -708,6 +716,7 @@ def main_bench_pooling(args) -> int:
     seconds = args.audio_seconds if isinstance(args.audio_seconds, (list, tuple)) else [args.audio_seconds]
     buffers = ["exact"] if args.exact_length else getattr(args, "buffers", list(BUFFERS))
     done, settings = [], _settings_key(args, seconds, buffers)
+    config = load_hf_config(args.ckpt_config) if getattr(args, "ckpt_config", None) else None
     if getattr(args, "resume", False) and args.out and os.path.exists(args.out):
         with open(args.out) as f:
             old = json.load(f)
@@ -722,7 +731,8 @@ def main_bench_pooling(args) -> int:
                           getattr(args, "stage_timing", None), log=lambda s: print(s, flush=True),
                           command=" ".join(["affjax" if sys.argv[0].endswith("affjax") else
                                             "python -m affjax.bench.pooling"] + sys.argv[1:]),
-                          seq_grid=getattr(args, "seq_grid", "32"), on_case=save if args.out else None, done=done)
+                          seq_grid=getattr(args, "seq_grid", "32"), on_case=save if args.out else None, done=done,
+                          config=config, dtype=getattr(args, "dtype", "float32"))
     print(format_bench_pooling(r))
     if args.out:
         save(r)
