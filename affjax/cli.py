@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     g.add_argument("--pooling", default=None, help="a preset or setting (see `affjax eval --help`); none: unpooled")
     g.add_argument("--retention", type=float, nargs="+", default=None,
-                   help="fixed-capacity retention per stage (sizes the stage buffers); default 0.5 per stage")
+                   help="fixed-capacity retention per stage, or one for every stage (sizes the stage buffers); "
+                        "default 0.5 per stage")
     g.add_argument("--batch-size", type=int, default=1)
     g.add_argument("--audio-seconds", type=float, default=30.0)
     g.add_argument("--text-tokens", type=int, default=40)

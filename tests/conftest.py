@@ -21,6 +21,27 @@ from affjax.runtime.aot import prepare_env  # noqa: E402  (imports no jax)
 
 prepare_env()
 
+# One persistent XLA cache for the whole run (its own fresh folder; pytest-xdist workers and the CLI
+# subprocesses inherit it): the suite builds many engines over the same tiny models, and each engine's
+# jitted pieces would otherwise compile the same programs again. Compile counts are unaffected: they
+# count traces (affjax.runtime.compiles), and a cache hit still traces.
+if "AFFJAX_COMPILE_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="affjax-test-xla-")
+    os.environ["AFFJAX_COMPILE_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["AFFJAX_COMPILE_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The suite's programs are tiny and run once or twice: LLVM's optimizations cost more than they save
+# (compiles about 35 % faster). Only machine-code generation changes, not the HLO the tests inspect.
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
+
 try:
     import torch
 

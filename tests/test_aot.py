@@ -128,7 +128,7 @@ def test_pooled_job_on_a_2d_mesh_and_the_cli(tpu, tmp_path, capsys):
     cfg.write_text(json.dumps(_small_config()))
     out = tmp_path / "r.json"
     rc = main(["plan", "--aot", "--topology", "v5e-4", "--mesh", "data=2,model=2", "--ckpt-config", str(cfg),
-               "--pooling", "1:tau=0.9,window=2;3:tau=0.9,window=2", "--retention", "0.5", "0.5",
+               "--pooling", "1:tau=0.9,window=2;3:tau=0.9,window=2", "--retention", "0.5",  # one for both stages
                "--batch-size", "2", "--audio-seconds", "3", "--text-tokens", "16", "--max-new-tokens", "8",
                "--json", str(out)])
     text = capsys.readouterr().out
@@ -136,7 +136,7 @@ def test_pooled_job_on_a_2d_mesh_and_the_cli(tpu, tmp_path, capsys):
     r = json.loads(out.read_text())
     assert list(r["programs"]) == ["embed", "layers[0:1)", "pool@1", "layers[1:3)", "pool@3", "layers[3:4)",
                                    "last_head", "decode"]
-    assert r["layout"]["stage_buffers"][0] < r["layout"]["sequence_buffer"]
+    assert r["layout"]["stage_buffers"][0] < r["layout"]["sequence_buffer"] and r["retention"] == [0.5, 0.5]
     assert "pool@1" in text and "fits: yes" in text
     # tensor parallelism needs its all-reduces
     assert any("all-reduce" in d["collectives"] for d in r["programs"].values())

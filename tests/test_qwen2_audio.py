@@ -108,6 +108,7 @@ def test_logits_match_on_padded_batch(loaded):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ckpt", ["gqa"], indirect=True)  # the logits test covers the other variants
 def test_score_matches(loaded):
     from affjax.runtime.engine import Engine
     variant, model, cfg, processor, eos, pad, hf, items = loaded

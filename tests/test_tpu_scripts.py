@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "tpu_scripts"
-STEP_SCRIPTS = ["create_vm.sh", "setup_vm.sh", "convert_checkpoint.sh", "run_librispeech.sh",
+STEP_SCRIPTS = ["check_fit.sh", "create_vm.sh", "setup_vm.sh", "convert_checkpoint.sh", "run_librispeech.sh",
                 "fetch_results.sh", "teardown.sh"]
 ALL_SCRIPTS = STEP_SCRIPTS + ["librispeech_pooling.sh"]
 PRESETS = ["none", "input", "dap-conservative", "dap-aggressive"]
@@ -101,7 +101,8 @@ def test_help(name, loud_gcloud):
     res = run_script(name, "--help", env=clean_env(PATH=path))
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith(f"Usage: {name}")
-    assert "--dry-run" in res.stdout and "--name NAME" in res.stdout and "TPU_NAME=" in res.stdout
+    opt, var = ("--presets", "AFFJAX_PRESETS=") if name == "check_fit.sh" else ("--name NAME", "TPU_NAME=")
+    assert "--dry-run" in res.stdout and opt in res.stdout and var in res.stdout
     assert not marker.exists()
 
 
@@ -169,6 +170,8 @@ def test_printed_commands_are_valid_shell(loud_gcloud, tmp_path):
 
 
 EXPECTED = {
+    "check_fit.sh": ["affjax plan --aot --topology v5e-8 --ckpt-config qwen2-audio-7b --dtype bfloat16 --batch-size 8 "
+                     "--audio-seconds 30 --json", "--pooling dap-aggressive --retention 1 --json"],
     "create_vm.sh": ["gcloud compute tpus tpu-vm describe affjax-librispeech --zone=us-west4-a",
                      "gcloud compute tpus tpu-vm create affjax-librispeech --zone=us-west4-a "
                      "--accelerator-type=v5litepod-8 --version=v2-alpha-tpuv5-lite"],
@@ -315,6 +318,18 @@ case $1 in
 esac
 """
 
+# Fake affjax on this machine (the check step): `plan --aot` writes its --json and exits 3 (does not
+# fit) for the preset in $FAKE_TOO_BIG.
+FAKE_LOCAL_AFFJAX = """\
+#!/usr/bin/env bash
+set -euo pipefail
+echo "$*" >> "$FAKE_LOCAL_LOG"
+pooling=none json=
+while [ $# -gt 0 ]; do case $1 in --pooling) pooling=$2; shift ;; --json) json=$2; shift ;; esac; shift; done
+echo '{"fits": true}' > "$json"
+[ "$pooling" != "${FAKE_TOO_BIG:-}" ] || exit 3
+"""
+
 
 @pytest.fixture
 def fake_vm(tmp_path):
@@ -329,8 +344,12 @@ def fake_vm(tmp_path):
     (venv_bin / "affjax").write_text(FAKE_AFFJAX)
     (venv_bin / "affjax").chmod(0o755)
     log = tmp_path / "gcloud.log"
+    local = bin_dir / "affjax-local"
+    local.write_text(FAKE_LOCAL_AFFJAX)
+    local.chmod(0o755)
     env = clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", FAKE_HOME=str(home),
-                    FAKE_LOG=str(log), TMPDIR=str(tmp_path))
+                    FAKE_LOG=str(log), TMPDIR=str(tmp_path), AFFJAX_LOCAL=str(local),
+                    FAKE_LOCAL_LOG=str(tmp_path / "local.log"), AFFJAX_OUT=str(tmp_path / "out"))
 
     def calls() -> list[list[str]]:
         lines = log.read_text().splitlines() if log.exists() else []
@@ -405,6 +424,37 @@ def test_driver_create_failure_needs_no_teardown(fake_vm):
     env, _, calls, _ = fake_vm
     res = run_script("librispeech_pooling.sh", env=dict(env, FAKE_FAIL="--accelerator-type"))
     assert res.returncode == 3 and "teardown.sh" not in res.stderr
+
+
+def test_check_stops_before_any_vm(fake_vm, tmp_path):
+    """A preset that does not fit (affjax plan --aot exits 3) stops the driver on this machine:
+    gcloud is never called, and there is no VM to tear down."""
+    env, _, calls, _ = fake_vm
+    res = run_script("librispeech_pooling.sh", "--mesh", "data=2,model=4", env=dict(env, FAKE_TOO_BIG="dap-aggressive"))
+    assert res.returncode == 1
+    assert "does not fit in the HBM of v5litepod-8: dap-aggressive" in res.stderr and "teardown" not in res.stderr
+    assert calls() == []
+    plans = (tmp_path / "local.log").read_text().splitlines()
+    assert len(plans) == len(PRESETS)
+    for preset, line in zip(PRESETS, plans):
+        assert line.startswith("plan --aot --topology v5e-8 --ckpt-config qwen2-audio-7b --dtype bfloat16 "
+                               "--batch-size 8 --audio-seconds 30 --mesh data=2,model=4")
+        assert line.endswith(f"--json {tmp_path}/out/check/{preset}.json")
+        assert ("--pooling" not in line) if preset == "none" else f"--pooling {preset} --retention 1 --json" in line
+    # every preset fits: the driver goes on to create the VM
+    res = run_script("librispeech_pooling.sh", "--steps", "check create", env=env)
+    assert res.returncode == 0, res.stderr
+    assert "every preset fits on v5litepod-8" in res.stdout and [c[3] for c in calls()] == ["describe", "create"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (dict(AFFJAX_LOCAL="/nonexistent/affjax"), "'/nonexistent/affjax' not found"),
+    (dict(HF_MODEL="someone/other-model"), "no --ckpt-config for someone/other-model"),
+])
+def test_check_says_what_it_needs(fake_vm, extra, message):
+    env, _, calls, _ = fake_vm
+    res = run_script("check_fit.sh", env=dict(env, **extra))
+    assert res.returncode == 1 and message in res.stderr and calls() == []
 
 
 def test_teardown_asks_unless_yes(fake_vm, loud_gcloud):

@@ -250,7 +250,7 @@ def test_cli_eval_model_librivox(tiny_ckpt, clips, tmp_path):
     env = dict(os.environ, AFFJAX_CACHE=str(tiny_ckpt[1]), OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "affjax.cli", "eval", "--model", "whisper-tiny.en", "--data", "librivox",
-           "--out", str(tmp_path / "run"), "--no-progress", "--no-compile-cache"]
+           "--out", str(tmp_path / "run"), "--no-progress"]  # the session's compile cache (conftest)
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "converting" not in p.stdout and "WER" in p.stdout

@@ -37,12 +37,14 @@ AFFJAX_BATCH_SIZE=${AFFJAX_BATCH_SIZE:-}
 AFFJAX_EVAL_ARGS=${AFFJAX_EVAL_ARGS:-}
 AFFJAX_RUNS_DIR=${AFFJAX_RUNS_DIR:-affjax-runs/librispeech}
 AFFJAX_OUT=${AFFJAX_OUT:-}                    # empty: runs/tpu/<name> in this checkout
-AFFJAX_STEPS=${AFFJAX_STEPS:-create setup convert run fetch teardown}
+AFFJAX_CKPT_CONFIG=${AFFJAX_CKPT_CONFIG:-}    # check step: the model's config.json here (empty: known for Qwen2-Audio-7B)
+AFFJAX_LOCAL=${AFFJAX_LOCAL:-}                # check step: affjax on this machine (empty: .venv/bin/affjax or affjax)
+AFFJAX_STEPS=${AFFJAX_STEPS:-check create setup convert run fetch teardown}
 AFFJAX_OVERWRITE=${AFFJAX_OVERWRITE:-0}
 ASSUME_YES=${ASSUME_YES:-0}
 DRY_RUN=${DRY_RUN:-0}
 
-KNOWN_STEPS="create setup convert run fetch teardown"
+KNOWN_STEPS="check create setup convert run fetch teardown"
 
 # ---- messages ------------------------------------------------------------------------------------
 say() { printf '%s\n' "$*"; }
@@ -76,6 +78,8 @@ option_doc() {
     --runs-dir) echo "AFFJAX_RUNS_DIR|DIR|run folders on the VM, one per split/preset (relative: under the home folder)" ;;
     --out) echo "AFFJAX_OUT|DIR|local folder the results are copied into (empty: runs/tpu/<name> in this checkout)" ;;
     --steps) echo "AFFJAX_STEPS|\"STEP ...\"|steps to do, in this order: $KNOWN_STEPS" ;;
+    --ckpt-config) echo "AFFJAX_CKPT_CONFIG|CONFIG|check step: the model's config.json on this machine (empty: qwen2-audio-7b for Qwen/Qwen2-Audio-7B)" ;;
+    --affjax) echo "AFFJAX_LOCAL|COMMAND|check step: affjax on this machine, with its tpu extra (empty: this checkout's .venv/bin/affjax, else affjax)" ;;
     *) return 1 ;;
   esac
 }
@@ -166,6 +170,9 @@ derive_settings() {
   [ -n "$AFFJAX_HF_DIR" ] || AFFJAX_HF_DIR="hf/$(model_basename)"
   [ -n "$AFFJAX_CKPT_DIR" ] || AFFJAX_CKPT_DIR="ckpt/$(model_basename)-$AFFJAX_DTYPE"
   [ -n "$AFFJAX_OUT" ] || AFFJAX_OUT="$AFFJAX_ROOT/runs/tpu/$TPU_NAME"
+  if [ -z "$AFFJAX_LOCAL" ]; then
+    if [ -x "$AFFJAX_ROOT/.venv/bin/affjax" ]; then AFFJAX_LOCAL="$AFFJAX_ROOT/.venv/bin/affjax"; else AFFJAX_LOCAL=affjax; fi
+  fi
   # `affjax plan --topology` names: v5litepod-8 is v5e-8 there.
   case $TPU_ACCELERATOR_TYPE in
     v5litepod-*) TPU_TOPOLOGY="v5e-${TPU_ACCELERATOR_TYPE#v5litepod-}" ;;

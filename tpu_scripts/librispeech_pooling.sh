@@ -5,7 +5,7 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-SCRIPT_OPTIONS="--steps --name --zone --project --accelerator-type --runtime --create-args --repo --ref --python --remote-dir --hf-model --hf-dir --ckpt-dir --dtype --presets --splits --mesh --batch-size --eval-args --runs-dir --out"
+SCRIPT_OPTIONS="--steps --ckpt-config --affjax --name --zone --project --accelerator-type --runtime --create-args --repo --ref --python --remote-dir --hf-model --hf-dir --ckpt-dir --dtype --presets --splits --mesh --batch-size --eval-args --runs-dir --out"
 SCRIPT_FLAGS="--yes --overwrite"
 NEEDS_GCLOUD=0  # the step scripts check for it themselves
 
@@ -14,6 +14,7 @@ usage() {
 Usage: $SCRIPT_NAME [OPTIONS]
 
 Steps, in this order (--steps picks some; each is a script of its own in tpu_scripts/):
+  check     check_fit.sh           affjax plan --aot here: every preset's programs fit the slice's HBM
   create    create_vm.sh           gcloud compute tpus tpu-vm create (skipped when the VM exists)
   setup     setup_vm.sh            source + Python + pip install -e ".[hf]" "jax[tpu]" on every worker
   convert   convert_checkpoint.sh  hf download --hf-model, checkpoints_convert/convert.py
@@ -34,10 +35,11 @@ parse_args "$@"
 export TPU_NAME TPU_ZONE TPU_PROJECT TPU_ACCELERATOR_TYPE TPU_RUNTIME TPU_CREATE_ARGS AFFJAX_REPO \
   AFFJAX_REF AFFJAX_PYTHON AFFJAX_REMOTE_DIR HF_MODEL AFFJAX_HF_DIR AFFJAX_CKPT_DIR AFFJAX_DTYPE \
   AFFJAX_PRESETS AFFJAX_SPLITS AFFJAX_MESH AFFJAX_BATCH_SIZE AFFJAX_EVAL_ARGS AFFJAX_RUNS_DIR \
-  AFFJAX_OUT AFFJAX_OVERWRITE ASSUME_YES DRY_RUN
+  AFFJAX_OUT AFFJAX_OVERWRITE ASSUME_YES DRY_RUN AFFJAX_CKPT_CONFIG AFFJAX_LOCAL
 
 step_script() {
   case $1 in
+    check) echo check_fit.sh ;;
     create) echo create_vm.sh ;;
     setup) echo setup_vm.sh ;;
     convert) echo convert_checkpoint.sh ;;
@@ -85,7 +87,7 @@ i=0
 while [ "$i" -lt "${#step_list[@]}" ]; do
   current=${step_list[$i]}
   remaining="${step_list[*]:$i}"
-  [ "$current" = create ] || vm_exists=1
+  case $current in check|create) ;; *) vm_exists=1 ;; esac  # check runs here, before any VM
   say ""
   say "==== step $current: $(step_script "$current")"
   bash "$TPU_SCRIPTS_DIR/$(step_script "$current")" ${flags[@]+"${flags[@]}"}

@@ -487,6 +487,8 @@ def main_plan_aot(args) -> int:
         pooling = parse_pooling(args.pooling, cfg["text_config"]["num_hidden_layers"]) if args.pooling else None
         n_stages = len(pooling.stages) if pooling else 0
         retention = args.retention or ([0.5] * n_stages if n_stages else None)
+        if retention and len(retention) == 1 and n_stages > 1:  # one fraction for every stage
+            retention = list(retention) * n_stages
         job = JobShape(batch=args.batch_size, audio_seconds=args.audio_seconds, text_tokens=args.text_tokens,
                        max_new_tokens=args.max_new_tokens, score_tokens=args.score_tokens, dtype=args.dtype)
         r = plan_job(cfg, topology, args.mesh, job, pooling, retention, depth=args.depth, dump_dir=args.dump_hlo)
