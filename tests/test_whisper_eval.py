@@ -201,23 +201,20 @@ def test_deep_stage_runs_with_fewer_encoder_flops(tiny, clips):
 
 
 @pytest.mark.slow
-def test_base_wer_unpooled_and_pooled(clips, real_whisper):
-    """The accuracy bench: Whisper base on the five LibriVox clips, unpooled and at the main
-    job's default pooled setting (encoder output, tau 0.95, window 1, proportional)."""
+def test_base_wer_pooled(clips, real_whisper):
+    """The accuracy bench: Whisper base on the five LibriVox clips at the main job's default pooled
+    setting (encoder output, tau 0.95, window 1, proportional) merges frames and stays within the
+    5 % WER that test_whisper.py::test_real_wer holds the unpooled transcripts to."""
     from affjax.eval.whisper import corpus_wer, make_normalizer
     from affjax.models.whisper import asr
     items, waves = clips
     _, _, model, processor, _ = real_whisper("base")
     norm, _ = make_normalizer(processor.tokenizer)
-    refs = [norm(it["text"]) for it in items]
-    wers = {}
-    for name, pooling in (("unpooled", None), ("pooled", asr.default_pooling(model.cfg))):
-        out = asr.transcribe_pooled(model, processor, waves, pooling, batch_size=5)
-        wers[name] = corpus_wer(refs, [norm(t) for t in out.texts])
-        if pooling is not None:
-            a = np.asarray(out.audio_tokens)
-            assert a[:, 1].sum() < 0.9 * a[:, 0].sum()
-    assert wers["unpooled"] <= 0.05 and wers["pooled"] <= 0.05, wers
+    out = asr.transcribe_pooled(model, processor, waves, asr.default_pooling(model.cfg), batch_size=5)
+    a = np.asarray(out.audio_tokens)
+    assert a[:, 1].sum() < 0.9 * a[:, 0].sum()
+    wer = corpus_wer([norm(it["text"]) for it in items], [norm(t) for t in out.texts])
+    assert wer <= 0.05, wer
 
 
 @pytest.mark.slow
