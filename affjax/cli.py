@@ -156,6 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
+    p = sub.add_parser("bench-bf16", help="the bf16 gate: next-token KL and top-1 agreement of bfloat16 against float32 "
+                                          "(real Whisper, SmolLM2 as a Qwen2 decoder, converted Qwen2-Audio checkpoints)")
+    p.add_argument("--whisper", nargs="*", default=["tiny.en", "base"], choices=("tiny.en", "base"),
+                   help="installed real Whisper models to gate (--whisper alone: none)")
+    p.add_argument("--clips", type=int, default=5, help="LibriVox clips per Whisper model (1-5)")
+    p.add_argument("--smollm2", action=argparse.BooleanOptionalAction, default=True,
+                   help="SmolLM2-135M, a Qwen2-architecture decoder with real weights (GGUF asset)")
+    p.add_argument("--ckpt", nargs="*", default=[], help="converted Qwen2-Audio checkpoints to gate")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+
     p = sub.add_parser("bench-eval", help="items/s of `affjax eval` (Qwen2-Audio asr) for a tiny and a ~70 M random "
                                           "checkpoint: batch sizes, unpooled vs pooled, two-pass vs in-order padding")
     p.add_argument("--models", nargs="*", default=["tiny", "70m"], choices=("tiny", "70m"))
@@ -251,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "bench-eval":
         from affjax.bench.eval import main_bench_eval
         return main_bench_eval(args)
+    if args.cmd == "bench-bf16":
+        from affjax.bench.bf16 import main_bench_bf16
+        if not 1 <= args.clips <= 5:
+            print("error: --clips must be 1 to 5 (the LibriVox clips)", file=sys.stderr)
+            return 1
+        return main_bench_bf16(args)
     if args.cmd == "bench-pooling":
         from affjax.bench.pooling import main_bench_pooling
         return main_bench_pooling(args)

@@ -109,6 +109,25 @@ def test_tiny_job_compiles_for_v5e(unpooled_full):
     assert r["programs"]["decode"]["flops"] > 0.9 * job.max_new_tokens * r["programs"]["decode"]["flops_raw"] / 2
 
 
+def test_roofline_from_the_compiled_programs(unpooled_full, tpu):
+    """HBM traffic per chip, loop-corrected like the FLOPs: each decode step reads every parameter
+    the chip holds; each program's roofline time is its FLOPs or its traffic at the chip's peak."""
+    job, r = unpooled_full
+    spec = tpu.chip("v5e:2x2")
+    for label, d in r["programs"].items():
+        t, bound = d["roofline"]
+        assert d["bytes_accessed_full"] > 0 and bound in ("compute", "memory")
+        assert t == pytest.approx(max(d["flops_full"] / spec["flops"], d["bytes_accessed_full"] / spec["hbm_bw"]))
+    dec = r["programs"]["decode"]
+    assert dec["bytes_accessed_full"] >= job.max_new_tokens * 0.9 * r["param_bytes"], (dec["bytes_accessed_full"],
+                                                                                      r["param_bytes"])
+    assert dec["roofline"][1] == "memory"  # one token per row and step: decoding is bandwidth-bound
+    rf = r["roofline"]
+    assert rf["prefill_s"] == pytest.approx(sum(d["roofline"][0] for k, d in r["programs"].items() if k != "decode"))
+    assert rf["prefill_items_per_s"] == pytest.approx(job.batch / rf["prefill_s"])
+    assert rf["decode_tokens_per_s"] == pytest.approx(job.batch * job.max_new_tokens / dec["roofline"][0])
+
+
 def test_two_point_depth_matches_the_full_compile(tpu, unpooled_full):
     job, full = unpooled_full
     two = tpu.plan_job(_small_config(), "v5e:2x2", "data=4,model=1", job, depth="two-point", log=lambda s: None)

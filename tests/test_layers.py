@@ -83,3 +83,21 @@ def test_gelu_matches_torch_exact_gelu():
     x = np.linspace(-12, 12, 20001, dtype=np.float32)
     ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(np.asarray(_gelu_exact(jnp.asarray(x))), ref, atol=2e-6, rtol=0)
+
+
+def test_abstract_module_is_eval_shape_of_the_model():
+    """The host-counted abstract build gives the same tree, shapes and dtypes as nnx.eval_shape
+    with a plain nnx.Rngs, and every leaf is abstract."""
+    from flax import nnx
+
+    from affjax.models.layers import abstract_module
+    from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
+    from affjax.runtime.plan import tiny_config
+
+    cfg = Qwen2AudioConfig.from_hf(tiny_config())
+    got = abstract_module(lambda rngs: Qwen2Audio(cfg, dtype=jnp.bfloat16, rngs=rngs))
+    want = nnx.eval_shape(lambda: Qwen2Audio(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    assert nnx.graphdef(got) == nnx.graphdef(want)
+    leaves = lambda m: [(x.shape, x.dtype, type(x)) for x in jax.tree.leaves(nnx.state(m))]  # noqa: E731
+    assert leaves(got) == leaves(want) and len(leaves(got)) > 20
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(got)))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from affjax.data.assets import smollm2_gguf
+from affjax.models.layers import abstract_module
 from affjax.models.qwen2.gguf import (gguf_to_hf_state_dict, gguf_tokenizer, permute_rope_rows,
                                       unpermute_rope_rows)
 
@@ -182,7 +183,7 @@ def test_qwen2_decoder_matches_llama_reference_on_real_weights(converted, token_
     biases = {f"model.layers.{i}.self_attn.{p}_proj.bias":
               np.zeros(sd[f"model.layers.{i}.self_attn.{p}_proj.weight"].shape[0], np.float32)
               for i in range(tc.layers) for p in "qkv"}
-    abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(tc, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda rngs: Qwen2ForCausalLM(tc, rngs=rngs))
     state = load_streaming(abstract, KeyTable(KEYS), iter_state_dict({**sd, **biases}))
     model = nnx.merge(nnx.split(abstract)[0], state)
 
@@ -205,3 +206,14 @@ def test_qwen2_decoder_matches_llama_reference_on_real_weights(converted, token_
             # and the model is doing something real: next-token predictions agree and are confident
             assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.99
     print(f"SmolLM2-135M max |logit diff| vs transformers: {worst:.3e}")
+
+
+@pytest.mark.slow
+def test_bf16_gate_on_real_weights():
+    """The bf16 gate (affjax.bench.bf16) on SmolLM2's real decoder: a passage of ~100 tokens in
+    float32 and in bfloat16, every next-token distribution compared."""
+    from affjax.bench import bf16
+
+    need_asset(smollm2_gguf)
+    r = bf16.smollm2_gate(sentences=4)
+    assert r["positions"] > 80 and bf16.verdict(r), r

@@ -25,6 +25,7 @@ from conftest import need_asset, need_module
 
 torch = need_module("torch")
 
+from affjax.models.layers import abstract_module  # noqa: E402
 from affjax.models.whisper import ct2 as ct2mod  # noqa: E402
 from affjax.runtime.compiles import TRACES  # noqa: E402
 from affjax.models.whisper.decoding import (  # noqa: E402
@@ -163,7 +164,7 @@ def tiny_random():
     with torch.no_grad():  # both sides use the float16-rounded weights from here on
         hf.load_state_dict({k: torch.from_numpy(a.astype(np.float32)) for k, a in back.items()}, strict=True)
     cfg = WhisperConfig.from_hf(hcfg.to_dict())
-    abstract = nnx.eval_shape(lambda: Whisper(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda rngs: Whisper(cfg, rngs=rngs))
     state = load_streaming(abstract, KeyTable(KEYS), ((k, lambda a=a: a) for k, a in back.items()),
                            ignore=lambda k: k in TIED_KEYS)
     return hf, nnx.merge(nnx.graphdef(abstract), state), cfg

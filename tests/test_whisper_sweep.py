@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import missing, need_asset, need_module
+from affjax.models.layers import abstract_module
 from affjax.models.whisper import asr
 from affjax.pooling import uniform
 
@@ -152,7 +153,7 @@ def test_greedy_suppression_matches_generate():
     hf, hcfg = _tiny_hf(seed=3)
     v = hcfg.vocab_size
     cfg = WhisperConfig.from_hf(hcfg.to_dict())
-    abstract = nnx.eval_shape(lambda: Whisper(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda rngs: Whisper(cfg, rngs=rngs))
     sd = {k: t.detach().numpy() for k, t in hf.state_dict().items()}
     state = load_streaming(abstract, KeyTable(KEYS), ((k, lambda a=a: a) for k, a in sd.items()),
                            ignore=lambda k: k in TIED_KEYS)

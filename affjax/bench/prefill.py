@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from affjax.models.layers import abstract_module
 from affjax.models.qwen2_audio.inputs import Encoded, collate
 from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
 from affjax.models.qwen2_audio.params import KEY_ALIASES, KEYS
@@ -91,7 +92,7 @@ def build_models(seed: int = 0):
                       audio_token_index=BENCH_CONFIG["audio_token_index"])
     hf = Qwen2AudioForConditionalGeneration(hf_cfg).eval()
     cfg = Qwen2AudioConfig.from_hf(BENCH_CONFIG)
-    abstract = nnx.eval_shape(lambda: Qwen2Audio(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda rngs: Qwen2Audio(cfg, rngs=rngs))
     state = load_streaming(abstract, KeyTable(KEYS, KEY_ALIASES), iter_state_dict(hf.state_dict()))
     return hf, nnx.merge(nnx.split(abstract)[0], state), cfg
 

@@ -55,6 +55,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from affjax.models.layers import abstract_module
 from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
 from affjax.models.qwen2_audio.params import KEY_ALIASES, KEYS
 from affjax.models.weights import KeyTable, WeightError, load_streaming
@@ -118,7 +119,7 @@ class ModelSpec:
         return KeyTable(list(self.keys), list(self.aliases))
 
     def abstract_model(self, cfg, dtype):
-        return nnx.eval_shape(lambda: self.model_class(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+        return abstract_module(lambda rngs: self.model_class(cfg, dtype=dtype, rngs=rngs))
 
 
 MODELS: dict[str, ModelSpec] = {}

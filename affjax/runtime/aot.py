@@ -170,6 +170,7 @@ class ProgramReport:
     input_bytes: int | None = None     # per chip: its inputs that are not parameters (activations, caches)
     flops: float | None = None          # per chip, loops counted trip-count times
     flops_raw: float | None = None      # XLA's own figure (loop bodies once)
+    bytes_accessed: float | None = None # per chip, HBM bytes read + written by the ops, loops counted likewise
     loops: int = 0
     collectives: dict = dataclasses.field(default_factory=dict)
     compile_seconds: float = 0.0
@@ -184,8 +185,12 @@ def compile_program(label: str, jitted, args: tuple, kwargs: dict, mesh, *, dump
     """Lower and compile one program for the mesh's TPU devices -> (ProgramReport, compiled or None)."""
     import jax
 
-    from affjax.runtime.flops import loop_corrected_flops
+    from affjax.runtime.flops import loop_corrected_cost
     t0 = time.perf_counter()
+    # compile-only devices cannot load an executable back: the persistent cache would only write
+    # entries that every later read fails on
+    cached = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
     try:
         with jax.set_mesh(mesh):
             compiled = jitted.lower(*args, **kwargs).compile()
@@ -194,15 +199,19 @@ def compile_program(label: str, jitted, args: tuple, kwargs: dict, mesh, *, dump
             return ProgramReport(label, fits=False, compile_seconds=time.perf_counter() - t0,
                                  error=str(e).splitlines()[0][:300]), None
         raise
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cached)
     text = compiled.as_text()
     if dump_dir:
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
         (Path(dump_dir) / f"{re.sub(r'[^A-Za-z0-9_.@-]+', '_', label)}.hlo.txt").write_text(text)
-    flops, raw, loops = loop_corrected_flops(compiled)
+    flops, raw, loops = loop_corrected_cost(compiled, "flops")
+    moved, _, _ = loop_corrected_cost(compiled, "bytes accessed")
     mem = compiled.memory_analysis()
     return ProgramReport(label, fits=True, peak_bytes=int(mem.peak_memory_in_bytes),
                          argument_bytes=int(mem.argument_size_in_bytes), flops=flops, flops_raw=raw, loops=loops,
-                         collectives=collectives(text), compile_seconds=time.perf_counter() - t0), compiled
+                         bytes_accessed=moved, collectives=collectives(text),
+                         compile_seconds=time.perf_counter() - t0), compiled
 
 
 def chip_bytes(tree) -> int:
@@ -410,7 +419,7 @@ def plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobShap
     if depth == "full":
         reps, layout = _compile_depth(hf_config, mesh, job, stages, rets, positions, proportional, None, dump_dir, log)
         programs = {k: {**r.to_json(), "peak_bytes_full": r.peak_bytes, "flops_full": r.flops,
-                        "own_bytes_full": own(r)} for k, r in reps.items()}
+                        "bytes_accessed_full": r.bytes_accessed, "own_bytes_full": own(r)} for k, r in reps.items()}
     else:
         log(" depth 1 (one layer per group):")
         r1, layout = _compile_depth(hf_config, mesh, job, stages, rets, positions, proportional, 1, dump_dir, log)
@@ -425,11 +434,13 @@ def plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobShap
                 n = a.layers[1] if label != "decode" else n_text / sum(b > a for a, b in layout["groups"])
                 d["peak_bytes_full"] = int(round(a.peak_bytes + (n - 1) * (b.peak_bytes - a.peak_bytes)))
                 d["flops_full"] = a.flops + (n - 1) * (b.flops - a.flops)
+                d["bytes_accessed_full"] = a.bytes_accessed + (n - 1) * (b.bytes_accessed - a.bytes_accessed)
                 d["own_bytes_full"] = int(round(own(a) + (n - 1) * (own(b) - own(a))))
                 d["collectives"] = {k: {f: int(round(c[f] + (n - 1) * (b.collectives.get(k, {}).get(f, 0) - c[f])))
                                         for f in ("count", "bytes")} for k, c in a.collectives.items()}
             else:
                 d["peak_bytes_full"], d["flops_full"], d["own_bytes_full"] = d["peak_bytes"], d["flops"], own(a)
+                d["bytes_accessed_full"] = d["bytes_accessed"]
             programs[label] = d
     hbm = chip(topology)["hbm"]
     # every parameter stays in HBM for the whole job (each program reads only its own): the job's
@@ -439,6 +450,9 @@ def plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobShap
     for d in programs.values():
         d["fits"] = bool(d["fits"] and d["peak_bytes_full"] is not None and d["peak_bytes_full"] <= hbm)
     ok = [d for d in programs.values() if d["flops_full"] is not None]
+    spec = chip(topology)
+    for d in programs.values():
+        d["roofline"] = roofline_seconds(d, spec)
     return {"topology": canonical_topology(topology), "mesh": {k: int(v) for k, v in mesh.shape.items()},
             "chip": chip(topology), "depth": depth, "job": dataclasses.asdict(job),
             "pooling": None if pooling is None else [dataclasses.asdict(s) for s in stages],
@@ -447,8 +461,33 @@ def plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobShap
             "fits": all(d["fits"] for d in programs.values()) and params + own_max <= hbm,
             "peak_bytes_max": max((d["peak_bytes_full"] or 0) for d in programs.values()),
             "prefill_flops": sum(d["flops_full"] for k, d in programs.items() if k != "decode" and d["flops_full"]),
+            "roofline": roofline(programs, job),
             "compile_seconds": round(time.perf_counter() - t0, 1), "jax": jax.__version__,
             "programs_compiled": len(programs) * (1 if depth == "full" else 2) if ok else 0}
+
+
+def roofline_seconds(program: dict, spec: dict) -> tuple[float, str] | None:
+    """(seconds, "compute" or "memory"): a program's time on one chip by the roofline, its FLOPs at
+    the chip's peak FLOP/s or its HBM traffic at the chip's bandwidth, whichever takes longer (no
+    collective time, perfect overlap)."""
+    if program.get("flops_full") is None or program.get("bytes_accessed_full") is None:
+        return None
+    compute, memory = program["flops_full"] / spec["flops"], program["bytes_accessed_full"] / spec["hbm_bw"]
+    return (compute, "compute") if compute >= memory else (memory, "memory")
+
+
+def roofline(programs: dict, job: "JobShape") -> dict | None:
+    """Prefill (every program but the decode loop) and decode by the roofline, for the whole slice:
+    the rows are split over the data axis, so a per-chip time is the slice's."""
+    times = {k: d.get("roofline") for k, d in programs.items()}
+    if any(t is None for t in times.values()):
+        return None
+    prefill = sum(t[0] for k, t in times.items() if k != "decode")
+    out = {"prefill_s": prefill, "prefill_items_per_s": job.batch / prefill}
+    if "decode" in times and not job.score_tokens:
+        out["decode_s"] = times["decode"][0]
+        out["decode_tokens_per_s"] = job.batch * job.max_new_tokens / times["decode"][0]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,16 +499,28 @@ def format_report(r: dict) -> str:
     hbm = r["chip"]["hbm"]
     lines = [f"{r['topology']} mesh {r['mesh']}, {r['job']['dtype']}, batch {r['job']['batch']}, "
              f"{r['job']['audio_seconds']:g} s audio, depth {r['depth']}; HBM {hbm / GiB:.0f} GiB per chip",
-             f"{'program':<16}{'fits':>5}{'peak GiB/chip':>15}{'GFLOP/chip':>12}  collectives (static count, MiB)"]
+             f"{'program':<16}{'fits':>5}{'peak GiB/chip':>15}{'GFLOP/chip':>12}{'GB moved':>10}{'roofline ms':>13}"
+             f"  collectives (static count, MiB)"]
     for label, d in r["programs"].items():
         coll = ", ".join(f"{k} {c['count']} ({c['bytes'] / 2**20:.1f})" for k, c in sorted(d["collectives"].items()))
         fl = "-" if d["flops_full"] is None else f"{d['flops_full'] / 1e9:.1f}"
-        lines.append(f"{label:<16}{'yes' if d['fits'] else 'NO':>5}{gib(d['peak_bytes_full']):>15}{fl:>12}  "
-                     f"{coll or '-'}")
+        mv = "-" if d.get("bytes_accessed_full") is None else f"{d['bytes_accessed_full'] / 1e9:.2f}"
+        rl = "-" if not d.get("roofline") else f"{1e3 * d['roofline'][0]:.2f} {d['roofline'][1][:3]}"
+        lines.append(f"{label:<16}{'yes' if d['fits'] else 'NO':>5}{gib(d['peak_bytes_full']):>15}{fl:>12}{mv:>10}"
+                     f"{rl:>13}  {coll or '-'}")
     lines.append(f"resident parameters {gib(r['param_bytes'])} GiB/chip + the largest program's activations and "
                  f"caches = {gib(r['job_bytes'])} GiB/chip of {hbm / GiB:.0f}")
     lines.append(f"fits: {'yes' if r['fits'] else 'NO'}; largest program peak {gib(r['peak_bytes_max'])} GiB/chip; "
                  f"prefill {r['prefill_flops'] / 1e9:.1f} GFLOP/chip; compiled in {r['compile_seconds']:.0f} s")
+    rf = r.get("roofline")
+    if rf:
+        c = r["chip"]
+        line = (f"roofline ({c['flops'] / 1e12:.0f} TFLOP/s, {c['hbm_bw'] / 1e9:.0f} GB/s per chip; no collective "
+                f"time): prefill {1e3 * rf['prefill_s']:.1f} ms = {rf['prefill_items_per_s']:.1f} items/s")
+        if "decode_s" in rf:
+            line += (f"; decode {r['job']['max_new_tokens']} steps {1e3 * rf['decode_s']:.1f} ms = "
+                     f"{rf['decode_tokens_per_s']:.0f} tokens/s")
+        lines.append(line)
     return "\n".join(lines)
 
 

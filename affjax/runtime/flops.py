@@ -193,8 +193,9 @@ def _loops(text: str):
     return comps, entry, lines
 
 
-def _flops_as_entry(lines, name: str, client) -> float:
-    """XLA's cost analysis of computation `name` made the module's entry."""
+def _cost_as_entry(lines, name: str, client, key: str = "flops") -> float:
+    """XLA's cost analysis (`key`: "flops" or "bytes accessed") of computation `name` made the
+    module's entry."""
     out = ["HloModule cost"]
     for line in lines[1:]:
         m = _HEAD.match(line)
@@ -202,16 +203,17 @@ def _flops_as_entry(lines, name: str, client) -> float:
             line = ("ENTRY " if m.group(2) == name else "") + line[len(m.group(1) or ""):]
         out.append(line)
     module = hlo.hlo_module_from_text("\n".join(out))
-    return float(xc._xla.hlo_module_cost_analysis(client, module)["flops"])
+    return float(xc._xla.hlo_module_cost_analysis(client, module).get(key, 0.0))
 
 
-def loop_corrected_flops(compiled) -> tuple[float, float, int]:
-    """(flops with every while body counted trip-count times, XLA's raw figure, loops found).
+def loop_corrected_cost(compiled, key: str = "flops") -> tuple[float, float, int]:
+    """(`key` of XLA's cost analysis, "flops" or "bytes accessed", with every while body counted
+    trip-count times; XLA's raw figure; loops found).
 
     A loop without a known trip count (TPU HLO has none) takes the bound of its condition
     (`_cond_bound`); one with neither is counted once, as XLA does. Loops reached through
     `call`/`conditional` computations (not produced by the engine's programs) are not expanded."""
-    raw = float(compiled.cost_analysis()["flops"])
+    raw = float(compiled.cost_analysis().get(key, 0.0))
     try:
         text = _hlo_text(compiled)
     except Exception:  # no HLO access on this backend: keep XLA's figure
@@ -223,21 +225,26 @@ def loop_corrected_flops(compiled) -> tuple[float, float, int]:
     memo: dict[str, float] = {}
     raw_of: dict[str, float] = {}
 
-    def raw_flops(name):
+    def raw_cost(name):
         if name not in raw_of:
-            raw_of[name] = _flops_as_entry(lines, name, client)
+            raw_of[name] = _cost_as_entry(lines, name, client, key)
         return raw_of[name]
 
     def corrected(name):
         if name not in memo:
-            total = raw_flops(name) if name != entry else raw
+            total = raw_cost(name) if name != entry else raw
             for body, trip in comps.get(name, ()):
-                total += (trip or 1) * corrected(body) - raw_flops(body)
+                total += (trip or 1) * corrected(body) - raw_cost(body)
             memo[name] = total
         return memo[name]
 
     n_loops = sum(len(v) for v in comps.values())
     return corrected(entry), raw, n_loops
+
+
+def loop_corrected_flops(compiled) -> tuple[float, float, int]:
+    """(flops with every while body counted trip-count times, XLA's raw figure, loops found)."""
+    return loop_corrected_cost(compiled, "flops")
 
 
 def xla_cost(compiled) -> dict:

@@ -24,6 +24,7 @@ from pathlib import Path
 from flax import nnx
 from jax.sharding import AbstractMesh
 
+from affjax.models.layers import abstract_module
 from affjax.models.qwen2.modeling import Qwen2ForCausalLM, TextConfig
 from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
 from affjax.runtime.aot import CHIPS
@@ -149,7 +150,7 @@ def _part(path: tuple) -> str:
 def _param_shapes(config_json: str) -> tuple[tuple[tuple, tuple[int, ...]], ...]:
     """(path, shape) of every parameter of the abstractly built model."""
     _, _, _, build = _configs(json.loads(config_json))
-    abstract = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+    abstract = abstract_module(build)
     return tuple((tuple(path), tuple(leaf.shape)) for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
 
 

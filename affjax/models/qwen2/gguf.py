@@ -23,13 +23,21 @@ p * hd/2 + j (p = which half) is stored at row 2 * j + p; `unpermute_rope_rows` 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gguf
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from affjax.models.layers import abstract_module
+from affjax.models.qwen2.modeling import Qwen2ForCausalLM, TextConfig
+from affjax.models.qwen2.params import KEYS
+from affjax.models.weights import KeyTable, load_streaming
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj.weight",
@@ -182,6 +190,24 @@ def gguf_to_hf_state_dict(path: str | Path) -> tuple[dict[str, np.ndarray], dict
     embeddings there is no `lm_head.weight` (HF ties it to `model.embed_tokens.weight`)."""
     cfg, pairs = iter_gguf_tensors(path)
     return {k: load() for k, load in pairs}, cfg
+
+
+def load_gguf_models(path: str | Path, dtypes=("float32",)) -> dict[str, Qwen2ForCausalLM]:
+    """A GGUF Llama-family decoder (SmolLM2) as affjax's Qwen2 decoder, once per dtype (dequantized
+    once): {dtype: model}. Llama is Qwen2 without the q/k/v biases, so those are zeros."""
+    cfg, pairs = iter_gguf_tensors(path)
+    tc = dataclasses.replace(TextConfig.from_hf(cfg), qkv_bias=True)
+    widths = {"q": tc.heads * tc.head_dim, "k": tc.kv_heads * tc.head_dim, "v": tc.kv_heads * tc.head_dim}
+    tensors = [(k, load()) for k, load in pairs] + [
+        (f"model.layers.{i}.self_attn.{p}_proj.bias", np.zeros(n, np.float32))
+        for i in range(tc.layers) for p, n in widths.items()]
+    out = {}
+    for dtype in dtypes:
+        abstract = abstract_module(lambda rngs: Qwen2ForCausalLM(tc, dtype=jnp.dtype(dtype), rngs=rngs))
+        state = load_streaming(abstract, KeyTable(KEYS), ((k, lambda a=a: a) for k, a in tensors),
+                               dtype=jnp.dtype(dtype))
+        out[dtype] = nnx.merge(nnx.graphdef(abstract), state)
+    return out
 
 
 def gguf_tokenizer(path: str | Path):
