@@ -141,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
+    p.add_argument("--ckpt-config", default=None, metavar="CONFIG",
+                   help="model geometry ('qwen2-audio-7b', an HF config.json, ...; random weights); default: the "
+                        "bench's 70 M model")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="both sides' dtype")
 
     p = sub.add_parser("bench-pooling", help="prefill FLOPs / time to first token / memory: unpooled vs input, "
                                               "deep and DAP pooling at the paper's retention (32-layer random model)")

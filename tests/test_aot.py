@@ -20,6 +20,8 @@ def test_topology_names():
     with pytest.raises(aot.AotError, match="unknown TPU topology 'v9-8'.*v5e:2x4"):
         aot.canonical_topology("v9-8")
     assert aot.chip("v5e-8")["hbm"] == 16 * aot.GiB
+    # a compile-only v4 device is one TensorCore: half a chip's HBM, FLOP/s and bandwidth
+    assert aot.chip("v4-8") == {"hbm": 16 * aot.GiB, "flops": 137.5e12, "hbm_bw": 0.6e12}
 
 
 def test_collectives_from_hlo_text():

@@ -68,33 +68,45 @@ def _best_time(fn, repeats: int) -> float:
     return min(_timed(fn) for _ in range(repeats))
 
 
-def matmul_peak(repeats: int = 5, n: int = 2048) -> dict:
-    """Best of 2 * repeats runs of a 2048-square float32 matmul: a peak, so the fastest run."""
+def matmul_peak(repeats: int = 5, n: int = 2048, dtype: str = "float32", device: str = "cpu") -> dict:
+    """Best of 2 * repeats runs of an n-square matmul in `dtype` on each side (torch on `device`):
+    a peak, so the fastest run."""
     import torch  # deferred: torch is optional (the torch extra)
     flops = 2 * n ** 3
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32), jnp.dtype(dtype))
     f = jax.jit(lambda a: a @ a)
     jt = _best_time(lambda: f(x).block_until_ready(), 2 * repeats)
-    xt = torch.from_numpy(np.array(x))
-    tt = _best_time(lambda: xt @ xt, 2 * repeats)
-    return {"xla_gflops": flops / jt / 1e9, "torch_gflops": flops / tt / 1e9}
+    xt = torch.from_numpy(np.asarray(x, np.float32)).to(device=device, dtype=getattr(torch, dtype))
+    tt = _best_time(lambda: _sync(xt @ xt), 2 * repeats)
+    return {"xla_gflops": flops / jt / 1e9, "torch_gflops": flops / tt / 1e9, "n": n, "dtype": dtype}
 
 
-def build_models(seed: int = 0):
-    """Random transformers model and the same weights in affjax (no disk round trip)."""
+def _sync(out=None):
+    """Wait for the GPU's queued work (PyTorch on CUDA returns before the kernels finish)."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out
+
+
+def build_models(seed: int = 0, config: dict | None = None, dtype: str = "float32", device: str = "cpu"):
+    """Random transformers model (`config`, default BENCH_CONFIG, in `dtype` on `device`) and the
+    same weights in affjax (no disk round trip)."""
     # deferred: torch is optional, transformers heavy
     import torch
     from transformers import Qwen2AudioConfig as HFConfig
     from transformers import Qwen2AudioForConditionalGeneration
 
+    config = config or BENCH_CONFIG
     torch.manual_seed(seed)
-    hf_cfg = HFConfig(audio_config=BENCH_CONFIG["audio_config"], text_config=BENCH_CONFIG["text_config"],
-                      audio_token_index=BENCH_CONFIG["audio_token_index"])
-    hf = Qwen2AudioForConditionalGeneration(hf_cfg).eval()
-    cfg = Qwen2AudioConfig.from_hf(BENCH_CONFIG)
-    abstract = abstract_module(lambda rngs: Qwen2Audio(cfg, rngs=rngs))
-    state = load_streaming(abstract, KeyTable(KEYS, KEY_ALIASES), iter_state_dict(hf.state_dict()))
-    return hf, nnx.merge(nnx.split(abstract)[0], state), cfg
+    hf_cfg = HFConfig(audio_config=config["audio_config"], text_config=config["text_config"],
+                      audio_token_index=config["audio_token_index"])
+    hf = Qwen2AudioForConditionalGeneration._from_config(hf_cfg, dtype=getattr(torch, dtype)).eval()
+    cfg = Qwen2AudioConfig.from_hf(config)
+    abstract = abstract_module(lambda rngs: Qwen2Audio(cfg, dtype=jnp.dtype(dtype), rngs=rngs))
+    state = load_streaming(abstract, KeyTable(KEYS, KEY_ALIASES), iter_state_dict(hf.state_dict()),
+                           dtype=jnp.dtype(dtype))
+    return hf.to(device), nnx.merge(nnx.split(abstract)[0], state), cfg
 
 
 def bench_inputs(cfg, batch: int, audio_seconds: float, text_tokens: int, seed: int = 0):
@@ -104,8 +116,9 @@ def bench_inputs(cfg, batch: int, audio_seconds: float, text_tokens: int, seed: 
     n_audio = int(cfg.audio.output_lengths(frames))
     items = []
     for _ in range(batch):
-        head = rng.integers(0, 31000, text_tokens // 2)
-        tail = rng.integers(0, 31000, text_tokens - text_tokens // 2)
+        top = min(31000, cfg.audio_token_id, cfg.text.vocab_size)  # ordinary text ids
+        head = rng.integers(0, top, text_tokens // 2)
+        tail = rng.integers(0, top, text_tokens - text_tokens // 2)
         ids = np.concatenate([head, np.full(n_audio, cfg.audio_token_id), tail]).astype(np.int32)
         feats = rng.standard_normal((1, cfg.audio.num_mel_bins, cfg.audio.mel_frames)).astype(np.float32)
         items.append(Encoded(ids, feats, np.array([frames], np.int32)))
@@ -113,14 +126,21 @@ def bench_inputs(cfg, batch: int, audio_seconds: float, text_tokens: int, seed: 
                    seq_len=len(items[0].ids))
 
 
-def run_bench(batches=(1, 4), repeats=5, audio_seconds=30.0, text_tokens=40, threads=2, torch_side=True) -> dict:
+def run_bench(batches=(1, 4), repeats=5, audio_seconds=30.0, text_tokens=40, threads=2, torch_side=True,
+              config: dict | None = None, dtype: str = "float32") -> dict:
+    """`config`: an HF Qwen2-Audio config dict (default BENCH_CONFIG; `--ckpt-config qwen2-audio-7b`
+    for an accelerator); both sides in `dtype`; PyTorch on CUDA when it sees a GPU."""
     import torch  # deferred: torch is optional (the torch extra)
 
     torch.set_num_threads(threads)
-    hf, model, cfg = build_models()
-    peak = matmul_peak(repeats)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf, model, cfg = build_models(config=config, dtype=dtype, device=device)
+    peak = matmul_peak(repeats, dtype=dtype, device=device)
     engine = Engine(model)
-    results = {"config": "audio d384x4, text d512x8, vocab 32k", "params": int(sum(p.numel() for p in hf.parameters())),
+    a, t = cfg.audio, cfg.text
+    results = {"config": f"audio d{a.d_model}x{a.layers}, text d{t.hidden}x{t.layers}, vocab {t.vocab_size}, {dtype}",
+               "device": str(jax.devices()[0]), "torch_device": device,
+               "params": int(sum(p.numel() for p in hf.parameters())),
                "audio_seconds": audio_seconds, "text_tokens": text_tokens, "repeats": repeats,
                "torch_threads": threads, "machine": platform.processor() or platform.machine(),
                "cpu_count": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
@@ -139,17 +159,19 @@ def run_bench(batches=(1, 4), repeats=5, audio_seconds=30.0, text_tokens=40, thr
         first = _timed(ours)
         runs, truns = [], []
         if torch_side:
-            feats = torch.from_numpy(batch.features)
+            feats = torch.from_numpy(batch.features).to(device=device, dtype=getattr(torch, dtype))
             fmask = torch.zeros(feats.shape[0], feats.shape[2], dtype=torch.long)
             for i, n in enumerate(batch.feature_lengths):
                 fmask[i, :n] = 1
-            ids = torch.from_numpy(batch.ids).long()
+            fmask = fmask.to(device)
+            ids = torch.from_numpy(batch.ids).long().to(device)
 
             def ref():
                 with torch.inference_mode():
                     h = hf.model(input_ids=ids, input_features=feats, feature_attention_mask=fmask,
                                  attention_mask=torch.ones_like(ids), use_cache=True).last_hidden_state
                     hf.lm_head(h[:, -1])
+                _sync()
 
             ref()  # warm-up
         # round-robin: each round times both sides back to back, so a slow spell of this shared
@@ -178,7 +200,8 @@ def format_bench(r: dict) -> str:
     lines = [f"prefill bench: {r['config']} ({r['params'] / 1e6:.1f} M params), {r['audio_seconds']:.0f} s audio "
              f"+ {r['text_tokens']} text tokens, median of {r['repeats']}; jax {r['jax']}, torch {r['torch']} "
              f"({r['torch_threads']} threads)",
-             f"matmul peak (2048^2 fp32, best run): XLA {p['xla_gflops']:.0f} GFLOP/s, PyTorch {p['torch_gflops']:.0f} GFLOP/s",
+             f"matmul peak ({p.get('n', 2048)}^2 {p.get('dtype', 'float32')}, best run): XLA {p['xla_gflops']:.0f} GFLOP/s, "
+             f"PyTorch {p['torch_gflops']:.0f} GFLOP/s",
              "GFLOP: causal count (full-square count in brackets); GFLOP/s on the causal count; speed-up: median "
              "of per-round ratios (both sides timed back to back each round)",
              "| batch | GFLOP | affjax s | affjax GFLOP/s (% XLA peak) | compile s | PyTorch s | PyTorch GFLOP/s | affjax speed-up |",
@@ -193,8 +216,11 @@ def format_bench(r: dict) -> str:
 
 
 def main_bench(args) -> int:
+    from affjax.runtime.plan import load_hf_config
+
+    config = load_hf_config(args.ckpt_config) if getattr(args, "ckpt_config", None) else None
     r = run_bench(tuple(args.batch), args.repeats, args.audio_seconds, args.text_tokens, args.threads,
-                  torch_side=not args.no_torch)
+                  torch_side=not args.no_torch, config=config, dtype=getattr(args, "dtype", "float32"))
     print(format_bench(r))
     if args.out:
         with open(args.out, "w") as f:

@@ -82,8 +82,16 @@ def canonical_topology(name: str) -> str:
     return name
 
 
+# JAX devices per chip in the compile-only topologies: v4's give one device per TensorCore (v4:2x2x1
+# is 8 devices for 4 chips, no megacore), each with half the chip's HBM, FLOP/s and bandwidth.
+DEVICES_PER_CHIP = {"v4": 2}
+
+
 def chip(topology: str) -> dict:
-    return CHIPS[canonical_topology(topology).split(":")[0]]
+    """The published figures of one JAX device of `topology` (a chip, or half a v4 chip)."""
+    name = canonical_topology(topology).split(":")[0]
+    k = DEVICES_PER_CHIP.get(name, 1)
+    return {key: v // k if key == "hbm" else v / k for key, v in CHIPS[name].items()}
 
 
 def prepare_env() -> None:
@@ -515,7 +523,7 @@ def format_report(r: dict) -> str:
     rf = r.get("roofline")
     if rf:
         c = r["chip"]
-        line = (f"roofline ({c['flops'] / 1e12:.0f} TFLOP/s, {c['hbm_bw'] / 1e9:.0f} GB/s per chip; no collective "
+        line = (f"roofline ({c['flops'] / 1e12:.0f} TFLOP/s, {c['hbm_bw'] / 1e9:.0f} GB/s per device; no collective "
                 f"time): prefill {1e3 * rf['prefill_s']:.1f} ms = {rf['prefill_items_per_s']:.1f} items/s")
         if "decode_s" in rf:
             line += (f"; decode {r['job']['max_new_tokens']} steps {1e3 * rf['decode_s']:.1f} ms = "
