@@ -24,14 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import need_qwen2_tokenizer
+from conftest import FAST_COMPILE, need_qwen2_tokenizer
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from affjax.runtime import sharding
 from affjax.runtime.sharding import ACTIVATION_AXES, AXES, LOGICAL_RULES, PARAM_AXES, param_axes, param_spec, parse_mesh
 
 HERE = Path(__file__).parent
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 MESHES = ("data=8,model=1", "data=4,model=2", "data=1,model=8")
 SETTINGS = ("none", "bucketed-proportional", "fixed")
 
@@ -245,7 +244,7 @@ def runs(shard_ckpt, tmp_path_factory):
     }
     procs = {}
     for name, (n_dev, args) in jobs.items():
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_dev} {FAST_XLA}",
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_dev} {FAST_COMPILE}",
                    JAX_PLATFORMS="cpu", PYTHONPATH=str(HERE.parent))
         log = open(out / f"{name}.log", "w")
         procs[name] = (subprocess.Popen([sys.executable, *args], env=env, stdout=log, stderr=subprocess.STDOUT), log)

@@ -8,14 +8,11 @@ real-text prompt (RoPE bugs hide in short prompts) and on a right-padded batch.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
 from affjax.data.assets import smollm2_gguf
-from affjax.models.layers import abstract_module
-from affjax.models.qwen2.gguf import (gguf_to_hf_state_dict, gguf_tokenizer, permute_rope_rows,
+from affjax.models.qwen2.gguf import (gguf_to_hf_state_dict, gguf_tokenizer, load_gguf_models, permute_rope_rows,
                                       unpermute_rope_rows)
 
 from conftest import need_asset, need_module
@@ -157,14 +154,9 @@ def test_weights_match_transformers_own_gguf_loader(gguf_path, converted):
 
 
 @pytest.mark.slow
-def test_qwen2_decoder_matches_llama_reference_on_real_weights(converted, token_rows):
+def test_qwen2_decoder_matches_llama_reference_on_real_weights(gguf_path, converted, token_rows):
     import jax.numpy as jnp
-    from flax import nnx
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from affjax.models.qwen2.modeling import Qwen2ForCausalLM, TextConfig
-    from affjax.models.qwen2.params import KEYS
-    from affjax.models.weights import KeyTable, iter_state_dict, load_streaming
 
     sd, cfg = converted
     # reference: transformers' Llama, float32, strict load (lm_head is tied to the embeddings)
@@ -177,15 +169,11 @@ def test_qwen2_decoder_matches_llama_reference_on_real_weights(converted, token_
     assert not missing and not unexpected
     assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()
 
-    # ours: a Qwen2 decoder with zero q/k/v biases, loaded through the streaming key table
-    tc = dataclasses.replace(TextConfig.from_hf(cfg), qkv_bias=True)
+    # ours: the library's GGUF loader (a Qwen2 decoder with zero q/k/v biases, streaming key table)
+    model = load_gguf_models(gguf_path)["float32"]
+    tc = model.cfg
     assert (tc.layers, tc.hidden, tc.heads, tc.kv_heads, tc.head_dim, tc.tie_embeddings) == (30, 576, 9, 3, 64, True)
-    biases = {f"model.layers.{i}.self_attn.{p}_proj.bias":
-              np.zeros(sd[f"model.layers.{i}.self_attn.{p}_proj.weight"].shape[0], np.float32)
-              for i in range(tc.layers) for p in "qkv"}
-    abstract = abstract_module(lambda rngs: Qwen2ForCausalLM(tc, rngs=rngs))
-    state = load_streaming(abstract, KeyTable(KEYS), iter_state_dict({**sd, **biases}))
-    model = nnx.merge(nnx.split(abstract)[0], state)
+    assert tc.qkv_bias and not np.asarray(model.layers[0].self_attn.q_proj.bias[...]).any()
 
     t = max(LENGTHS)
     ids = np.zeros((len(token_rows), t), np.int32)
