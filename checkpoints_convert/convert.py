@@ -1,8 +1,12 @@
 """Convert a Hugging Face model directory (or a CTranslate2 Whisper folder) into an affjax (orbax) checkpoint.
 
     python checkpoints_convert/convert.py --src HF_OR_CT2_DIR --dst CKPT_DIR [--dtype float32|bfloat16] [--overwrite]
+    python checkpoints_convert/convert.py --src KIMI_DIR --speech-tokenizer GLM4_TOKENIZER_DIR --dst CKPT_DIR
 
-Model types: qwen2_audio and whisper (`WhisperForConditionalGeneration.save_pretrained` output).
+Model types: qwen2_audio, whisper (`WhisperForConditionalGeneration.save_pretrained` output) and
+kimi_audio (the Kimi-Audio-7B(-Instruct) release folder with its whisper-large-v3/ subfolder;
+--speech-tokenizer adds the GLM-4-Voice speech tokenizer folder, so that the checkpoint holds
+everything that turns audio into the model's two input streams).
 A CTranslate2 (faster-whisper) folder (model.bin + config.json + tokenizer.json) converts to a
 Whisper checkpoint with its processor and generation config.
 
@@ -44,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="parameter dtype to store (default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--speech-tokenizer", metavar="DIR",
+                   help="kimi_audio: the GLM-4-Voice speech tokenizer folder, converted into the checkpoint")
     args = p.parse_args(argv)
 
     from affjax.models.checkpoint import convert
@@ -61,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
-        convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet)
+        extras = {"speech_tokenizer": args.speech_tokenizer} if args.speech_tokenizer else None
+        convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet,
+                extras=extras)
     except (KeyboardInterrupt, _Terminated) as e:
         print(f"error: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
         return 1

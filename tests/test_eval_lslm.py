@@ -89,12 +89,12 @@ def _hf_choice_logprob(hf_model, processor, prompt, wav, choice):
     x = processor(text=[prompt], audio=[wav], sampling_rate=SR, return_tensors="pt")
     c = processor.tokenizer(choice, add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = torch.cat([x["input_ids"], c], 1)
-    with torch.no_grad():
-        logits = hf_model(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=x["input_features"],
-                          feature_attention_mask=x["feature_attention_mask"]).logits[0].double()
-    lp = torch.log_softmax(logits, -1)
-    n = x["input_ids"].shape[1]
-    return float(sum(lp[n - 1 + k, c[0, k]] for k in range(c.shape[1])))
+    n, k = x["input_ids"].shape[1], c.shape[1]
+    with torch.no_grad():  # the head only where the choice is predicted (positions n - 1 .. n + k - 2)
+        h = hf_model.model(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=x["input_features"],
+                           feature_attention_mask=x["feature_attention_mask"]).last_hidden_state[0, n - 1:n - 1 + k]
+        lp = torch.log_softmax(hf_model.lm_head(h).double(), -1)
+    return float(sum(lp[j, c[0, j]] for j in range(k)))
 
 
 @pytest.mark.slow
@@ -156,7 +156,8 @@ def test_long_audio_windows_match_transformers(ckpt, processor, hf_model, tmp_pa
     """75 s of audio becomes three consecutive clips (30 + 30 + 15 s); greedy tokens equal
     transformers' on the same three windows with the prompt's block repeated."""
     from affjax.data.audio import load_audio
-    from affjax.models.qwen2_audio.inputs import audio_block, split_windows
+    from affjax.data.audio import split_windows
+    from affjax.models.qwen2_audio.inputs import WINDOW_SECONDS, audio_block
     wav_path = _wav(tmp_path / "long.wav", 75.0, seed=5)
     prompt = _prompt(processor, 60, seed=3)
     m = _manifest(tmp_path / "m.jsonl", [{"id": "long", "audio": "long.wav", "prompt": prompt}])
@@ -164,7 +165,7 @@ def test_long_audio_windows_match_transformers(ckpt, processor, hf_model, tmp_pa
     (r,) = _results(tmp_path / "run")
     assert r["windows"] == 3 and r["audio_seconds"] == pytest.approx(75.0)
     assert r["audio_tokens"] == [750 + 750 + 375]
-    wins = split_windows(load_audio(wav_path, sr=SR), SR)
+    wins = split_windows(load_audio(wav_path, sr=SR), SR, WINDOW_SECONDS)
     assert [len(w) for w in wins] == [30 * SR, 30 * SR, 15 * SR]
     text = prompt.replace(audio_block(processor), audio_block(processor) * 3)
     x = processor(text=[text], audio=wins, sampling_rate=SR, return_tensors="pt")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-__all__ = ["AudioError", "load_audio", "RAW_SAMPLE_RATE"]
+__all__ = ["AudioError", "load_audio", "split_windows", "RAW_SAMPLE_RATE"]
 
 RAW_SAMPLE_RATE = 16000  # headerless .raw files: little-endian int16, mono, 16 kHz
 
@@ -70,3 +70,10 @@ def load_audio(path: str | os.PathLike, sr: int = 16000) -> np.ndarray:
         if x.size == 0:
             raise AudioError(f"{p}: audio is empty after resampling {file_sr} -> {sr} Hz")
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def split_windows(wave: np.ndarray, sr: int, seconds: float) -> list[np.ndarray]:
+    """Consecutive windows of at most ``seconds`` (the last one shorter): how audio longer than an
+    encoder's window is fed to it (Qwen2-Audio and Kimi-Audio both take 30 s windows)."""
+    n = int(round(seconds * sr))
+    return [wave[i:i + n] for i in range(0, max(len(wave), 1), n)]

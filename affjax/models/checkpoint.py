@@ -20,9 +20,15 @@ that earlier, dead runs left for the same `dst` (`_remove_stale_temps`), saying 
 `load(dst)` restores the parameters with abstract targets (any float dtype, optional sharding) and
 returns the NNX model, its config and the metadata.
 
-Model families are looked up by config.json's `model_type` in a registry; `register()` adds one.
-Registered: "qwen2_audio" and "whisper" (`WhisperForConditionalGeneration.save_pretrained` folders;
-the tied `proj_out.weight` is checked equal to the token embedding and dropped).
+Model families are looked up by config.json's `model_type` in a registry (or, for a remote-code
+model, its `architectures`: ARCHITECTURES); `register()` adds one. Registered: "qwen2_audio",
+"whisper" (`WhisperForConditionalGeneration.save_pretrained` folders; the tied `proj_out.weight`
+is checked equal to the token embedding and dropped) and "kimi_audio" (the Kimi-Audio release:
+36 shards plus the `whisper-large-v3/` subfolder, whose tensors join as `whisper-large-v3/<key>`;
+the RoPE buffers and Whisper's text decoder are skipped, and every skipped tensor is listed in
+`affjax_config.json` under "skipped_tensors"; the text tokenizer is rebuilt from `tiktoken.model`
+as a tokenizer.json; `extras={"speech_tokenizer": DIR}` (CLI `--speech-tokenizer`) adds the
+GLM-4-Voice speech tokenizer under `dst/speech_tokenizer/`, see `_convert_speech_tokenizer`).
 
 A CTranslate2 (faster-whisper) Whisper folder (model.bin + config.json + tokenizer.json, no
 safetensors) is also accepted: its weights go through `ct2_to_hf_state_dict` and `ct2_hf_config`,
@@ -55,6 +61,10 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from affjax.models.kimi_audio import params as kimi_params
+from affjax.models.kimi_audio import speech_tokenizer as speech
+from affjax.models.kimi_audio.modeling import ARCHITECTURE as KIMI_ARCHITECTURE
+from affjax.models.kimi_audio.modeling import KimiAudio, KimiAudioConfig
 from affjax.models.layers import abstract_module
 from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
 from affjax.models.qwen2_audio.params import KEY_ALIASES, KEYS
@@ -65,7 +75,8 @@ from affjax.models.whisper.params import KEYS as WHISPER_KEYS
 
 __all__ = [
     "ConversionError", "ModelSpec", "MODELS", "register", "get_spec", "convert", "load",
-    "load_hf_model", "ensure_converted", "is_ct2_dir", "CONFIG_NAME", "FORMAT", "PARAMS_DIR", "COPIED_FILES",
+    "load_hf_model", "ensure_converted", "is_ct2_dir", "load_speech_tokenizer", "model_type_of",
+    "CONFIG_NAME", "FORMAT", "PARAMS_DIR", "COPIED_FILES",
 ]
 
 CONFIG_NAME = "affjax_config.json"
@@ -106,6 +117,14 @@ class ModelSpec:
     shared:         cfg -> {canonical key the model drops: canonical key it shares the weight of};
                     a file tensor for a dropped key is accepted only if equal to the kept one
                     (e.g. lm_head of a model with tied embeddings).
+    read_config:    source dir -> the config dict (default: its config.json), e.g. with a
+                    subfolder's config embedded; stored as the checkpoint's hf_config.
+    subfolders:     subfolders of the source whose weights join it, keyed "SUB/<key>".
+    copied:         more files (paths relative to the source) copied into the checkpoint.
+    finish:         (source dir, checkpoint dir being written) -> None, after the files are
+                    copied (e.g. build a tokenizer the source ships in another form).
+    extras:         {name: (extra dir, checkpoint dir being written, dtype) -> metadata dict}: other
+                    folders a conversion may be given (`convert(..., extras={name: dir})`).
     """
 
     config_from_hf: Callable[[dict], Any]
@@ -114,6 +133,11 @@ class ModelSpec:
     aliases: Sequence[tuple[str, str]] = ()
     ignore: Callable[[str, Any], bool] | None = None
     shared: Callable[[Any], dict[str, str]] | None = None
+    read_config: Callable[[Path], dict] | None = None
+    subfolders: Sequence[str] = ()
+    copied: Sequence[str] = ()
+    finish: Callable[[Path, Path], None] | None = None
+    extras: dict[str, Callable[[Path, Path, str], dict]] = dataclasses.field(default_factory=dict)
 
     def table(self) -> KeyTable:
         return KeyTable(list(self.keys), list(self.aliases))
@@ -131,6 +155,18 @@ def register(model_type: str, spec: ModelSpec, *, replace: bool = False) -> Mode
         raise ValueError(f"model_type {model_type!r} is already registered")
     MODELS[model_type] = spec
     return spec
+
+
+# Remote-code models whose config.json model_type is not their own: architecture -> model_type.
+ARCHITECTURES = {KIMI_ARCHITECTURE: "kimi_audio"}
+
+
+def model_type_of(hf_config: dict) -> str | None:
+    """The registry name of a config: its architecture's (ARCHITECTURES) or else its model_type."""
+    for arch in hf_config.get("architectures") or ():
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    return hf_config.get("model_type")
 
 
 def get_spec(model_type: str | None) -> ModelSpec:
@@ -158,6 +194,34 @@ def _register_builtin() -> None:
         # the output projection is the token embedding (Whisper always ties them)
         shared=lambda cfg: {"proj_out.weight": "model.decoder.embed_tokens.weight"},
     ))
+
+    register("kimi_audio", ModelSpec(
+        config_from_hf=KimiAudioConfig.from_hf,
+        model_class=KimiAudio,
+        keys=kimi_params.KEYS,
+        aliases=kimi_params.KEY_ALIASES,
+        ignore=lambda key, cfg: kimi_params.skipped(key),
+        read_config=kimi_params.read_config,
+        subfolders=(kimi_params.WHISPER_DIR,),
+        copied=kimi_params.COPIED,
+        finish=_kimi_tokenizer,
+        extras={"speech_tokenizer": lambda d, out, dtype: _convert_speech_tokenizer(d, out, dtype)},
+    ))
+
+
+def _kimi_tokenizer(src: Path, out: Path) -> None:
+    """Kimi-Audio ships its tokenizer as tiktoken.model + remote code: write it as a fast
+    tokenizer.json (affjax.models.kimi_audio.tokenizer), unless the source already has one."""
+    from affjax.models.kimi_audio.tokenizer import build_tokenizer
+
+    if (src / "tokenizer.json").is_file():
+        return
+    if not (src / "tiktoken.model").is_file():
+        raise ConversionError(f"{src.name}: no tiktoken.model (Kimi-Audio's text tokenizer)")
+    try:
+        build_tokenizer(src / "tiktoken.model", out)
+    except ValueError as e:
+        raise ConversionError(f"tiktoken.model: {e}") from None
 
 
 _register_builtin()
@@ -302,9 +366,21 @@ def _open_ct2(src: Path) -> tuple[dict, _Source]:
     return hf_config, _Source([path], {k: (path, lambda a=a: a) for k, a in sd.items()})
 
 
-def open_weights(src: str | os.PathLike) -> _Source:
-    """The weight tensors of a Hugging Face directory as lazily loaded (key, loader) pairs."""
+def open_weights(src: str | os.PathLike, subfolders: Sequence[str] = ()) -> _Source:
+    """The weight tensors of a Hugging Face directory as lazily loaded (key, loader) pairs; the
+    tensors of each of `subfolders` (a model of its own) join them as "SUB/<key>"."""
     src = Path(src)
+    source = _open_dir(src)
+    for sub in subfolders:
+        if not (src / sub).is_dir():
+            raise ConversionError(f"{src.name or src}: the subfolder {sub}/ is missing")
+        inner = _open_dir(src / sub)
+        source.files += inner.files
+        source.keys.update({f"{sub}/{k}": v for k, v in inner.keys.items()})
+    return source
+
+
+def _open_dir(src: Path) -> _Source:
     if (src / "model.safetensors.index.json").is_file():
         return _open_safetensors(_index_files(src, "model.safetensors.index.json"))
     if (src / "model.safetensors").is_file():
@@ -369,10 +445,11 @@ def _prepare_dst(dst: Path, src: Path, overwrite: bool) -> None:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "float32",
-            overwrite: bool = False, progress: bool = True) -> Path:
+            overwrite: bool = False, progress: bool = True, extras: dict | None = None) -> Path:
     """Convert a Hugging Face model directory `src` into an affjax checkpoint at `dst`.
 
-    dtype: parameter dtype written ("float32", "bfloat16", "float16"). Raises ConversionError or
+    dtype: parameter dtype written ("float32", "bfloat16", "float16"). extras: {name: folder} of
+    the other folders the model family takes (ModelSpec.extras). Raises ConversionError or
     WeightError (every missing / unused / mis-shaped tensor in one message); on any error nothing
     is left at `dst` (an existing `dst` replaced under overwrite=True survives a failed run).
     """
@@ -380,6 +457,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
     src, dst = Path(src), Path(dst)
     dtype = _check_dtype(dtype)
     ct2 = is_ct2_dir(src)
+    extras = {name: Path(d) for name, d in (extras or {}).items()}
     if ct2:
         hf_config, source = _open_ct2(src)
     else:
@@ -390,12 +468,22 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
         except ValueError as e:
             raise ConversionError(f"config.json: not valid JSON: {e}") from None
         source = None
-    spec = get_spec(hf_config.get("model_type"))
+    model_type = model_type_of(hf_config)
+    spec = get_spec(model_type)
+    unknown = sorted(set(extras) - set(spec.extras))
+    if unknown:
+        raise ConversionError(f"{model_type} takes no {', '.join(unknown)} "
+                              f"(it takes: {', '.join(sorted(spec.extras)) or 'nothing else'})")
+    if spec.read_config is not None:
+        try:
+            hf_config = spec.read_config(src)
+        except (OSError, ValueError) as e:
+            raise ConversionError(f"{src.name}: {e}") from None
     _prepare_dst(dst, src, overwrite)
     try:
         cfg = spec.config_from_hf(hf_config)
     except (KeyError, TypeError, ValueError) as e:
-        raise ConversionError(f"config.json: cannot build a {hf_config['model_type']} model config: "
+        raise ConversionError(f"config.json: cannot build a {model_type} model config: "
                               f"{e if isinstance(e, ValueError) else repr(e)}") from None
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -405,7 +493,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; dst gets ordinary permissions
-        state, n_tensors = _fill(spec, cfg, source if source is not None else open_weights(src), dtype, progress)
+        if source is None:
+            source = open_weights(src, spec.subfolders)
+        state, n_tensors, skipped = _fill(spec, cfg, source, dtype, progress)
         del source
         n_params, n_bytes = _save_params(state, tmp / PARAMS_DIR)
         del state
@@ -419,9 +509,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
             for name in COPIED_DIRS:
                 if (src / name).is_dir():
                     shutil.copytree(src / name, tmp / name)
-        meta = {"model_type": hf_config["model_type"], "dtype": dtype, "hf_config": hf_config,
+            for name in spec.copied:
+                if (src / name).is_file():
+                    (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src / name, tmp / name)
+            if spec.finish is not None:
+                spec.finish(src, tmp)
+        meta = {"model_type": model_type, "dtype": dtype, "hf_config": hf_config,
                 "converted_from": src.resolve().name, "source_format": "ctranslate2" if ct2 else "huggingface",
-                "affjax_version": _version(), "format": FORMAT}
+                "affjax_version": _version(), "format": FORMAT, "skipped_tensors": skipped}
+        for name, d in extras.items():
+            meta[name] = spec.extras[name](d, tmp, dtype)
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         _publish(tmp, dst)
     finally:  # after a successful _publish tmp no longer exists; after any error it goes
@@ -429,8 +527,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
             shutil.rmtree(tmp, ignore_errors=True)
     secs = time.perf_counter() - t0
     if progress:
-        print(f"converted {src.name}: {n_tensors} tensors, {n_params:,} parameters, "
-              f"{n_bytes / 2**20:,.1f} MiB ({dtype}) in {secs:.1f} s -> {dst}", flush=True)
+        print(f"converted {src.name}: {n_tensors} tensors ({len(skipped)} deliberately skipped), {n_params:,} "
+              f"parameters, {n_bytes / 2**20:,.1f} MiB ({dtype}) in {secs:.1f} s -> {dst}", flush=True)
     return dst
 
 
@@ -537,10 +635,16 @@ def _remove_stale_temps(dst: Path) -> list[Path]:
 
 
 def _fill(spec: ModelSpec, cfg, source: _Source, dtype: str, progress: bool):
+    """-> (parameter state, tensors read, sorted keys deliberately skipped)."""
     table = spec.table()
     skip = _skip_shared(source, table, spec.shared(cfg) if spec.shared else {})
-    ignore = (lambda k: k in skip or spec.ignore(table.canonical(k), cfg)) if spec.ignore else \
-        (lambda k: k in skip)
+    skipped = set()
+
+    def ignore(k):
+        if k in skip or (spec.ignore is not None and spec.ignore(table.canonical(k), cfg)):
+            skipped.add(k)
+            return True
+        return False
     abstract = spec.abstract_model(cfg, jnp.dtype(dtype))
     tensors: Any = iter(source)
     bar = None
@@ -552,7 +656,59 @@ def _fill(spec: ModelSpec, cfg, source: _Source, dtype: str, progress: bool):
     finally:
         if bar is not None:
             bar.close()
-    return state, len(source.keys)
+    return state, len(source.keys), sorted(skipped)
+
+
+# --------------------------------------------------------------------------------------------
+# Kimi-Audio's speech tokenizer (GLM-4-Voice), converted beside the model
+
+SPEECH_TOKENIZER_DIR = "speech_tokenizer"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _convert_speech_tokenizer(src: Path, out: Path, dtype: str) -> dict:
+    """The GLM-4-Voice speech tokenizer folder `src` (config.json, preprocessor_config.json,
+    safetensors) into `out/speech_tokenizer/`: its non-weight files copied, its tensors streamed
+    through SPEECH_TOKENIZER_KEYS into the tokenizer model (affjax.models.kimi_audio.speech_tokenizer)
+    and written as `speech_tokenizer/params` (orbax, `dtype`); every missing, unused or mis-shaped
+    tensor is one WeightError, and the tensors the tokenizer deliberately leaves out are listed in
+    the returned metadata. Load it back with `load_speech_tokenizer`."""
+    if not src.is_dir():
+        raise ConversionError(f"--speech-tokenizer {src}: not a directory")
+    if not (src / "config.json").is_file():
+        raise ConversionError(f"--speech-tokenizer {src}: no config.json (not a GLM-4-Voice tokenizer folder)")
+    try:
+        cfg = speech.SpeechTokenizerConfig.from_hf(json.loads((src / "config.json").read_text()))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConversionError(f"--speech-tokenizer {src.name}/config.json: {e!r}") from None
+    dst = out / SPEECH_TOKENIZER_DIR
+    dst.mkdir()
+    for p in sorted(src.iterdir()):
+        if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(p, dst / p.name)
+    spec = ModelSpec(config_from_hf=speech.SpeechTokenizerConfig.from_hf, model_class=speech.WhisperVQEncoder,
+                     keys=speech.SPEECH_TOKENIZER_KEYS, aliases=speech.SPEECH_TOKENIZER_ALIASES,
+                     ignore=speech.speech_tokenizer_ignore)
+    state, n_tensors, skipped = _fill(spec, cfg, open_weights(src), dtype, progress=False)
+    n_params, _ = _save_params(state, dst / PARAMS_DIR)
+    return {"dir": SPEECH_TOKENIZER_DIR, "converted_from": src.resolve().name, "weights": "converted",
+            "params": f"{SPEECH_TOKENIZER_DIR}/{PARAMS_DIR}", "tensors": n_tensors, "parameters": n_params,
+            "skipped_tensors": skipped}
+
+
+def load_speech_tokenizer(ckpt_dir: str | os.PathLike, *, dtype=None):
+    """The GLM-4-Voice speech tokenizer converted into a Kimi-Audio checkpoint
+    (`--speech-tokenizer`) -> (model, SpeechTokenizerConfig). Raises ConversionError when the
+    checkpoint has none."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = json.loads((ckpt_dir / CONFIG_NAME).read_text())
+    st = meta.get("speech_tokenizer")
+    if not st or st.get("weights") != "converted":
+        raise ConversionError(f"{ckpt_dir}: no converted speech tokenizer (convert with --speech-tokenizer)")
+    cfg = speech.SpeechTokenizerConfig.from_hf(json.loads((ckpt_dir / st["dir"] / "config.json").read_text()))
+    dtype = jnp.dtype(dtype or meta["dtype"])
+    abstract = abstract_module(lambda rngs: speech.WhisperVQEncoder(cfg, dtype=dtype, rngs=rngs))
+    return _restore(abstract, ckpt_dir / st["params"], dtype), cfg
 
 
 def _save_params(state, path: Path) -> tuple[int, int]:
@@ -636,7 +792,11 @@ def load(ckpt_dir: str | os.PathLike, *, dtype=None, sharding=None):
     spec = get_spec(meta["model_type"])
     cfg = spec.config_from_hf(meta["hf_config"])
     dtype = jnp.dtype(dtype or meta["dtype"])
-    abstract = spec.abstract_model(cfg, dtype)
+    return _restore(spec.abstract_model(cfg, dtype), ckpt_dir / PARAMS_DIR, dtype, sharding), cfg, meta
+
+
+def _restore(abstract: nnx.Module, path: Path, dtype, sharding=None) -> nnx.Module:
+    """The parameters saved at `path` (orbax) restored into the abstract model, in `dtype`."""
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
     shardings = _sharding_tree(sharding, pure)
@@ -645,9 +805,9 @@ def load(ckpt_dir: str | os.PathLike, *, dtype=None, sharding=None):
                                           sharding=s),
         pure, shardings)
     with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore((ckpt_dir / PARAMS_DIR).resolve(), target)
+        restored = ckptr.restore(path.resolve(), target)
     nnx.replace_by_pure_dict(state, restored)
-    return nnx.merge(graphdef, state), cfg, meta
+    return nnx.merge(graphdef, state)
 
 
 def ensure_converted(src: str | os.PathLike, dst: str | os.PathLike, *, log=print) -> Path:

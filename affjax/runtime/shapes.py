@@ -146,3 +146,14 @@ def pad_rows(x: np.ndarray, rows: int, fill=0) -> np.ndarray:
         return x
     pad = np.full((rows - x.shape[0],) + x.shape[1:], fill, dtype=x.dtype)
     return np.concatenate([x, pad], axis=0)
+
+
+def pad_continuations(conts: list[np.ndarray], batch_size: int, cont_len: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Scored continuations (token ids per item) padded to (Int32['B K'], Bool['B K']), K =
+    `cont_len` or the smallest CONT_BUCKETS bucket that fits the longest."""
+    K = cont_len or bucket(max(len(c) for c in conts), CONT_BUCKETS, "continuation")
+    ids, valid = np.zeros((batch_size, K), np.int32), np.zeros((batch_size, K), bool)
+    for b, c in enumerate(conts):
+        ids[b, :len(c)], valid[b, :len(c)] = c, True
+    return ids, valid

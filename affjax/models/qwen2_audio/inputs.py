@@ -8,6 +8,7 @@ import dataclasses
 
 import numpy as np
 
+from affjax.data.audio import split_windows
 from affjax.runtime import shapes
 
 
@@ -41,13 +42,6 @@ WINDOW_SECONDS = 30  # Qwen2-Audio's feature window; window_prompt takes the pro
 def audio_block(processor) -> str:
     """The text that stands for one clip in a prompt: ``<|audio_bos|><|AUDIO|><|audio_eos|>``."""
     return processor.audio_bos_token + processor.audio_token + processor.audio_eos_token
-
-
-def split_windows(wave: np.ndarray, sr: int, seconds: float = WINDOW_SECONDS) -> list[np.ndarray]:
-    """Consecutive windows of at most ``seconds`` (the last one shorter). Audio longer than the
-    encoder's 30 s would otherwise be cut by the feature extractor."""
-    n = int(round(seconds * sr))
-    return [wave[i:i + n] for i in range(0, max(len(wave), 1), n)]
 
 
 def window_prompt(processor, prompt: str, audios: list[np.ndarray], sr: int,
@@ -154,10 +148,5 @@ def collate(items: list[Encoded], *, batch_size: int, audio_token_id: int, out_f
             a += 1
     batch = Batch(ids, valid, n_prompt, span, aidx, feats, flen, rows=len(items))
     if score:
-        K = cont_len or shapes.bucket(max(len(e.cont_ids) for e in items), shapes.CONT_BUCKETS, "continuation")
-        batch.cont_ids = np.zeros((B, K), np.int32)
-        batch.cont_valid = np.zeros((B, K), bool)
-        for b, e in enumerate(items):
-            batch.cont_ids[b, :len(e.cont_ids)] = e.cont_ids
-            batch.cont_valid[b, :len(e.cont_ids)] = True
+        batch.cont_ids, batch.cont_valid = shapes.pad_continuations([e.cont_ids for e in items], B, cont_len)
     return batch
