@@ -164,7 +164,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("ckpt")
     ap.add_argument("out")
-    ap.add_argument("--meshes", nargs="*", default=[])
+    ap.add_argument("--meshes", nargs="*", default=[], help="MESH, or MESH:SETTING,... to run only those there")
     ap.add_argument("--reference", action="store_true", help="also run on one device (no mesh)")
     ap.add_argument("--replace", action="store_true", help="also score with a one-device model given to a "
                                                            "mesh Engine")
@@ -198,7 +198,9 @@ def main(argv=None):
         model, cfg, _ = load(args.ckpt)
         result["reference"] = run_settings(model, cfg, pad, None, encoded, 8)  # every setting
         result["seconds"]["reference"] = round(time.perf_counter() - t0, 1)
-    for text in args.meshes:
+    for entry in args.meshes:
+        text, _, only = entry.partition(":")  # MESH or MESH:SETTING,SETTING (that mesh runs only those)
+        settings = only.split(",") if only else args.settings
         t1 = time.perf_counter()
         mesh = sharding.make_mesh(text)
         model, cfg, _ = sharding.load(args.ckpt, mesh)  # restored directly onto the shards
@@ -206,16 +208,16 @@ def main(argv=None):
         if args.multiprocess:
             mine = {k: sharding.host_share(v) for k, v in encoded.items()}
             ids = sharding.host_share(list(range(len(SECONDS))))
-            res = run_settings(model, cfg, pad, mesh, mine, 8 // jax.process_count(), args.settings)
+            res = run_settings(model, cfg, pad, mesh, mine, 8 // jax.process_count(), settings)
             rec = [{"index": i, **{f"{s}/{k}": r[k][j] for s, r in res.items() for k in ("logprobs", "tokens")}}
                    for j, i in enumerate(ids)]
             gathered = sharding.gather_to_host0(rec)
             if gathered is None:
                 continue
             gathered.sort(key=lambda r: r["index"])
-            res = {s: {k: [r[f"{s}/{k}"] for r in gathered] for k in ("logprobs", "tokens")} for s in args.settings}
+            res = {s: {k: [r[f"{s}/{k}"] for r in gathered] for k in ("logprobs", "tokens")} for s in settings}
         else:
-            res = run_settings(model, cfg, pad, mesh, encoded, 8, args.settings)
+            res = run_settings(model, cfg, pad, mesh, encoded, 8, settings)
         res["params"] = facts
         if args.replace:  # a model loaded on one device, placed by the Engine itself
             from affjax.runtime.engine import Engine

@@ -4,10 +4,10 @@ The mesh checks run in subprocesses (tests/sharding_check.py), since XLA_FLAGS m
 CPU devices before JAX starts (this process already has one device): a tiny Qwen2-Audio whose
 heads (8), MLP width (128), audio heads (8) and vocabulary (151672) divide by 8 and whose KV heads
 (4) do not, so tensor parallelism is exercised and so is the replicate-when-not-divisible rule.
-Meshes (8,1), (4,2) and (1,8) on 8 devices (data parallel, both axes, model parallel) must give the one-device score log-probs within
-1e-5 and the same greedy tokens, unpooled, with bucketed proportional pooling and with fixed
-capacity; and so must 2 processes x 4 devices (jax.distributed on localhost), each scoring its
-share of the items. The subprocesses use XLA's cheapest CPU compile settings (both sides of every
+Meshes (8,1), (4,2) and (1,8) on 8 devices (data parallel, both axes, model parallel) must give
+the one-device score log-probs within 1e-5 and the same greedy tokens, unpooled, with bucketed
+proportional pooling and with fixed capacity (MESH_SETTINGS says which mesh runs which); and so
+must 2 processes x 4 devices (jax.distributed on localhost), each scoring its share of the items. The subprocesses use XLA's cheapest CPU compile settings (both sides of every
 comparison run under the same ones).
 """
 
@@ -33,6 +33,10 @@ from affjax.runtime.sharding import ACTIVATION_AXES, AXES, LOGICAL_RULES, PARAM_
 HERE = Path(__file__).parent
 MESHES = ("data=8,model=1", "data=4,model=2", "data=1,model=8")
 SETTINGS = ("none", "bucketed-proportional", "fixed")
+# what each mesh runs (each setting compiles its own programs): unpooled everywhere; bucketed pooling
+# on both axes (and on two processes); fixed capacity under pure model parallelism, where the KV
+# heads do not divide the 8 devices
+MESH_SETTINGS = {MESHES[0]: ("none",), MESHES[1]: ("none", "bucketed-proportional"), MESHES[2]: ("none", "fixed")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,15 +233,19 @@ def runs(shard_ckpt, tmp_path_factory):
     items = ["--items", str(out / "items.pkl")]
     port = _free_port()
     jobs = {
-        # fixed capacity on the model-parallel meshes (4,2) and (1,8) only, to save compile time
-        "a": (8, [*common, str(out / "a.json"), *items, "--reference", "--meshes", MESHES[0],
-                  "--settings", "none", "bucketed-proportional"]),
-        "b": (8, [*common, str(out / "b.json"), *items, "--replace", "--meshes", MESHES[1], MESHES[2],
+        # Each mesh runs the settings that exercise it (MESH_SETTINGS): the reference, pure data
+        # parallelism, pure model parallelism, and `affjax eval` on one device (the reference of the
+        # eval runs under a mesh and on 2 processes) in one process of 8 devices ...
+        "a": (8, [*common, str(out / "a.json"), *items, "--reference",
+                  "--meshes", *(f"{m}:{','.join(MESH_SETTINGS[m])}" for m in (MESHES[0], MESHES[2])),
+                  "--eval", eval_manifest, str(out / "eval-one"), "none"]),
+        # ... both axes, a one-device model placed by the Engine, `affjax score --mesh` and
+        # `affjax eval --mesh` in another ...
+        "b": (8, [*common, str(out / "b.json"), *items, "--replace", "--meshes",
+                  f"{MESHES[1]}:{','.join(MESH_SETTINGS[MESHES[1]])}",
                   "--job", manifest, str(out / "job.jsonl"), "data=2,model=4",
                   "--eval", eval_manifest, str(out / "eval-mesh"), "data=2,model=4"]),
-        # affjax eval on one device: the reference for the eval runs under a mesh and on 2 processes
-        "ev": (1, [*common, str(out / "ev.json"), *items, "--eval", eval_manifest, str(out / "eval-one"), "none"]),
-        # two processes: the bucketed pooled setting (host reads of every process's stage counts)
+        # ... and two processes: the bucketed pooled setting (host reads of every process's stage counts)
         **{f"mp{i}": (4, [*common, str(out / "mp.json"), *items, "--meshes", "data=4,model=2", "--settings",
                           "bucketed-proportional", "--multiprocess", str(port), str(i), "2",
                           "--eval", eval_manifest, str(out / "eval-mp"), "data=4,model=2"]) for i in range(2)},
@@ -260,10 +268,10 @@ def runs(shard_ckpt, tmp_path_factory):
         if rc != 0:
             failed.append(f"{name} ({rc}):\n" + (out / f"{name}.log").read_text()[-3000:])
     assert not failed, "\n\n".join(failed)
-    res = {k: json.loads((out / f"{k}.json").read_text()) for k in ("a", "b", "mp", "ev")}
+    res = {k: json.loads((out / f"{k}.json").read_text()) for k in ("a", "b", "mp")}
     evals = {k: {"summary": res[r]["eval"],
                  "rows": [json.loads(line) for line in (out / k / "results.jsonl").read_text().splitlines()]}
-             for k, r in (("eval-one", "ev"), ("eval-mesh", "b"), ("eval-mp", "mp"))}
+             for k, r in (("eval-one", "a"), ("eval-mesh", "b"), ("eval-mp", "mp"))}
     job = [json.loads(line) for line in (out / "job.jsonl").read_text().splitlines()]
     return {"reference": res["a"]["reference"], "meshes": {**res["a"]["meshes"], **res["b"]["meshes"]},
             "job": {**res["b"]["job"], "rows": job},
@@ -296,7 +304,7 @@ def test_reference_pools_part_of_the_audio(runs):
 def test_mesh_matches_one_device(runs, mesh):
     got = runs["meshes"][mesh]
     settings = [s for s in SETTINGS if s in got]
-    assert settings == (list(SETTINGS) if mesh in (MESHES[1], MESHES[2]) else ["none", "bucketed-proportional"])
+    assert settings == list(MESH_SETTINGS[mesh])
     _same_as_reference(runs["reference"], got, mesh, settings)
     # activations where the rules put them: rows over data, KV heads over model when 4 divides
     # (JAX drops size-1 mesh axes from the specs it reports)
@@ -337,7 +345,7 @@ def test_parameters_restored_onto_their_shards(runs, mesh, shard_ckpt):
 
 @pytest.mark.slow
 def test_engine_places_a_one_device_model(runs):
-    got = runs["meshes"]["data=1,model=8"]
+    got = runs["meshes"]["data=4,model=2"]
     assert got["replaced_q_spec"] == [None, "model"]
     assert np.abs(np.asarray(got["replaced_logprobs"]) - runs["reference"]["none"]["logprobs"]).max() <= 1e-5
 
