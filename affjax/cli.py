@@ -109,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("plan", help="parameter / KV-cache memory plan from a config.json (no weights needed)")
     p.add_argument("--ckpt-config", required=True,
-                   help="an HF config.json, a checkpoint directory, or 'qwen2-audio-7b' for the real geometry")
+                   help="an HF config.json, a checkpoint directory, or 'qwen2-audio-7b' / 'kimi-audio-7b' for "
+                        "the real geometry")
     p.add_argument("--batch", type=int, nargs="*", default=[1, 4, 8])
+    p.add_argument("--audio-seconds", type=float, default=30.0,
+                   help="audio per row (Kimi-Audio takes consecutive 30 s windows; Qwen2-Audio cuts at 30 s)")
     p.add_argument("--length", type=int, nargs="*", default=[1024, 2048, 4096])
     p.add_argument("--topology", default=None, nargs="+",
                    help="TPU topologies: v4-8, v5e-8, v5p-8 (several, or 'all'): per-chip bytes of each "
@@ -124,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="fixed-capacity retention per stage, or one for every stage (sizes the stage buffers); "
                         "default 0.5 per stage")
     g.add_argument("--batch-size", type=int, default=1)
-    g.add_argument("--audio-seconds", type=float, default=30.0)
     g.add_argument("--text-tokens", type=int, default=40)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--score-tokens", type=int, default=0, help="> 0: a scoring job (continuations of this length)")

@@ -142,7 +142,8 @@ def test_generation_two_pass_equals_in_order_and_fixed(ckpt, processor, tmp_path
              "prompt": _prompt(processor, w, seed=i), "reference": "hello world"}
             for i, (s, w) in enumerate([(3.0, 250), (12.0, 30), (25.0, 90)])]
     m = _manifest(d / "asr.jsonl", rows)
-    setting = dict(pooling="0:tau=0.5,window=2;1:tau=0.3,window=3", proportional=True)
+    # one batch of 3 (each bucket compiles its own programs; two batches would double them)
+    setting = dict(pooling="0:tau=0.5,window=2;1:tau=0.3,window=3", proportional=True, batch_size=3)
     a = _eval(ckpt, m, d / "two", **setting)
     b = _eval(ckpt, m, d / "one", schedule="in-order", **setting)
     c = _eval(ckpt, m, d / "fixed", pool_mode="fixed", capacity=1.0, **setting)

@@ -1,6 +1,6 @@
 """Memory plans from abstract shapes (affjax.runtime.plan): parameter counts of the real Qwen2-Audio-7B
-geometry against an analytic count and transformers, KV-cache arithmetic, TPU mesh picking, and
-tiny configs against really instantiated models."""
+and Kimi-Audio-7B geometries against analytic counts (and transformers), KV-cache arithmetic, audio
+positions, TPU mesh picking, and tiny configs against really instantiated models."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import json
 import pytest
 from conftest import need_module
 
-from affjax.runtime.plan import (DTYPE_BYTES, GiB, QWEN2_AUDIO_7B_CONFIG, TOPOLOGIES, format_plan, param_bytes_per_chip,
-                         param_counts, plan)
+from affjax.runtime.plan import (DTYPE_BYTES, KIMI_AUDIO_7B_CONFIG, QWEN2_AUDIO_7B_CONFIG, TOPOLOGIES, GiB,
+                                 audio_span, format_plan, load_hf_config, param_bytes_per_chip, param_counts, plan)
 
 TINY_AUDIO = {
     "model_type": "qwen2_audio",
@@ -226,3 +226,121 @@ def test_format_plan_and_cli(plan_7b, tmp_path, capsys):
     assert len([ln for ln in out.splitlines() if ln.split()[:2] in (["1", "32"], ["2", "64"])]) == 2
     assert main(["plan", "--ckpt-config", str(tmp_path / "missing")]) == 1
     assert set(DTYPE_BYTES) >= {"float32", "bfloat16"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Kimi-Audio-7B
+
+
+def analytic_kimi_audio_params(c: dict) -> dict[str, int]:
+    """Kimi-Audio's parameter count written out from config.json's numbers alone: the Whisper
+    encoder, vq_adaptor (Linear, SiLU, Linear, LayerNorm), the Qwen2 decoder with q/k/v biases, the
+    MIMO layers with mimo_norm, and the untied lm_head and mimo_output."""
+    w = c["whisper_config"]
+    d, f, mel = w["d_model"], w["encoder_ffn_dim"], w["num_mel_bins"]
+    audio_layer = 4 * d * d + 3 * d + 2 * d * f + f + d + 2 * 2 * d
+    audio = mel * d * 3 + d + d * d * 3 + d + w["max_source_positions"] * d + w["encoder_layers"] * audio_layer + 2 * d
+    h, i, v, a_in = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["kimia_adaptor_input_dim"]
+    hd = h // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    layer = h * q + q + 2 * (h * kv + kv) + q * h + 3 * h * i + 2 * h
+    return {"audio_tower": audio, "projector": a_in * h + h + h * h + h + 2 * h,
+            "language_model": c["num_hidden_layers"] * layer + h, "embeddings": v * h, "lm_head": v * h,
+            "mimo_layers": c["kimia_mimo_layers"] * layer + h, "mimo_output": v * h}
+
+
+def test_kimi_7b_config_builds():
+    from affjax.models.kimi_audio.modeling import KimiAudioConfig
+
+    cfg = KimiAudioConfig.from_hf(copy.deepcopy(KIMI_AUDIO_7B_CONFIG))
+    a, t = cfg.audio, cfg.text
+    assert (a.num_mel_bins, a.d_model, a.layers, a.heads, a.ffn_dim, a.max_source_positions, a.avg_pool) == \
+        (128, 1280, 32, 20, 5120, 1500, 0)
+    assert (t.vocab_size, t.hidden, t.layers, t.heads, t.kv_heads, t.head_dim, t.intermediate) == \
+        (168448, 3584, 28, 28, 4, 128, 18944)
+    assert (t.rms_eps, t.tie_embeddings, t.qkv_bias) == (1e-6, False, True)
+    assert (cfg.mimo_layers, cfg.mimo_from_layer, cfg.adaptor_input_dim) == (6, 21, 5120)
+    assert (cfg.frames_per_token, cfg.tokens_per_window) == (4, 375)
+    assert (cfg.token_offset, cfg.media_begin, cfg.media_end) == (152064, 151661, 151663)
+    json.dumps(KIMI_AUDIO_7B_CONFIG)  # config.json form
+
+
+def test_kimi_7b_param_count_from_abstract_shapes():
+    import jax
+    from flax import nnx
+
+    from affjax.models.kimi_audio.modeling import KimiAudio, KimiAudioConfig
+    from affjax.models.layers import abstract_module
+
+    cfg = KimiAudioConfig.from_hf(copy.deepcopy(KIMI_AUDIO_7B_CONFIG))
+    abstract = abstract_module(lambda rngs: KimiAudio(cfg, rngs=rngs))
+    built = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    want = analytic_kimi_audio_params(KIMI_AUDIO_7B_CONFIG)
+    counts = param_counts(KIMI_AUDIO_7B_CONFIG)
+    assert built == sum(want.values()) == counts["total"] == 10_403_303_424
+    assert {k: counts[k] for k in want} == want
+    # the release's model.safetensors.index.json total_size: everything but the Whisper encoder, in
+    # bfloat16, plus the 34 RoPE inv_freq buffers (28 + 6 layers x head_dim / 2) the model recomputes
+    assert 2 * (counts["total"] - counts["audio_tower"] + 34 * 64) == 19_532_673_280
+    total = counts["total"]
+    for m in (2, 4):  # heads, MLP and vocabulary split; at most the small parts and mimo_output whole
+        per = param_bytes_per_chip(KIMI_AUDIO_7B_CONFIG, model=m, dtype_bytes=2)
+        assert 2 * total / m < per <= 2 * (total / m + want["mimo_output"] + 0.01 * total)
+
+
+def test_kimi_kv_cache_by_hand():
+    r = plan(KIMI_AUDIO_7B_CONFIG, batch=3, seq_len=1000, audio_seconds=60)
+    # K and V, 28 text layers (the 6 MIMO layers hold none on the text path), 3 rows, 1000 positions,
+    # 4 KV heads of 128, 2 bytes
+    assert r["kv_cache"]["bytes"]["bfloat16"] == 2 * 28 * 3 * 1000 * 4 * 128 * 2 == 172_032_000
+    assert r["kv_cache"]["bytes"]["float32"] == 2 * r["kv_cache"]["bytes"]["bfloat16"]
+    assert r["kv_cache"]["per_token_bytes"]["bfloat16"] == 2 * 28 * 4 * 128 * 2 == 56 * 1024
+    for d in r["dtypes"]:
+        assert r["total"][d] == r["param_bytes"][d] + r["kv_cache"]["bytes"][d] + r["activations"][d]["peak"]
+    assert r["model_type"] == "kimi_audio" and r["geometry"]["mimo"]["layers"] == 6
+
+
+def test_kimi_audio_positions():
+    # 12.5 Hz, one decoder position per token, consecutive 30 s windows of 375
+    assert audio_span(KIMI_AUDIO_7B_CONFIG, 60)["positions"] == 750
+    assert audio_span(KIMI_AUDIO_7B_CONFIG, 60)["windows"] == 2
+    assert audio_span(KIMI_AUDIO_7B_CONFIG, 30)["positions"] == 375 == audio_span(KIMI_AUDIO_7B_CONFIG)["positions"]
+    # a partial last window: the official ((samples - 1) // 1280 + 1) tokens
+    assert audio_span(KIMI_AUDIO_7B_CONFIG, 45) == {"seconds": 45.0, "windows": 2, "tokens_per_window": 375,
+                                                     "positions": 375 + (15 * 16000 - 1) // 1280 + 1,
+                                                     "adaptor_input_dim": 5120}
+    assert audio_span(KIMI_AUDIO_7B_CONFIG, 0.05)["positions"] == 1
+    # Qwen2-Audio: one clip cut at 30 s, pooled by 2 after the conv stride 2
+    qwen = QWEN2_AUDIO_7B_CONFIG
+    assert audio_span(qwen, 30)["positions"] == 750 == audio_span(qwen, 60)["positions"]
+    assert audio_span(QWEN2_AUDIO_7B_CONFIG, 10)["positions"] == 250
+    with pytest.raises(ValueError, match="> 0"):
+        audio_span(KIMI_AUDIO_7B_CONFIG, 0)
+    # the encoder runs once per window: twice the windows, twice the encoder's audio tokens
+    one = plan(KIMI_AUDIO_7B_CONFIG, batch=1, seq_len=1024, dtypes=("bfloat16",), audio_seconds=30)
+    two = plan(KIMI_AUDIO_7B_CONFIG, batch=1, seq_len=1024, dtypes=("bfloat16",), audio_seconds=60)
+    e1, e2 = one["activations"]["bfloat16"]["encoder"], two["activations"]["bfloat16"]["encoder"]
+    assert e2["audio_tokens"] == 2 * e1["audio_tokens"] == 2 * 375 * 3584 * 2
+    assert e2["residual"] == 2 * e1["residual"] and two["audio"]["positions"] == 750
+
+
+def test_kimi_config_loading_and_cli(tmp_path, capsys):
+    assert load_hf_config("kimi-audio-7b") == KIMI_AUDIO_7B_CONFIG
+    assert load_hf_config("kimi-audio-7b") is not KIMI_AUDIO_7B_CONFIG
+    # a release (or converted) folder: config.json without the Whisper config, which lies beside it
+    release = {k: v for k, v in KIMI_AUDIO_7B_CONFIG.items() if k != "whisper_config"}
+    (tmp_path / "config.json").write_text(json.dumps(release))
+    assert load_hf_config(str(tmp_path))["whisper_config"] == KIMI_AUDIO_7B_CONFIG["whisper_config"]  # default
+    (tmp_path / "whisper-large-v3").mkdir()
+    small = {**KIMI_AUDIO_7B_CONFIG["whisper_config"], "encoder_layers": 2}
+    (tmp_path / "whisper-large-v3" / "config.json").write_text(json.dumps(small))
+    assert load_hf_config(str(tmp_path / "config.json"))["whisper_config"]["encoder_layers"] == 2
+
+    from affjax.cli import main
+
+    assert main(["plan", "--ckpt-config", "kimi-audio-7b", "--batch", "1", "--length", "1024",
+                 "--topology", "v5e-8", "--audio-seconds", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "10,403,303,424" in out and "mimo_output" in out and "TPU v5e-8" in out
+    assert "audio 60 s per row: 2 encoder window(s), 750 decoder positions" in out
+    assert "(model axis 8 does not divide 28 heads / 4 KV heads)" in out

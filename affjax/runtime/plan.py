@@ -24,6 +24,9 @@ from pathlib import Path
 from flax import nnx
 from jax.sharding import AbstractMesh
 
+from affjax.models.kimi_audio.modeling import ARCHITECTURE as KIMI_ARCHITECTURE
+from affjax.models.kimi_audio.modeling import MODEL_TYPES as KIMI_MODEL_TYPES
+from affjax.models.kimi_audio.modeling import KimiAudio, KimiAudioConfig
 from affjax.models.layers import abstract_module
 from affjax.models.qwen2.modeling import Qwen2ForCausalLM, TextConfig
 from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
@@ -77,6 +80,85 @@ QWEN2_AUDIO_7B_CONFIG: dict = {
 }
 
 
+# openai/whisper-large-v3's config.json (the `whisper-large-v3/` folder of the Kimi-Audio release), in
+# that file's form: the geometry and the ids; dropout, spec-augment and generation fields left out.
+# Verified: the geometry against two public copies of the file's values and against the release's
+# whisper-large-v3/model.safetensors (3,087,131,376 bytes = 1,543,490,560 float16 parameters of
+# exactly this geometry, decoder included, plus a 150,256-byte header).
+WHISPER_LARGE_V3_CONFIG: dict = {
+    "model_type": "whisper",
+    "architectures": ["WhisperForConditionalGeneration"],
+    "vocab_size": 51866,
+    "num_mel_bins": 128,
+    "d_model": 1280,
+    "encoder_layers": 32,
+    "encoder_attention_heads": 20,
+    "encoder_ffn_dim": 5120,
+    "decoder_layers": 32,
+    "decoder_attention_heads": 20,
+    "decoder_ffn_dim": 5120,
+    "max_source_positions": 1500,
+    "max_target_positions": 448,
+    "activation_function": "gelu",
+    "scale_embedding": False,
+    "bos_token_id": 50257,
+    "eos_token_id": 50257,
+    "pad_token_id": 50256,
+    "decoder_start_token_id": 50258,
+    "torch_dtype": "float16",
+}
+
+# moonshotai/Kimi-Audio-7B-Instruct's config.json (MoonshotKimiaForCausalLM), in that file's form,
+# with whisper-large-v3/config.json embedded as "whisper_config" as the converter does
+# (affjax.models.kimi_audio.params.read_config).
+# Verified (an inspector of the release, HF revision 9a82a84c, checks these exact values of its
+# config.json): architectures, hidden_size, intermediate_size, num_hidden_layers,
+# num_attention_heads, num_key_value_heads, max_position_embeddings, vocab_size, kimia_mimo_layers,
+# kimia_mimo_transformer_from_layer_index, kimia_audio_output_vocab, kimia_text_output_vocab,
+# kimia_token_offset, kimia_mimo_audiodelaytokens, kimia_adaptor_input_dim, torch_dtype. The same
+# inspector's model.safetensors.index.json total_size, 19,532,673,280 bytes in 453 tensors, is
+# exactly the bfloat16 size of this geometry: 9,766,334,464 parameters (untied lm_head and
+# mimo_output) plus 34 RoPE inv_freq buffers of 64.
+# From secondary sources (the remote code's configuration class defaults, vLLM's Kimi-Audio
+# constants "from the Kimi-Audio-7B-Instruct config", and this repository's prompt streams):
+# model_type, rms_norm_eps 1e-6, kimia_media_begin 151661 / kimia_media_end 151663,
+# use_whisper_feature, num_audio_special_tokens, num_base_tokens.
+# Assumed (not seen in any copy): rope_theta 1e6 (that of Qwen2.5-7B, the model Kimi-Audio starts
+# from), hidden_act silu, tie_word_embeddings false (the release stores lm_head.weight on its own),
+# no sliding window. None of the assumed values changes a memory plan.
+KIMI_AUDIO_7B_CONFIG: dict = {
+    "model_type": "moonshot_kimia",
+    "architectures": [KIMI_ARCHITECTURE],
+    "vocab_size": 168448,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": False,
+    "use_sliding_window": False,
+    "torch_dtype": "bfloat16",
+    "kimia_mimo_layers": 6,
+    "kimia_mimo_audiodelaytokens": 6,
+    "kimia_mimo_transformer_from_layer_index": 21,
+    "kimia_audio_output_vocab": 16896,
+    "kimia_text_output_vocab": 152064,
+    "num_audio_special_tokens": 512,
+    "num_base_tokens": 151643,
+    "kimia_token_offset": 152064,
+    "use_whisper_feature": True,
+    "kimia_adaptor_input_dim": 5120,
+    "kimia_media_begin": 151661,
+    "kimia_media_end": 151663,
+    "whisper_config": WHISPER_LARGE_V3_CONFIG,
+}
+
+MEL_FRAMES_PER_SECOND = 100  # 16 kHz audio, hop 160: an encoder window of 3000 mel frames is 30 s
+
 
 def tiny_config() -> dict:
     """Qwen2-Audio-7B's config with tiny widths and depths (same vocabulary, mel bins and 30 s
@@ -98,9 +180,6 @@ ASSUMPTIONS = [
     "the SwiGLU MLP keeps gate, up and their product (3 x B x T x intermediate); the residual stream "
     "and its normed copy (2 x B x T x hidden); q, k, v and the attention output",
     "LM head: float32 logits for the last position only (B x vocab x 4), as generation uses them",
-    "audio (qwen2_audio): one 30 s clip per batch row, max_source_positions frames after the conv "
-    "stem; the encoder runs before the decoder, so the activation peak is the larger of the two, "
-    "plus the projected audio tokens kept for the decoder",
     "XLA fusion usually removes some temporaries and may add workspace: treat activations as an "
     "order-of-magnitude estimate; parameters and KV cache are exact",
     "meshes (data, model): parameters per chip by affjax.runtime.sharding's rules (attention heads, MLP "
@@ -115,28 +194,63 @@ ASSUMPTIONS = [
     "query and KV head counts",
 ]
 
+# Appended for the model family the plan is for (the audio formulas differ: see audio_span).
+FAMILY_ASSUMPTIONS: dict[str, list[str]] = {
+    "qwen2_audio": [
+        "audio (qwen2_audio): one 30 s clip per batch row, max_source_positions frames after the conv "
+        "stem; the encoder runs before the decoder, so the activation peak is the larger of the two, "
+        "plus the projected audio tokens kept for the decoder",
+    ],
+    "kimi_audio": [
+        "audio (kimi_audio): audio of N seconds per row is ceil(N / 30) windows of 30 s, all through the "
+        "encoder together, each whole (3000 mel frames, 1500 frames out, as the official code); 4 frames "
+        "stack into one 12.5 Hz token (375 per window, fewer for the last window's valid frames) and "
+        "every token is one decoder position (no pooling: 30 s = 375 positions); the activation peak is "
+        "the larger of encoder (or adaptor) and decoder, plus the adaptor outputs (375 per window) kept "
+        "for the decoder",
+        "kimi_audio: the MIMO layers, mimo_norm and mimo_output are loaded (counted in the parameters) "
+        "but run only for audio output: the text path's KV cache and activations cover the "
+        "num_hidden_layers text layers only; mimo_output is sharded over the vocabulary like lm_head",
+    ],
+}
+
 
 # ----------------------------------------------------------------------------------------------
 # Building the model abstractly
 
 
+def _family(hf_config: dict) -> str | None:
+    """The model family plan knows a config as: kimi_audio by its architecture (the release's
+    model_type is not relied on), else the config's model_type."""
+    if KIMI_ARCHITECTURE in (hf_config.get("architectures") or ()) or hf_config.get("model_type") in KIMI_MODEL_TYPES:
+        return "kimi_audio"
+    return hf_config.get("model_type")
+
+
 def _configs(hf_config: dict):
-    """(model_type, audio EncoderConfig or None, TextConfig, builder) for an HF config dict."""
-    mt = hf_config.get("model_type")
+    """(model family, audio EncoderConfig or None, TextConfig, builder) for an HF config dict."""
+    mt = _family(hf_config)
+    if mt == "kimi_audio":
+        cfg = KimiAudioConfig.from_hf(hf_config)
+        return mt, cfg.audio, cfg.text, lambda rngs: KimiAudio(cfg, rngs=rngs)
     if mt == "qwen2_audio":
         cfg = Qwen2AudioConfig.from_hf(hf_config)
         return mt, cfg.audio, cfg.text, lambda rngs: Qwen2Audio(cfg, rngs=rngs)
     if mt in ("qwen2", "llama"):
         cfg = TextConfig.from_hf(hf_config)
         return mt, None, cfg, lambda rngs: Qwen2ForCausalLM(cfg, rngs=rngs)
-    raise ValueError(f"model_type {mt!r}: plan knows qwen2_audio, qwen2 and llama")
+    raise ValueError(f"model_type {mt!r}: plan knows qwen2_audio, kimi_audio ({KIMI_ARCHITECTURE}), qwen2 and llama")
 
 
 def _part(path: tuple) -> str:
     if path[0] == "audio_tower":
         return "audio_tower"
-    if path[0] == "multi_modal_projector":
+    if path[0] in ("multi_modal_projector", "vq_adaptor"):
         return "projector"
+    if path[0] in ("mimo_layers", "mimo_norm"):
+        return "mimo_layers"
+    if path[0] == "mimo_output":
+        return "mimo_output"
     if path[0] == "language_model":
         path = path[1:]
     if path[0] == "embed_tokens":
@@ -156,7 +270,8 @@ def _param_shapes(config_json: str) -> tuple[tuple[tuple, tuple[int, ...]], ...]
 
 @functools.lru_cache(maxsize=16)
 def _param_counts(config_json: str) -> tuple[tuple[str, int], ...]:
-    counts = {"audio_tower": 0, "projector": 0, "language_model": 0, "embeddings": 0, "lm_head": 0}
+    counts = {"audio_tower": 0, "projector": 0, "language_model": 0, "embeddings": 0, "lm_head": 0,
+              "mimo_layers": 0, "mimo_output": 0}
     for path, shape in _param_shapes(config_json):
         counts[_part(path)] += math.prod(shape)
     return tuple(counts.items())
@@ -174,7 +289,9 @@ def _param_elements_per_chip(config_json: str, model: int) -> int:
 
 
 def _model_config(hf_config: dict):
-    mt = hf_config.get("model_type")
+    mt = _family(hf_config)
+    if mt == "kimi_audio":
+        return KimiAudioConfig.from_hf(hf_config)
     if mt == "qwen2_audio":
         return Qwen2AudioConfig.from_hf(hf_config)
     return TextConfig.from_hf(hf_config)
@@ -187,8 +304,9 @@ def param_bytes_per_chip(hf_config: dict, *, model: int, dtype_bytes: int) -> in
 
 
 def param_counts(hf_config: dict) -> dict[str, int]:
-    """Parameters per part (audio_tower, projector, language_model = decoder layers and final norm,
-    embeddings, lm_head; 0 where absent) plus "total", from the abstractly built model."""
+    """Parameters per part (audio_tower, projector = Qwen2-Audio's projector or Kimi's vq_adaptor,
+    language_model = decoder layers and final norm, embeddings, lm_head, mimo_layers = Kimi's MIMO
+    layers and mimo_norm, mimo_output; 0 where absent) plus "total", from the abstractly built model."""
     counts = dict(_param_counts(json.dumps(hf_config, sort_keys=True)))
     counts["total"] = sum(counts.values())
     return counts
@@ -215,7 +333,11 @@ def _decoder_activations(t, *, batch: int, seq_len: int, nbytes: int, model: int
             "peak": max(layer, residual + head)}
 
 
-def _encoder_activations(a, t, *, clips: int, nbytes: int, model: int = 1) -> dict[str, int]:
+def _encoder_activations(a, t, *, clips: int, tokens_per_clip: int, adaptor_in: int = 0, nbytes: int,
+                         model: int = 1) -> dict[str, int]:
+    """One pass of the audio encoder over `clips` windows (all together), then the projector /
+    adaptor: `tokens_per_clip` audio tokens of each kept for the decoder. adaptor_in > 0 (Kimi): the
+    stacked frames (adaptor_in wide) and the adaptor's first output, split over 'model'."""
     f = a.max_source_positions
     d = a.d_model
     stem = clips * (a.num_mel_bins + d) * 2 * f * nbytes  # mel input + conv1 output at 2f frames
@@ -223,19 +345,56 @@ def _encoder_activations(a, t, *, clips: int, nbytes: int, model: int = 1) -> di
     attn_split = model if a.heads % model == 0 else 1
     attn = 2 * clips * a.heads * f * f * 4 // attn_split + 4 * clips * f * d * nbytes // attn_split
     mlp = clips * f * a.ffn_dim * nbytes // model
-    out = clips * a.out_frames * t.hidden * nbytes  # projected audio tokens, kept for the decoder
-    return {"stem": stem, "residual": residual, "attention": attn, "mlp": mlp, "audio_tokens": out,
-            "peak": max(stem, residual + max(attn, mlp)) + out}
+    adaptor = clips * tokens_per_clip * (adaptor_in + t.hidden // model) * nbytes if adaptor_in else 0
+    out = clips * tokens_per_clip * t.hidden * nbytes  # projected audio tokens, kept for the decoder
+    return {"stem": stem, "residual": residual, "attention": attn, "mlp": mlp, "adaptor": adaptor,
+            "audio_tokens": out, "peak": max(stem, residual + max(attn, mlp), adaptor) + out}
 
 
-def _activations(audio, text, *, batch: int, seq_len: int, nbytes: int, model: int = 1) -> dict:
+def _activations(audio, text, *, batch: int, seq_len: int, nbytes: int, model: int = 1,
+                 span: dict | None = None) -> dict:
+    """Prefill activation peak; span (audio_span's) sizes the encoder: batch x windows clips."""
     dec = _decoder_activations(text, batch=batch, seq_len=seq_len, nbytes=nbytes, model=model)
     out = {"decoder": dec, "peak": dec["peak"]}
     if audio is not None:
-        enc = _encoder_activations(audio, text, clips=batch, nbytes=nbytes, model=model)
+        span = span or {"windows": 1, "tokens_per_window": audio.out_frames, "adaptor_input_dim": 0}
+        enc = _encoder_activations(audio, text, clips=batch * span["windows"],
+                                   tokens_per_clip=span["tokens_per_window"],
+                                   adaptor_in=span["adaptor_input_dim"], nbytes=nbytes, model=model)
         out["encoder"] = enc
         out["peak"] = max(enc["peak"], dec["peak"] + enc["audio_tokens"])
     return out
+
+
+def audio_span(hf_config: dict, seconds: float | None = None) -> dict | None:
+    """What `seconds` of audio (one batch row's; None: one full window, 30 s) becomes: {"seconds" (as
+    the model takes them: Qwen2-Audio cuts at 30 s), "windows" (encoder windows run),
+    "tokens_per_window" (audio tokens of a full window, all kept for the decoder), "positions"
+    (decoder positions the audio takes), "adaptor_input_dim"}; None for a text-only model. The
+    model-family switch of the audio formulas:
+
+    - qwen2_audio: one clip cut at 30 s; conv stride 2 then average pool 2: 30 s = 750 positions.
+    - kimi_audio: ceil(N / 30) consecutive 30 s windows, 4 encoder frames per 12.5 Hz token, one
+      decoder position per token (no pooling): 375 per full window, 60 s = 750 positions.
+    """
+    fam = _family(hf_config)
+    if fam not in ("qwen2_audio", "kimi_audio"):
+        return None
+    cfg = _model_config(hf_config)
+    window = cfg.audio.mel_frames  # 3000 mel frames: 30 s
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"audio seconds must be > 0, got {seconds}")
+    # mel frames of the audio: ceil(samples / hop) at 16 kHz, hop 160
+    frames = window if seconds is None else max(1, -(-round(seconds * 16000) // (16000 // MEL_FRAMES_PER_SECOND)))
+    if fam == "kimi_audio":
+        windows = -(-frames // window)
+        positions = (windows - 1) * cfg.window_tokens(window) + cfg.window_tokens(frames - (windows - 1) * window)
+        return {"seconds": frames / MEL_FRAMES_PER_SECOND, "windows": windows,
+                "tokens_per_window": cfg.tokens_per_window, "positions": positions,
+                "adaptor_input_dim": cfg.adaptor_input_dim}
+    a = cfg.audio  # qwen2_audio: the processor cuts the clip at one window
+    return {"seconds": min(frames, window) / MEL_FRAMES_PER_SECOND, "windows": 1, "tokens_per_window": a.out_frames,
+            "positions": int(a.output_lengths(min(frames, window))), "adaptor_input_dim": 0}
 
 
 def _meshes(chips: int) -> list[tuple[int, int]]:
@@ -243,13 +402,15 @@ def _meshes(chips: int) -> list[tuple[int, int]]:
 
 
 def topology_plan(hf_config: dict, name: str, *, batch: int, seq_len: int,
-                  dtypes=("float32", "bfloat16"), headroom: float = HEADROOM) -> dict:
+                  dtypes=("float32", "bfloat16"), headroom: float = HEADROOM,
+                  audio_seconds: float | None = None) -> dict:
     """Per-chip bytes on every (data, model) mesh of a TPU slice and, per dtype, the smallest model
     axis that fits with `headroom` to spare."""
     if name not in TOPOLOGIES:
         raise ValueError(f"unknown topology {name!r}; known: {', '.join(TOPOLOGIES)}")
     topo = TOPOLOGIES[name]
     _, audio, text, _ = _configs(hf_config)
+    span = audio_span(hf_config, audio_seconds)
     budget = int((1 - headroom) * topo["hbm"])
     rows, choice = [], {}
     for dtype in dtypes:
@@ -259,7 +420,8 @@ def topology_plan(hf_config: dict, name: str, *, batch: int, seq_len: int,
             local = -(-batch // data)
             params = param_bytes_per_chip(hf_config, model=model, dtype_bytes=nb)
             kv = kv_cache_bytes(text, batch=local, length=seq_len, dtype_bytes=nb) // model
-            act = _activations(audio, text, batch=local, seq_len=seq_len, nbytes=nb, model=model)["peak"]
+            act = _activations(audio, text, batch=local, seq_len=seq_len, nbytes=nb, model=model,
+                               span=span)["peak"]
             total = params + kv + act
             fits = ok_heads and total <= budget
             rows.append({"dtype": dtype, "data": data, "model": model, "params": params, "kv_cache": kv,
@@ -288,18 +450,21 @@ def topology_names(topology) -> list[str]:
 
 
 def plan(hf_config: dict, *, batch: int, seq_len: int, dtypes=("float32", "bfloat16"),
-         topology=None) -> dict:
-    """Memory plan of one (batch, seq_len) prefill for an HF config dict (qwen2_audio, qwen2, llama).
+         topology=None, audio_seconds: float | None = None) -> dict:
+    """Memory plan of one (batch, seq_len) prefill for an HF config dict (qwen2_audio, kimi_audio,
+    qwen2, llama).
 
     Returns {"model_type", "geometry", "params" (count per part and total), "param_bytes",
     "kv_cache", "activations", "total" (bytes per dtype on one device), "topologies" (per-chip
     bytes of every mesh and the mesh picked, for each topology asked: a name, several, or "all"),
-    "topology" (the first of them), "assumptions"}. seq_len counts every decoder position (text
-    plus audio tokens)."""
+    "topology" (the first of them), "audio" (audio_span: windows and decoder positions of
+    `audio_seconds` of audio per row, None: 30 s; absent for text-only models), "assumptions"}.
+    seq_len counts every decoder position (text plus audio tokens: audio["positions"] of them)."""
     for d in dtypes:
         if d not in DTYPE_BYTES:
             raise ValueError(f"unknown dtype {d!r}; known: {', '.join(DTYPE_BYTES)}")
     mt, audio, text, _ = _configs(hf_config)
+    span = audio_span(hf_config, audio_seconds)
     counts = param_counts(hf_config)
     geometry = {"text": {"vocab": text.vocab_size, "hidden": text.hidden, "layers": text.layers,
                          "heads": text.heads, "kv_heads": text.kv_heads, "head_dim": text.head_dim,
@@ -308,20 +473,27 @@ def plan(hf_config: dict, *, batch: int, seq_len: int, dtypes=("float32", "bfloa
         geometry["audio"] = {"mel": audio.num_mel_bins, "d_model": audio.d_model, "layers": audio.layers,
                              "heads": audio.heads, "ffn": audio.ffn_dim,
                              "max_source_positions": audio.max_source_positions,
-                             "audio_tokens_per_clip": audio.out_frames}
+                             "audio_tokens_per_clip": span["tokens_per_window"]}
+    if mt == "kimi_audio":
+        k = _model_config(hf_config)
+        geometry["mimo"] = {"layers": k.mimo_layers, "from_layer": k.mimo_from_layer,
+                            "adaptor_input_dim": k.adaptor_input_dim}
     out = {"model_type": mt, "geometry": geometry, "batch": batch, "seq_len": seq_len, "dtypes": list(dtypes),
            "params": counts, "param_bytes": {}, "kv_cache": {"per_token_bytes": {}, "bytes": {}},
-           "activations": {}, "total": {}, "assumptions": list(ASSUMPTIONS)}
+           "activations": {}, "total": {}, "assumptions": ASSUMPTIONS + FAMILY_ASSUMPTIONS.get(mt, [])}
+    if span is not None:
+        out["audio"] = span
     for d in dtypes:
         nb = DTYPE_BYTES[d]
         out["param_bytes"][d] = counts["total"] * nb
         out["kv_cache"]["per_token_bytes"][d] = kv_cache_bytes(text, batch=1, length=1, dtype_bytes=nb)
         out["kv_cache"]["bytes"][d] = kv_cache_bytes(text, batch=batch, length=seq_len, dtype_bytes=nb)
-        out["activations"][d] = _activations(audio, text, batch=batch, seq_len=seq_len, nbytes=nb)
+        out["activations"][d] = _activations(audio, text, batch=batch, seq_len=seq_len, nbytes=nb, span=span)
         out["total"][d] = out["param_bytes"][d] + out["kv_cache"]["bytes"][d] + out["activations"][d]["peak"]
     names = topology_names(topology)
     if names:
-        out["topologies"] = [topology_plan(hf_config, n, batch=batch, seq_len=seq_len, dtypes=dtypes) for n in names]
+        out["topologies"] = [topology_plan(hf_config, n, batch=batch, seq_len=seq_len, dtypes=dtypes,
+                                           audio_seconds=audio_seconds) for n in names]
         out["topology"] = out["topologies"][0]
     return out
 
@@ -344,12 +516,22 @@ def format_plan(result: dict, *, assumptions: bool = True) -> str:
     if "audio" in g:
         a = g["audio"]
         lines.append(f"  audio: {a['mel']} mel, d {a['d_model']}, {a['layers']} layers, {a['heads']} heads, "
-                     f"ffn {a['ffn']}, {a['audio_tokens_per_clip']} tokens per 30 s clip")
+                     f"ffn {a['ffn']}, {a['audio_tokens_per_clip']} tokens per 30 s window")
+    if "mimo" in g:
+        m = g["mimo"]
+        lines.append(f"  MIMO (audio output): {m['layers']} layers from layer {m['from_layer']}, loaded, "
+                     f"off the text path (no KV cache); adaptor input {m['adaptor_input_dim']}")
     lines += ["", f"{'part':<16}{'parameters':>16}" + "".join(f"{d:>16}" for d in dts)]
     for part, n in result["params"].items():
         if n or part == "total":
             lines.append(f"{part:<16}{n:>16,}" + "".join(f"{_gib(n * DTYPE_BYTES[d]):>16}" for d in dts))
-    lines += ["", f"batch {result['batch']} x length {result['seq_len']} (prefill, one device)",
+    lines += [""]
+    if "audio" in result:
+        au = result["audio"]
+        lines.append(f"audio {au['seconds']:g} s per row: {au['windows']} encoder window(s), {au['positions']} "
+                     f"decoder positions (part of the length)"
+                     + (f"; length {result['seq_len']} is shorter" if result["seq_len"] < au["positions"] else ""))
+    lines += [f"batch {result['batch']} x length {result['seq_len']} (prefill, one device)",
               f"{'':<28}" + "".join(f"{d:>16}" for d in dts)]
     kv = result["kv_cache"]
     acts = result["activations"]
@@ -381,17 +563,30 @@ def format_plan(result: dict, *, assumptions: bool = True) -> str:
 
 
 def load_hf_config(spec: str) -> dict:
-    """'qwen2-audio-7b', 'qwen2-audio-tiny', a config.json path, or a checkpoint folder holding config.json."""
-    if spec.lower() in ("qwen2-audio-7b", "qwen2_audio_7b"):
+    """'qwen2-audio-7b', 'qwen2-audio-tiny', 'kimi-audio-7b', a config.json path, or a checkpoint
+    folder holding config.json. A Kimi-Audio config.json gets its Whisper config embedded as
+    "whisper_config" from the `whisper-large-v3/config.json` beside it (a release or a converted
+    checkpoint), or, with none there, Whisper-large-v3's (the release's encoder)."""
+    key = spec.lower().replace("_", "-")
+    if key == "qwen2-audio-7b":
         return copy.deepcopy(QWEN2_AUDIO_7B_CONFIG)
-    if spec.lower() in ("qwen2-audio-tiny", "qwen2_audio_tiny"):
+    if key == "qwen2-audio-tiny":
         return tiny_config()
+    if key in ("kimi-audio-7b", "kimi-audio-7b-instruct"):
+        return copy.deepcopy(KIMI_AUDIO_7B_CONFIG)
     p = Path(spec)
     if p.is_dir():
         p = p / "config.json"
     if not p.is_file():
-        raise FileNotFoundError(f"no config.json at {p} (give a config.json, a checkpoint folder, 'qwen2-audio-7b' or 'qwen2-audio-tiny')")
-    return json.loads(p.read_text())
+        raise FileNotFoundError(f"no config.json at {p} (give a config.json, a checkpoint folder, 'qwen2-audio-7b', "
+                                f"'qwen2-audio-tiny' or 'kimi-audio-7b')")
+    cfg = json.loads(p.read_text())
+    if _family(cfg) == "kimi_audio" and "whisper_config" not in cfg:
+        from affjax.models.kimi_audio.params import WHISPER_DIR
+
+        w = p.parent / WHISPER_DIR / "config.json"
+        cfg["whisper_config"] = json.loads(w.read_text()) if w.is_file() else copy.deepcopy(WHISPER_LARGE_V3_CONFIG)
+    return cfg
 
 
 def main_plan(args) -> int:
@@ -399,7 +594,8 @@ def main_plan(args) -> int:
     try:
         cfg = load_hf_config(args.ckpt_config)
         batches, lengths = list(args.batch) or [1], list(args.length) or [1024]
-        first = plan(cfg, batch=batches[0], seq_len=lengths[0], topology=args.topology)
+        secs = getattr(args, "audio_seconds", None)
+        first = plan(cfg, batch=batches[0], seq_len=lengths[0], topology=args.topology, audio_seconds=secs)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -411,7 +607,7 @@ def main_plan(args) -> int:
           + "".join(f"{'model ' + t + ' ' + short.get(d, d):>20}" for t in topos for d in dts))
     for b in batches:
         for n in lengths:
-            r = plan(cfg, batch=b, seq_len=n, topology=topos or None)
+            r = plan(cfg, batch=b, seq_len=n, topology=topos or None, audio_seconds=secs)
             row = f"{b:>6}{n:>8}" + "".join(f"{_gib(r['kv_cache']['bytes'][d]):>18}{_gib(r['total'][d]):>18}"
                                             for d in dts)
             row += "".join(f"{(str(c['model']) if (c := t['choice'][d]) else 'none'):>20}"

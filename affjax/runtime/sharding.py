@@ -81,7 +81,7 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(^|/)(gate_proj|up_proj|fc1)/kernel$", ("embed", "mlp")),
     (r"(^|/)fc1/bias$", ("mlp",)),
     (r"(^|/)(down_proj|fc2)/kernel$", ("mlp", "embed")),
-    (r"(^|/)(embed_tokens|lm_head)$", ("vocab", "embed")),
+    (r"(^|/)(embed_tokens|lm_head|mimo_output)$", ("vocab", "embed")),
 )
 
 # Named activations -> logical axes (leading dims; the rest whole).
