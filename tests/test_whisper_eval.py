@@ -242,12 +242,12 @@ def test_eval_job_error_rows(tiny_ckpt, clips, tmp_path):
 
 @pytest.mark.slow
 def test_cli_eval_model_librivox(tiny_ckpt, clips, tmp_path):
-    """`affjax eval --model whisper-tiny.en --data librivox` end to end in a subprocess (the
-    converted model is found in $AFFJAX_CACHE): unpooled and the default pooled setting."""
+    """`affjax eval --model whisper-tiny.en --data librivox --limit 3` end to end in a subprocess
+    (the converted model is found in $AFFJAX_CACHE): unpooled and the default pooled setting."""
     env = dict(os.environ, AFFJAX_CACHE=str(tiny_ckpt[1]), OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "affjax.cli", "eval", "--model", "whisper-tiny.en", "--data", "librivox",
-           "--out", str(tmp_path / "run"), "--no-progress"]  # the session's compile cache (conftest)
+           "--limit", "3", "--out", str(tmp_path / "run"), "--no-progress"]  # the session's compile cache (conftest)
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "converting" not in p.stdout and "WER" in p.stdout
@@ -256,4 +256,4 @@ def test_cli_eval_model_librivox(tiny_ckpt, clips, tmp_path):
     assert unpooled["pooling"] == "none" and pooled["pooling"] == "4:tau=0.95,window=1" and pooled["proportional"]
     assert unpooled["wer"] <= 0.10 and pooled["wer"] <= 0.10 and pooled["final_retention"] < 1
     for sub in ("unpooled", "pooled"):
-        assert len((tmp_path / "run" / sub / "results.jsonl").read_text().splitlines()) == 5
+        assert len((tmp_path / "run" / sub / "results.jsonl").read_text().splitlines()) == 3
