@@ -61,6 +61,15 @@ def setup(tmp_path_factory):
 
 
 _AUDIO_CACHE = {}
+# jitted: eager, every op of the encoder and of the head would compile on its own
+_encode_audio = jax.jit(lambda m, f, n: m.encode_audio(f, n))
+_head = jax.jit(lambda m, x: m.language_model.logits(x))
+
+
+def _head_logits(model, x) -> np.ndarray:
+    """Logits of the rows of x, padded to a multiple of 16 rows (one compile for every item)."""
+    n = len(x)
+    return np.asarray(_head(model, jnp.asarray(np.pad(x, ((0, -(-n // 16) * 16 - n), (0, 0))))))[:n]
 
 
 def _clip_tokens(model, enc, k):
@@ -69,7 +78,7 @@ def _clip_tokens(model, enc, k):
     feats, length = enc.features[k:k + 1], enc.feature_lengths[k:k + 1]
     key = (id(model), feats.shape, feats.tobytes(), length.tobytes())
     if key not in _AUDIO_CACHE:
-        _AUDIO_CACHE[key] = np.asarray(model.encode_audio(jnp.asarray(feats), jnp.asarray(length)))[0]
+        _AUDIO_CACHE[key] = np.asarray(_encode_audio(model, jnp.asarray(feats), jnp.asarray(length)))[0]
     return _AUDIO_CACHE[key]
 
 
@@ -132,8 +141,8 @@ def ref_score(model, cfg, enc, stages, positions, proportional):
     x, slot_of, counts, margin = reference(model, cfg, enc, stages, positions, proportional, enc.cont_ids)
     n = len(enc.ids)
     slots = slot_of[n - 1 + np.arange(len(enc.cont_ids))]
-    lp = jax.nn.log_softmax(model.language_model.logits(jnp.asarray(x[slots])), axis=-1)
-    return float(np.asarray(lp)[np.arange(len(slots)), enc.cont_ids].sum()), counts, margin
+    lp = np.asarray(jax.nn.log_softmax(_head_logits(model, x[slots]), axis=-1))
+    return float(lp[np.arange(len(slots)), enc.cont_ids].sum()), counts, margin
 
 
 def ref_generate(model, cfg, enc, stages, positions, proportional, tokens):
@@ -143,7 +152,7 @@ def ref_generate(model, cfg, enc, stages, positions, proportional, tokens):
     token's states, so each position sees what step-by-step decoding would."""
     x, slot_of, _, _ = reference(model, cfg, enc, stages, positions, proportional, list(tokens[:-1]))
     slots = slot_of[len(enc.ids) - 1 + np.arange(len(tokens))]
-    return [int(t) for t in np.argmax(np.asarray(model.language_model.logits(jnp.asarray(x[slots]))), axis=-1)]
+    return [int(t) for t in np.argmax(_head_logits(model, x[slots]), axis=-1)]
 
 
 def _gap_tau(sims, q):

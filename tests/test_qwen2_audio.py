@@ -92,16 +92,16 @@ def test_encoder_output_matches(loaded):
 
 def test_logits_match_on_padded_batch(loaded):
     """Logits at every 23rd position and the last of each row, against each item run alone."""
-    from affjax.runtime.engine import embed_seq, run_layers
+    from affjax.runtime.engine import hidden_states
     _, model, cfg, processor, *_, hf, items = loaded
     batch = _batch(loaded, score=False)
-    seq = embed_seq(model, *map(jnp.asarray, (batch.ids, batch.valid, batch.span, batch.audio_index,
-                                           batch.features, batch.feature_lengths)))
-    seq, _ = run_layers(model, seq, 0, cfg.text.layers, 0, False, keep_cache=False)
+    h = jax.jit(hidden_states)(model, *map(jnp.asarray, (batch.ids, batch.valid, batch.span, batch.audio_index,
+                                                        batch.features, batch.feature_lengths)))
+    head = jax.jit(lambda m, x: m.language_model.logits(x))
     for b, (p, w, _) in enumerate(items):
         n = int(batch.n_prompt[b])
         at = np.unique(np.r_[np.arange(0, n, 23), n - 1])
-        ours = np.asarray(model.language_model.logits(seq.x[b, at]))
+        ours = np.asarray(head(model, h[b, at]))
         with torch.no_grad():
             ref = hf(**_hf_inputs(processor, p, w)).logits[0, at].numpy()
         np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)

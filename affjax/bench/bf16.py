@@ -121,11 +121,17 @@ def smollm2_gate(sentences: int = 24) -> dict:
     return r
 
 
+def _full_logits(model, *inputs):
+    """Qwen2-Audio's logits at every position of a batch (jitted by the caller)."""
+    from affjax.runtime.engine import hidden_states
+
+    return model.language_model.logits(hidden_states(model, *inputs))
+
+
 def qwen2_audio_gate(ckpt: str, n_items: int = 3, words: int = 300) -> dict:
     """A converted Qwen2-Audio checkpoint: long prompts around 5-25 s of speech-like audio."""
     from affjax.eval.lslm import load_for_inference
     from affjax.models.qwen2_audio.inputs import collate, encode
-    from affjax.runtime.engine import embed_seq, run_layers
     from affjax.testing import long_prompt, synth_speech_like
 
     logits, mask = {}, None
@@ -135,10 +141,9 @@ def qwen2_audio_gate(ckpt: str, n_items: int = 3, words: int = 300) -> dict:
                for i in range(n_items)]
         batch = collate(enc, batch_size=n_items, audio_token_id=cfg.audio_token_id,
                         out_frames_of=cfg.audio.output_lengths, pad_id=pad)
-        seq = embed_seq(model, *map(jnp.asarray, (batch.ids, batch.valid, batch.span, batch.audio_index,
-                                               batch.features, batch.feature_lengths)))
-        seq, _ = run_layers(model, seq, 0, cfg.text.layers, 0, False, keep_cache=False)
-        logits[dtype] = np.asarray(jax.jit(lambda m, x: m.language_model.logits(x))(model, seq.x), np.float32)
+        arrays = map(jnp.asarray, (batch.ids, batch.valid, batch.span, batch.audio_index, batch.features,
+                                   batch.feature_lengths))
+        logits[dtype] = np.asarray(jax.jit(_full_logits)(model, *arrays), np.float32)
         mask = np.asarray(batch.valid, bool) & (np.asarray(batch.span) == 0)  # text positions
     r = compare(logits["float32"], logits["bfloat16"], mask)
     r["sequences"] = n_items

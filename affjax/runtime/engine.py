@@ -103,6 +103,13 @@ def run_layers(model, seq: Seq, start: int, end: int, extra: int, proportional: 
     return dataclasses.replace(seq, x=shd.constrain(x, "hidden")), caches
 
 
+def hidden_states(model, ids, valid, span, audio_index, features, feature_lengths) -> jax.Array:
+    """The unpooled decoder output ['B T D'] (before the final norm) of a whole batch, no cache: the
+    whole-sequence view parity checks and the bf16 gate compare (jit it: eager, every op compiles)."""
+    seq = embed_seq(model, ids, valid, span, audio_index, features, feature_lengths)
+    return run_layers(model, seq, 0, model.cfg.text.layers, 0, False, keep_cache=False)[0].x
+
+
 def pool_seq(seq: Seq, stage, positions: str, capacity: int, retention, dots: str = "matvec", tau=None):
     """One stage. `stage`: a Stage, or its static part (Stage.static) with `tau` given: a float32
     scalar or per-row array, traced under jit (one program for every threshold)."""
