@@ -157,18 +157,14 @@ class KimiAudio(nnx.Module):
         """The decoder stack over right-padded embeddings x ['B T D'] at positions 0..T-1; valid
         Bool['B T'] masks padding keys. Returns (h ['B T D'] before the final norm, the MIMO
         branch's output or None): the MIMO layers run only with_audio."""
-        b, t, _ = x.shape
-        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.float32)[None], (b, t))
-        cos, sin = rope_for(self.cfg.text, pos, x.dtype)
-        branch = None
-        for i, layer in enumerate(self.language_model.layers):
-            x, _ = layer(x, cos, sin, valid)
-            if with_audio and i == self.cfg.mimo_from_layer:
-                branch = x
+        h, branch = self.language_model.decode(x, valid, keep_after=self.cfg.mimo_from_layer if with_audio else None)
         if with_audio:
+            b, t, _ = x.shape
+            pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.float32)[None], (b, t))
+            cos, sin = rope_for(self.cfg.text, pos, x.dtype)
             for layer in self.mimo_layers:
                 branch, _ = layer(branch, cos, sin, valid)
-        return x, branch
+        return h, branch
 
     def text_logits(self, h: jax.Array) -> jax.Array:
         """h ['... D'] from decode -> Float32['... V'] (final norm + lm_head)."""

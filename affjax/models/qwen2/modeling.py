@@ -117,14 +117,21 @@ class Qwen2ForCausalLM(nnx.Module):
         w = self.embed_tokens if self.lm_head is None else self.lm_head
         return jnp.einsum("...d,vd->...v", self.norm(h), w[...], preferred_element_type=jnp.float32)
 
+    def decode(self, x: jax.Array, valid: jax.Array, *, keep_after: int | None = None):
+        """The layers over right-padded embeddings x ['B T D'] at positions 0..T-1, no cache ->
+        (h before the final norm, the hidden state after layer `keep_after`, or None)."""
+        pos = jnp.arange(x.shape[1], dtype=jnp.float32)[None].repeat(x.shape[0], 0)
+        cos, sin = rope_for(self.cfg, pos, x.dtype)
+        kept = None
+        for i, layer in enumerate(self.layers):
+            x, _ = layer(x, cos, sin, valid)
+            if i == keep_after:
+                kept = x
+        return x, kept
+
     def __call__(self, ids: jax.Array, valid: jax.Array) -> jax.Array:
         """Plain causal forward for right-padded ids ['B T'] -> logits ['B T V'] (tests, small inputs)."""
-        x = self.embed(ids)
-        pos = jnp.arange(ids.shape[1], dtype=jnp.float32)[None].repeat(ids.shape[0], 0)
-        cos, sin = rope_for(self.cfg, pos, x.dtype)
-        for layer in self.layers:
-            x, _ = layer(x, cos, sin, valid)
-        return self.logits(x)
+        return self.logits(self.decode(self.embed(ids), valid)[0])
 
 
 def rope_for(cfg: TextConfig, pos, dtype):
