@@ -53,7 +53,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_run(p: argparse.ArgumentParser, schedule_default: str) -> None:
     """Options of every job that goes through the runner (affjax.eval.runner): resume, scheduling."""
     p.add_argument("--schedule", default=None, choices=("two-pass", "in-order"),
-                   help="Qwen2-Audio: encode first, then batch the language model by pooled length (two-pass), "
+                   help="Qwen2-Audio / Kimi-Audio: encode first, then batch the language model by pooled length "
+                        "(two-pass), "
                         f"or batches in manifest order (default: {schedule_default})")
     p.add_argument("--window", type=int, default=256, help="items per scheduling window")
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
@@ -94,6 +95,59 @@ def _run_job(args) -> int:
     if "ok" in runs[0] and all(r["ok"] == 0 for r in runs):
         print(f"error: every item failed ({runs[0]['errors']} errors; the causes are in the results)", file=sys.stderr)
         return 1
+    return 0
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    out = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers {text!r}: expected e.g. 0-29 or 20,25") from None
+    return tuple(out)
+
+
+def _range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"range {text!r}: expected LO,HI") from None
+    return lo, hi
+
+
+def _run_train(args) -> int:
+    # deferred: option parsing must not import jax
+    from affjax.eval.runner import enable_compile_cache
+
+    if not getattr(args, "no_compile_cache", False):
+        enable_compile_cache()
+    try:
+        if args.cmd == "export":
+            from affjax.train.export import export_run
+            export_run(args.run, args.out)
+            return 0
+        from affjax.train.trainer import TrainConfig, run
+        cfg = TrainConfig(
+            ckpt=args.ckpt, manifest=args.manifest, out=args.out, steps=args.steps, trainable=args.trainable,
+            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_layers=args.lora_layers, lr=args.lr,
+            warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip, batch_size=args.batch_size,
+            accumulate=args.accumulate, seed=args.seed, pooling=args.pooling, positions=args.positions,
+            proportional=args.proportional, tau_range=args.tau_range, prompt=args.prompt,
+            save_every=args.save_every, keep=args.keep, log_every=args.log_every, eval_every=args.eval_every,
+            eval_manifest=args.eval_manifest, eval_items=args.eval_items, mesh=args.mesh, cache_dir=args.cache_dir,
+            restart=args.restart, progress=not args.no_progress)
+        cfg.validate()
+        out = run(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(out))
     return 0
 
 
@@ -147,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="model geometry ('qwen2-audio-7b', an HF config.json, ...; random weights); default: the "
                         "bench's 70 M model")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="both sides' dtype")
+    p.add_argument("--model", default="qwen2-audio", choices=("qwen2-audio", "kimi-audio"),
+                   help="kimi-audio: Kimi-Audio of the same widths against transformers' modules composed as the "
+                        "official code does (affjax/bench/kimi_torch.py)")
 
     p = sub.add_parser("bench-pooling", help="prefill FLOPs / time to first token / memory: unpooled vs input, "
                                               "deep and DAP pooling at the paper's retention (32-layer random model)")
@@ -159,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt-config", default=None, metavar="CONFIG",
                    help="model geometry ('qwen2-audio-7b', an HF config.json, ...; random weights); default: the "
                         "bench's 32-layer narrow model")
+    p.add_argument("--model", default="qwen2-audio", choices=("qwen2-audio", "kimi-audio"),
+                   help="without --ckpt-config: the narrow Qwen2-Audio or the Kimi-Audio-shaped model (28 layers)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", default=None, help="write the results as JSON here")
 
@@ -205,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("eval", help="accuracy jobs: Whisper asr (WER; with no --pooling, unpooled and the default "
-                                    "pooled setting) and Qwen2-Audio asr / qa / st (WER or CER, accuracy, BLEU)")
+                                    "pooled setting) and Qwen2-Audio / Kimi-Audio asr / qa / st (WER or CER, accuracy, "
+                                    "BLEU)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="converted checkpoint directory (checkpoints_convert/convert.py)")
     src.add_argument("--model", choices=("whisper-base", "whisper-tiny.en"),
@@ -235,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--positions", default="first", choices=("first", "mean", "reindex"),
                    help="position ids of merged tokens (ignored for Whisper: absolute positions before layer 1)")
     g.add_argument("--pool-mode", default="bucketed", choices=("bucketed", "fixed"),
-                   help="Qwen2-Audio: bucketed (exact thresholds) or fixed (one compiled prefill, --capacity)")
+                   help="Qwen2-Audio / Kimi-Audio: bucketed (exact thresholds) or fixed (one compiled prefill, "
+                        "--capacity)")
     g.add_argument("--capacity", type=_capacity, default=None,
                    help="fixed mode: retention cap, one fraction or one per stage")
     g.add_argument("--drop-padding", action="store_true",
@@ -246,8 +307,60 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     p.add_argument("--plot", default=None, help="write a PNG plot here")
 
+    p = sub.add_parser("train", help="fine-tune a Qwen2-Audio-format checkpoint (projector, LoRA) with optax, "
+                                     "pooling optionally in the loop (docs/training.md)")
+    p.add_argument("--ckpt", required=True, help="converted checkpoint directory")
+    p.add_argument("--manifest", required=True, help="JSONL: id, audio, target (or text)[, prompt]")
+    p.add_argument("--out", required=True, help="run folder (resumed when it exists)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the schedule's length)")
+    p.add_argument("--trainable", type=_names, default=("projector", "lora"),
+                   help="comma-separated: projector, lora, lm (every decoder parameter); default projector,lora")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=None, help="default 2 x rank")
+    p.add_argument("--lora-layers", type=_layers, default=None, help="decoder layers with adapters, e.g. 0-29 or 20,25")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (linear warm-up, cosine decay)")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tau-range", type=_range, default=None,
+                   help="with --pooling: each batch draws every stage's tau uniformly from LO,HI")
+    p.add_argument("--prompt", default=None, help="prompt of items without one (default: the ASR prompt)")
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=0, help="validation WER every N steps (0: never)")
+    p.add_argument("--eval-manifest", default=None)
+    p.add_argument("--eval-items", type=int, default=32)
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2")
+    p.add_argument("--cache-dir", default=None, help="encoder-output cache (default ~/.cache/affjax/encoder)")
+    p.add_argument("--restart", action="store_true", help="delete the run at --out and start over")
+    p.add_argument("--no-compile-cache", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("Affinity Pooling in the loop")
+    g.add_argument("--pooling", default=None, help="as in eval, e.g. '0:tau=0.8,window=1' or a preset")
+    g.add_argument("--positions", default="first", choices=("first", "mean", "reindex"))
+    g.add_argument("--proportional", action="store_true")
+
+    p = sub.add_parser("bench-train", help="one training step (projector + LoRA, fp32): affjax vs PyTorch, side by side")
+    p.add_argument("--hf", required=True, help="a Qwen2-Audio-format HF folder (e.g. python -m affjax.train.lslm base)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--audio-tokens", type=int, default=100, help="audio tokens per row (4 s of audio at 25 Hz)")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per block")
+    p.add_argument("--blocks", type=int, default=2, help="alternating blocks of the two sides")
+    p.add_argument("--out", default=None, help="write the JSON result here")
+
+    p = sub.add_parser("export", help="a training run -> a checkpoint every command accepts (LoRA merged)")
+    p.add_argument("--run", required=True, help="the run folder of `affjax train`")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+
     args = ap.parse_args(argv)
 
+    if args.cmd in ("train", "export"):
+        return _run_train(args)
     if args.cmd in ("eval", "score", "generate"):
         return _run_job(args)
     # deferred: each command imports only its own module (jax, matplotlib, torch), after parsing
@@ -264,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "bench":
         from affjax.bench.prefill import main_bench
         return main_bench(args)
+    if args.cmd == "bench-train":
+        from affjax.bench.train import main_bench_train
+        return main_bench_train(args)
     if args.cmd == "bench-eval":
         from affjax.bench.eval import main_bench_eval
         return main_bench_eval(args)

@@ -113,6 +113,46 @@ def tiny_qwen2_audio_ckpt(tiny_qwen2_audio_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_kimi_release(tmp_path_factory):
+    """A tiny random Kimi-Audio release in the real on-disk layout (tests/kimi_reference.py), built once."""
+    need_qwen2_tokenizer()
+    from kimi_reference import make_tiny_kimi_audio
+
+    return make_tiny_kimi_audio(tmp_path_factory.mktemp("kimi") / "Kimi-Audio-tiny", seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_glm4_tokenizer(tmp_path_factory):
+    """A tiny GLM-4-Voice speech tokenizer folder (tests/glm4_speech_reference.py), built once."""
+    need_module("torch")
+    from glm4_speech_reference import make_tiny_glm4_speech_tokenizer
+
+    return make_tiny_glm4_speech_tokenizer(tmp_path_factory.mktemp("glm4") / "glm-4-voice-tokenizer", seed=0)
+
+
+def convert_cli(*args) -> int:
+    """checkpoints_convert/convert.py's main, in this process (no second JAX start-up)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "checkpoints_convert" / "convert.py"
+    spec = importlib.util.spec_from_file_location("affjax_convert_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli.main([str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def tiny_kimi_ckpt(tiny_kimi_release, tiny_glm4_tokenizer, tmp_path_factory):
+    """`tiny_kimi_release` converted by the converter's command line with --speech-tokenizer, once
+    (read-only: copy it to change it)."""
+    dst = tmp_path_factory.mktemp("kimi_ckpt") / "ckpt"
+    assert convert_cli("--src", tiny_kimi_release, "--dst", dst, "--quiet", "--speech-tokenizer",
+                       tiny_glm4_tokenizer) == 0
+    return dst
+
+
+@pytest.fixture(scope="session")
 def librivox():
     """[(item, float32 samples at 16 kHz)] for the five real LibriVox clips (skips without the asset)."""
     from affjax.data.assets import librivox_items

@@ -14,7 +14,10 @@ modeling_moonshot_kimia.py computes, for one item at a time as the official code
 - `embed`: the fused embedding of MoonshotKimiaModel.forward (media_begin/media_end segments, the
   adaptor, sqrt(2), + E(text));
 - `forward`: the 28 (here few) layers, the MIMO branch from layer kimia_mimo_transformer_from_layer_index,
-  the two norms; `lm_head` / `mimo_output` give text / audio logits.
+  the two norms; `lm_head` / `mimo_output` give text / audio logits;
+- `layers`: a range of decoder layers over one sequence at given position ids (the pooled
+  reference of tests/test_kimi_jobs.py runs the layer groups between stages with it);
+- `greedy`: the official text generation loop, greedy: each step feeds (audio blank, the token).
 
 `make_tiny_kimi_audio` writes a tiny random checkpoint in the release's on-disk layout.
 """
@@ -51,6 +54,21 @@ def asr_streams(instruction_ids, codes, continuation_ids=()):
     text += list(continuation_ids)
     cont += [False] * len(continuation_ids)
     return audio, text, cont
+
+
+def random_items(seconds, prompt_words, *, rng_seed: int, wave_seed: int, prompt_seed: int):
+    """[(16 kHz wave, random valid speech codes of its token count, instruction)] of the tests:
+    synthetic speech-like clips of `seconds`, instructions of about `prompt_words` words."""
+    from affjax.models.kimi_audio.inputs import code_count
+    from affjax.testing import AUDIO_PLACEHOLDER, long_prompt, synth_speech_like
+
+    rng = np.random.default_rng(rng_seed)
+    out = []
+    for i, (secs, words) in enumerate(zip(seconds, prompt_words)):
+        wave = synth_speech_like(secs, seed=wave_seed + i)
+        codes = rng.integers(0, 16384, code_count(wave))
+        out.append((wave, codes, long_prompt(words, seed=prompt_seed + i).replace(AUDIO_PLACEHOLDER, "")))
+    return out
 
 
 def log_mel(window: np.ndarray, n_mels: int) -> torch.Tensor:
@@ -176,6 +194,40 @@ class KimiReference(nn.Module):
         for layer in m.mimo_layers:
             branch = layer(branch, attention_mask=bias, position_ids=pos, position_embeddings=cos_sin)
         return m.norm(h), m.mimo_norm(branch)
+
+    @torch.no_grad()
+    def layers(self, h: torch.Tensor, pos, start: int, end: int) -> torch.Tensor:
+        """Decoder layers [start, end) over one unpadded sequence h ['T D'] at position ids pos ['T']
+        (fractional after a pooling stage under `mean`), causal; the output before the final norm."""
+        m = self.model
+        x = h[None]
+        cos_sin = m.rotary_emb(x, torch.as_tensor(pos, dtype=torch.float32)[None])
+        t = x.shape[1]
+        causal = torch.full((t, t), torch.finfo(torch.float32).min).triu(1)[None, None]
+        for layer in m.layers[start:end]:
+            x = layer(x, attention_mask=causal, position_embeddings=cos_sin)
+        return x[0]
+
+    @torch.no_grad()
+    def greedy(self, embeds: torch.Tensor, max_new: int, eos=(TEXT_EOS,)) -> tuple[list[int], float]:
+        """kimia_infer's text generation (output_type="text") with greedy sampling, recomputed
+        without a cache: after the prompt's fused embeddings ['T D'], each step takes the argmax of
+        the text logits and feeds (audio stream: <|im_kimia_text_blank|>, text stream: the token),
+        whose fused embedding is E(blank) + E(token), until an EOS id. Returns (tokens, EOS
+        excluded; the smallest gap between the two best logits of any step)."""
+        m = self.model
+        x, out, gap = embeds, [], float("inf")
+        for _ in range(max_new):
+            logits = self.lm_head(m.norm(self.layers(x, torch.arange(len(x)), 0, len(m.layers))[-1]))
+            top = torch.topk(logits, 2).values
+            gap = min(gap, float(top[0] - top[1]))
+            tok = int(logits.argmax())
+            if tok in eos:
+                break
+            out.append(tok)
+            step = m.embed_tokens(torch.tensor([TEXT_BLANK])) + m.embed_tokens(torch.tensor([tok]))
+            x = torch.cat([x, step])
+        return out, gap
 
 
 # ----------------------------------------------------------------------------------------------

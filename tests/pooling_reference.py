@@ -90,3 +90,13 @@ def ref_stage(h, span, pos, size, *, tau, window, weighted=False, positions="fir
         audio_out=int(sum(1 for g in groups if span[g[0]] > 0)),
         margin=margin,
     )
+
+
+def gap_tau(sims, q: float) -> float:
+    """A threshold near the q-quantile of observed similarities, in the middle of a gap between
+    them (so no decision of the tests' random models is a near tie)."""
+    s = np.unique(np.asarray(sims, np.float64))
+    i = int(np.clip(round(q * (len(s) - 1)), 1, len(s) - 1))
+    gaps = [(s[j] - s[j - 1], j) for j in range(max(1, i - 5), min(len(s), i + 6))]
+    _, j = max(gaps)
+    return float((s[j] + s[j - 1]) / 2)

@@ -175,3 +175,40 @@ def test_loop_bound_parser_reads_lt_constants():
     assert _cond_bound(lines, "cond.1") == 12
     assert _cond_bound(lines, "other") is None
     np.testing.assert_equal(_cond_bound(lines[:3] + ["}"], "cond.1"), None)
+
+
+def _kimi_config():
+    """A Kimi-Audio-shaped config (tests/kimi_reference.py's release fields, its Whisper config
+    embedded as `affjax plan` reads a release) with 4 s encoder windows: quick compiles."""
+    from kimi_reference import tiny_config as kimi_tiny_config
+    cfg = kimi_tiny_config(hidden=64, layers=4, mimo_layers=1, mimo_from=1)
+    cfg["whisper_config"] = {"model_type": "whisper", "num_mel_bins": 128, "d_model": 64, "encoder_layers": 2,
+                             "encoder_attention_heads": 4, "encoder_ffn_dim": 128, "max_source_positions": 200}
+    return cfg
+
+
+def test_kimi_audio_pooled_job_through_the_cli(tpu, tmp_path, capsys):
+    """Kimi-Audio's programs: two streams of ids, one feature row per encoder window (6 s of audio
+    is two 4 s windows here: 50 + 25 tokens at 12.5 Hz), a pooling stage between decoder layers, and
+    the MIMO layers resident (loaded) though no program runs them."""
+    import json
+
+    from affjax.cli import main
+    from affjax.runtime.plan import param_bytes_per_chip
+    cfg = _kimi_config()
+    assert aot.layer_counts(cfg) == (4, 2)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    out = tmp_path / "r.json"
+    rc = main(["plan", "--aot", "--topology", "v5e-4", "--mesh", "data=2,model=2", "--ckpt-config", str(path),
+               "--pooling", "1:tau=0.9,window=2", "--retention", "0.5", "--batch-size", "2", "--audio-seconds", "6",
+               "--text-tokens", "16", "--max-new-tokens", "8", "--depth", "full", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    r = json.loads(out.read_text())
+    assert list(r["programs"]) == ["embed", "layers[0:1)", "pool@1", "layers[1:4)", "last_head", "decode"]
+    assert r["layout"]["audio_tokens"] == 75 and r["layout"]["stage_buffers"][0] < r["layout"]["sequence_buffer"]
+    assert r["programs"]["embed"]["layers"] == [2, 2] and r["programs"]["layers[1:4)"]["layers"] == [3, 3]
+    # every parameter is resident, the MIMO layer and mimo_output included
+    assert r["param_bytes"] == param_bytes_per_chip(cfg, model=2, dtype_bytes=2)
+    assert "fits: yes" in text and "pool@1" in text

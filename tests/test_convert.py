@@ -413,7 +413,7 @@ def slow(state, path):
     (path / "partial").write_bytes(bytes(4096))
     print("WRITING", flush=True)
     time.sleep(300)
-ck._save_params = slow
+ck.save_params = slow
 import convert
 sys.exit(convert.main(["--src", sys.argv[2], "--dst", sys.argv[3], "--quiet"]))
 """
@@ -461,7 +461,7 @@ def test_failing_writer_leaves_no_temp(plain, work, monkeypatch):
         seen.append(path.parent)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ck, "_save_params", broken)
+    monkeypatch.setattr(ck, "save_params", broken)
     dst = work / "broken-writer-ckpt"
     with pytest.raises(OSError, match="No space left"):
         convert(plain[0], dst, progress=False)

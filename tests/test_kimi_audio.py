@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import need_module, need_qwen2_tokenizer
+from conftest import need_module
 
 torch = need_module("torch")
 
@@ -28,44 +28,27 @@ from flax import nnx  # noqa: E402
 
 from kimi_reference import (  # noqa: E402
     ASSISTANT_START, MEDIA_BEGIN, MEDIA_END, MSG_END, SPEECH_CT, TEXT_BLANK, USER_START, WHISPER_DIR, KimiReference,
-    asr_streams, make_tiny_kimi_audio, n_skipped_whisper_keys,
+    asr_streams, n_skipped_whisper_keys, random_items,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 SECONDS = (2.0, 12.0, 45.0)
 PROMPT_WORDS = (300, 100, 180)
 CONTINUATIONS = (" The speaker says hello.", " twelve", " It is raining in the city tonight.")
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    need_qwen2_tokenizer()
-    return make_tiny_kimi_audio(tmp_path_factory.mktemp("kimi") / "Kimi-Audio-tiny", seed=3)
+def release(tiny_kimi_release):
+    return tiny_kimi_release
 
 
 @pytest.fixture(scope="module")
-def glm4(tmp_path_factory):
-    """A tiny GLM-4-Voice tokenizer folder (tests/glm4_speech_reference.py)."""
-    from glm4_speech_reference import make_tiny_glm4_speech_tokenizer
-
-    return make_tiny_glm4_speech_tokenizer(tmp_path_factory.mktemp("glm4") / "glm-4-voice-tokenizer", seed=0)
-
-
-def run_cli(*args) -> int:
-    """checkpoints_convert/convert.py's main, in this process (no second JAX start-up)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("kimi_convert_cli", ROOT / "checkpoints_convert" / "convert.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli.main([str(a) for a in args])
+def glm4(tiny_glm4_tokenizer):
+    return tiny_glm4_tokenizer
 
 
 @pytest.fixture(scope="module")
-def converted(release, glm4, tmp_path_factory):
-    dst = tmp_path_factory.mktemp("kimi_ckpt") / "ckpt"
-    assert run_cli("--src", release, "--dst", dst, "--quiet", "--speech-tokenizer", glm4) == 0
-    return dst
+def converted(tiny_kimi_ckpt):
+    return tiny_kimi_ckpt
 
 
 @pytest.fixture(scope="module")
@@ -76,18 +59,14 @@ def run(release, converted):
     from affjax.models.checkpoint import load
     from affjax.models.kimi_audio import inputs as ki
     from affjax.models.kimi_audio.tokenizer import encode_text, load_tokenizer
-    from affjax.testing import AUDIO_PLACEHOLDER, long_prompt, synth_speech_like
 
     model, cfg, meta = load(converted)
     tok = load_tokenizer(converted)
     fe = WhisperFeatureExtractor.from_pretrained(str(converted / WHISPER_DIR))
     ref = KimiReference.from_release(release)
-    rng = np.random.default_rng(0)
     items, streams, waves = [], [], []
-    for i, secs in enumerate(SECONDS):
-        wave = synth_speech_like(secs, seed=20 + i)
-        codes = rng.integers(0, 16384, ki.code_count(wave))
-        instruction = long_prompt(PROMPT_WORDS[i], seed=i).replace(AUDIO_PLACEHOLDER, "")
+    for i, (wave, codes, instruction) in enumerate(random_items(SECONDS, PROMPT_WORDS, rng_seed=0, wave_seed=20,
+                                                                prompt_seed=0)):
         e = ki.encode(tok, fe, instruction, wave, codes, CONTINUATIONS[i])
         items.append(e)
         streams.append(asr_streams(encode_text(tok, instruction), codes, list(e.cont_ids)))
@@ -95,18 +74,17 @@ def run(release, converted):
     batch = ki.collate(items, batch_size=3, tokens_per_window=cfg.tokens_per_window)
 
     @nnx.jit
-    def forward(m, audio_ids, text_ids, valid, features, feature_lengths, feat_index, continuous):
-        feats = m.encode_audio(features, feature_lengths)
-        x = m.embed_inputs(audio_ids, text_ids, feats, feat_index, continuous)
+    def forward(m, ids, valid, span, audio_index, features, feature_lengths):
+        x = m.embed_batch(ids, span, audio_index, features, feature_lengths)
         h, branch = m.decode(x, valid, with_audio=True)
-        return feats, x, h, branch
+        return m.encode_audio(features, feature_lengths), x, h, branch
 
-    args = [jnp.asarray(a) for a in (batch.audio_ids, batch.text_ids, batch.valid, batch.features,
-                                     batch.feature_lengths, batch.feat_index, batch.continuous)]
+    args = [jnp.asarray(a) for a in (batch.ids, batch.valid, batch.span, batch.audio_index, batch.features,
+                                     batch.feature_lengths)]
     feats, x, h, branch = forward(model, *args)
 
     ref_x = [ref.embed(a, t, c, [ref.whisper_features(w)]) for (a, t, c), w in zip(streams, waves)]
-    T = batch.audio_ids.shape[1]
+    T = batch.ids.shape[1]
     emb = torch.zeros(len(items), T, ref_x[0].shape[1])
     mask = torch.zeros(len(items), T, dtype=torch.bool)
     for b, e in enumerate(ref_x):
@@ -138,9 +116,9 @@ def test_streams_and_batch_match_reference(run):
     b = run.batch
     for i, (e, (a, t, c)) in enumerate(zip(run.items, run.streams)):
         n = b.n_prompt[i] + len(e.cont_ids)
-        assert b.audio_ids[i, :n].tolist() == a and b.text_ids[i, :n].tolist() == t
-        assert b.continuous[i, :n].tolist() == c and b.valid[i].sum() == n
-        assert int(b.continuous[i].sum()) == code_count(np.zeros(int(SECONDS[i] * 16000)))
+        assert b.ids[i, :n, 0].tolist() == a and b.ids[i, :n, 1].tolist() == t
+        assert (b.span[i, :n] > 0).tolist() == c and b.valid[i].sum() == n
+        assert int((b.span[i] > 0).sum()) == code_count(np.zeros(int(SECONDS[i] * 16000)))
     assert b.features.shape == (6, 128, 3000)  # 1 + 1 + 2 windows, padded to a multiple of the batch
     # encode_audio: each window's valid tokens, zeros past them (the 45 s clip: 375 + 188)
     per = run.cfg.window_tokens(b.feature_lengths[:4])

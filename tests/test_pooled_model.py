@@ -19,7 +19,7 @@ from conftest import need_module, need_qwen2_tokenizer
 torch = need_module("torch")
 
 from affjax.pooling.spec import Stage  # noqa: E402
-from pooling_reference import ref_cos, ref_stage  # noqa: E402
+from pooling_reference import gap_tau, ref_cos, ref_stage  # noqa: E402
 
 LAYERS = 4
 DEEP = 2
@@ -155,15 +155,6 @@ def ref_generate(model, cfg, enc, stages, positions, proportional, tokens):
     return [int(t) for t in np.argmax(_head_logits(model, x[slots]), axis=-1)]
 
 
-def _gap_tau(sims, q):
-    """A threshold near the q-quantile of the observed similarities, in the middle of a gap."""
-    s = np.unique(np.asarray(sims, np.float64))
-    i = int(np.clip(round(q * (len(s) - 1)), 1, len(s) - 1))
-    gaps = [(s[j] - s[j - 1], j) for j in range(max(1, i - 5), min(len(s), i + 6))]
-    _, j = max(gaps)
-    return float((s[j] + s[j - 1]) / 2)
-
-
 def _pick_taus(model, cfg, encs):
     """Input-stage tau from neighbour similarities of the input embeddings, deep-stage tau from those
     after layer DEEP (no earlier pooling): both near the median, so about half the joins happen."""
@@ -177,7 +168,7 @@ def _pick_taus(model, cfg, encs):
             if span[t] > 0 and span[t] == span[t - 1]:
                 inp.append(ref_cos(x0[t], x0[t - 1]))
                 deep.append(ref_cos(hd[t], hd[t - 1]))
-    return _gap_tau(inp, 0.5), _gap_tau(deep, 0.5)
+    return gap_tau(inp, 0.5), gap_tau(deep, 0.5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -73,6 +73,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from affjax.bench import kimi
+from affjax.models.checkpoint import model_type_of
+from affjax.models.kimi_audio.modeling import KimiAudio, KimiAudioConfig
 from affjax.models.qwen2_audio.inputs import Encoded, collate
 from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
 from affjax.pooling.affinity import retention_slots
@@ -115,14 +118,22 @@ METHODS = ("input", "deep", "dap")
 
 
 def build_model(config: dict | None = None, seed: int = 0, dtype: str = "float32"):
-    cfg = Qwen2AudioConfig.from_hf(config or BENCH_POOLING_CONFIG)
+    """A random Qwen2-Audio (default BENCH_POOLING_CONFIG) or Kimi-Audio model of an HF config."""
+    config = config or BENCH_POOLING_CONFIG
+    if model_type_of(config) == "kimi_audio":
+        cfg = KimiAudioConfig.from_hf(config)
+        return KimiAudio(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed)), cfg
+    cfg = Qwen2AudioConfig.from_hf(config)
     return Qwen2Audio(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed)), cfg
 
 
 def pooling_inputs(cfg, batch: int, audio_seconds: float = 30.0, text_tokens: int = 40, exact: bool = False,
                    seed: int = 0):
-    """Identical-shape items: text tokens around one audio placeholder run. `exact`: the sequence
-    buffer is the valid length (no bucket padding); else the job path's bucket (shapes.bucket)."""
+    """Identical-shape items: text tokens around one audio placeholder run (Kimi-Audio: an
+    instruction, then the clip's windows, affjax.bench.kimi.inputs). `exact`: the sequence buffer is
+    the valid length (no bucket padding); else the job path's bucket (shapes.bucket)."""
+    if isinstance(cfg, KimiAudioConfig):
+        return kimi.inputs(cfg, batch, audio_seconds, text_tokens, exact=exact, seed=seed)
     rng = np.random.default_rng(seed)
     frames = min(int(round(audio_seconds * 100)), cfg.audio.mel_frames)
     n_audio = int(cfg.audio.output_lengths(frames))
@@ -693,6 +704,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model geometry: 'qwen2-audio-7b', 'qwen2-audio-tiny', an HF config.json or a checkpoint folder "
                         "(random weights); default: the bench's own 32-layer narrow model, sized for a CPU")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="parameter and compute dtype")
+    p.add_argument("--model", default="qwen2-audio", choices=("qwen2-audio", "kimi-audio"),
+                   help="without --ckpt-config: the bench's narrow Qwen2-Audio (32 layers) or Kimi-Audio-shaped "
+                        "model (28 layers, 12.5 Hz audio tokens: affjax.bench.kimi.POOLING_CONFIG)")
     p.add_argument("--resume", action="store_true",
                    help="keep the cases of an interrupted run of the same command found in --out")
 
@@ -703,7 +717,8 @@ def _settings_key(args, seconds, buffers) -> dict:
             "text_tokens": args.text_tokens, "buffers": list(buffers),
             "methods": list(getattr(args, "methods", METHODS)), "pool_modes": list(getattr(args, "pool_modes", POOL_MODES)),
             "stage_timing": getattr(args, "stage_timing", None), "seq_grid": getattr(args, "seq_grid", "32"),
-            "ckpt_config": getattr(args, "ckpt_config", None), "dtype": getattr(args, "dtype", "float32")}
+            "ckpt_config": getattr(args, "ckpt_config", None), "dtype": getattr(args, "dtype", "float32"),
+            "model": getattr(args, "model", "qwen2-audio")}
 
 
 def main_bench_pooling(args) -> int:
@@ -717,6 +732,8 @@ def main_bench_pooling(args) -> int:
     buffers = ["exact"] if args.exact_length else getattr(args, "buffers", list(BUFFERS))
     done, settings = [], _settings_key(args, seconds, buffers)
     config = load_hf_config(args.ckpt_config) if getattr(args, "ckpt_config", None) else None
+    if config is None and getattr(args, "model", "qwen2-audio") == "kimi-audio":
+        config = kimi.POOLING_CONFIG
     if getattr(args, "resume", False) and args.out and os.path.exists(args.out):
         with open(args.out) as f:
             old = json.load(f)

@@ -6,6 +6,11 @@ Config (about 70 M parameters): audio d384 x 4 layers, text d512 x 8 layers, voc
 all decoder layers (building the KV cache) + the LM head on the last position, on both sides.
 Times are medians of --repeats warm runs; the first call (compilation) is reported apart. The
 machine's matmul peak (2048-square float32) is measured in the same run on both frameworks.
+
+`--model kimi-audio`: Kimi-Audio of the same widths (affjax.bench.kimi.BENCH_CONFIG: Whisper d384 x 4, text
+d512 x 8, no MIMO layers) against transformers' WhisperEncoder + Qwen2Model composed as the official
+code does (affjax/bench/kimi_torch.py); input: one 30 s window (375 tokens at 12.5 Hz) plus 40 text
+tokens and the prompt's 6 control tokens per item.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ BENCH_CONFIG = {
 }
 
 
+MODELS = ("qwen2-audio", "kimi-audio")
+
+
 def prefill_flops(cfg, n_text: int, n_audio_tokens: int, n_frames: int) -> dict:
     """Analytic FLOPs of one item's prefill (2 per multiply-add): `text` with the full n x n
     attention square (the count of docs/pooling.md section 5), `text_causal` with the causal triangle only (the
@@ -48,7 +56,9 @@ def prefill_flops(cfg, n_text: int, n_audio_tokens: int, n_frames: int) -> dict:
     d, f = a.d_model, n_frames // 2
     conv = 2 * (n_frames * a.num_mel_bins * d * 3 + f * d * d * 3)
     enc_layer = 2 * f * (4 * d * d + 2 * d * a.ffn_dim) + 2 * 2 * f * f * d
-    proj = 2 * n_audio_tokens * d * t.hidden
+    # Kimi's adaptor: Linear(4 stacked frames -> D), Linear(D -> D); Qwen2-Audio's projector: d -> D
+    adaptor_in = getattr(cfg, "adaptor_input_dim", 0)
+    proj = 2 * n_audio_tokens * ((adaptor_in + t.hidden) * t.hidden if adaptor_in else d * t.hidden)
     n = n_text + n_audio_tokens
     text = lm_prefill_flops(t, [n] * t.layers, items=1)
     # the causal mask leaves n (n + 1) / 2 of the n x n scores to compute, not n^2
@@ -126,19 +136,47 @@ def bench_inputs(cfg, batch: int, audio_seconds: float, text_tokens: int, seed: 
                    seq_len=len(items[0].ids))
 
 
+def _torch_prefill(hf, batch, device: str, dtype: str):
+    """transformers' Qwen2-Audio prefill of a batch (the LM head on the last position), as a call."""
+    import torch
+    feats = torch.from_numpy(batch.features).to(device=device, dtype=getattr(torch, dtype))
+    fmask = torch.zeros(feats.shape[0], feats.shape[2], dtype=torch.long)
+    for i, n in enumerate(batch.feature_lengths):
+        fmask[i, :n] = 1
+    fmask = fmask.to(device)
+    ids = torch.from_numpy(batch.ids).long().to(device)
+
+    def ref():
+        with torch.inference_mode():
+            h = hf.model(input_ids=ids, input_features=feats, feature_attention_mask=fmask,
+                         attention_mask=torch.ones_like(ids), use_cache=True).last_hidden_state
+            return hf.lm_head(h[:, -1])
+    return ref
+
+
 def run_bench(batches=(1, 4), repeats=5, audio_seconds=30.0, text_tokens=40, threads=2, torch_side=True,
-              config: dict | None = None, dtype: str = "float32") -> dict:
-    """`config`: an HF Qwen2-Audio config dict (default BENCH_CONFIG; `--ckpt-config qwen2-audio-7b`
-    for an accelerator); both sides in `dtype`; PyTorch on CUDA when it sees a GPU."""
+              config: dict | None = None, dtype: str = "float32", model: str = "qwen2-audio") -> dict:
+    """`model`: "qwen2-audio" or "kimi-audio"; `config`: an HF config dict of that family (default
+    BENCH_CONFIG / affjax.bench.kimi.BENCH_CONFIG; `--ckpt-config qwen2-audio-7b` for an accelerator); both sides
+    in `dtype`; PyTorch on CUDA when it sees a GPU."""
     import torch  # deferred: torch is optional (the torch extra)
 
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf, model, cfg = build_models(config=config, dtype=dtype, device=device)
+    if model == "kimi-audio":
+        from affjax.bench import kimi, kimi_torch  # deferred: kimi_torch imports torch
+        hf, model_, cfg = kimi_torch.build(config or kimi.BENCH_CONFIG, 0, dtype, device)
+        make_inputs, torch_call = kimi.inputs, kimi_torch.prefill_call
+    else:
+        hf, model_, cfg = build_models(config=config, dtype=dtype, device=device)
+        make_inputs, torch_call = bench_inputs, _torch_prefill
     peak = matmul_peak(repeats, dtype=dtype, device=device)
-    engine = Engine(model)
+    engine = Engine(model_)
     a, t = cfg.audio, cfg.text
-    results = {"config": f"audio d{a.d_model}x{a.layers}, text d{t.hidden}x{t.layers}, vocab {t.vocab_size}, {dtype}",
+    results = {"model": model,
+               "config": f"audio d{a.d_model}x{a.layers}, text d{t.hidden}x{t.layers}, vocab {t.vocab_size}, {dtype}",
                "device": str(jax.devices()[0]), "torch_device": device,
                "params": int(sum(p.numel() for p in hf.parameters())),
                "audio_seconds": audio_seconds, "text_tokens": text_tokens, "repeats": repeats,
@@ -146,9 +184,9 @@ def run_bench(batches=(1, 4), repeats=5, audio_seconds=30.0, text_tokens=40, thr
                "cpu_count": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
                "matmul_peak": peak, "rows": []}
     for b in batches:
-        batch = bench_inputs(cfg, b, audio_seconds, text_tokens)
+        batch = make_inputs(cfg, b, audio_seconds, text_tokens)
         n_audio = int((batch.span[0] > 0).sum())
-        fl = prefill_flops(cfg, text_tokens, n_audio, cfg.audio.mel_frames)
+        fl = prefill_flops(cfg, int(batch.valid[0].sum()) - n_audio, n_audio, cfg.audio.mel_frames)
         flops = b * (fl["audio"] + fl["text"])
         flops_causal = b * (fl["audio"] + fl["text_causal"])
 
@@ -159,19 +197,10 @@ def run_bench(batches=(1, 4), repeats=5, audio_seconds=30.0, text_tokens=40, thr
         first = _timed(ours)
         runs, truns = [], []
         if torch_side:
-            feats = torch.from_numpy(batch.features).to(device=device, dtype=getattr(torch, dtype))
-            fmask = torch.zeros(feats.shape[0], feats.shape[2], dtype=torch.long)
-            for i, n in enumerate(batch.feature_lengths):
-                fmask[i, :n] = 1
-            fmask = fmask.to(device)
-            ids = torch.from_numpy(batch.ids).long().to(device)
+            call = torch_call(hf, batch, device, dtype)
 
             def ref():
-                with torch.inference_mode():
-                    h = hf.model(input_ids=ids, input_features=feats, feature_attention_mask=fmask,
-                                 attention_mask=torch.ones_like(ids), use_cache=True).last_hidden_state
-                    hf.lm_head(h[:, -1])
-                _sync()
+                _sync(call())
 
             ref()  # warm-up
         # round-robin: each round times both sides back to back, so a slow spell of this shared
@@ -197,7 +226,7 @@ def run_bench(batches=(1, 4), repeats=5, audio_seconds=30.0, text_tokens=40, thr
 
 def format_bench(r: dict) -> str:
     p = r["matmul_peak"]
-    lines = [f"prefill bench: {r['config']} ({r['params'] / 1e6:.1f} M params), {r['audio_seconds']:.0f} s audio "
+    lines = [f"prefill bench ({r.get('model', 'qwen2-audio')}): {r['config']} ({r['params'] / 1e6:.1f} M params), {r['audio_seconds']:.0f} s audio "
              f"+ {r['text_tokens']} text tokens, median of {r['repeats']}; jax {r['jax']}, torch {r['torch']} "
              f"({r['torch_threads']} threads)",
              f"matmul peak ({p.get('n', 2048)}^2 {p.get('dtype', 'float32')}, best run): XLA {p['xla_gflops']:.0f} GFLOP/s, "
@@ -220,7 +249,8 @@ def main_bench(args) -> int:
 
     config = load_hf_config(args.ckpt_config) if getattr(args, "ckpt_config", None) else None
     r = run_bench(tuple(args.batch), args.repeats, args.audio_seconds, args.text_tokens, args.threads,
-                  torch_side=not args.no_torch, config=config, dtype=getattr(args, "dtype", "float32"))
+                  torch_side=not args.no_torch, config=config, dtype=getattr(args, "dtype", "float32"),
+                  model=getattr(args, "model", "qwen2-audio"))
     print(format_bench(r))
     if args.out:
         with open(args.out, "w") as f:

@@ -1,5 +1,7 @@
-"""Jobs on Qwen2-Audio checkpoints, through the one runner (affjax.eval.runner): `score`, `generate`
-and `eval` tasks `asr` (WER / CER), `qa` (accuracy) and `st` (BLEU), with Affinity Pooling.
+"""Jobs on Qwen2-Audio and Kimi-Audio checkpoints, through the one runner (affjax.eval.runner):
+`score`, `generate` and `eval` tasks `asr` (WER / CER), `qa` (accuracy) and `st` (BLEU), with
+Affinity Pooling. What differs between the two models (prompts, audio, batches, detokenizing) is
+their frontend (affjax.eval.frontends); the rest is one code path.
 
     affjax score    --ckpt CKPT --manifest M.jsonl --out scores.jsonl
     affjax generate --ckpt CKPT --manifest M.jsonl --out gen.jsonl
@@ -9,8 +11,10 @@ and `eval` tasks `asr` (WER / CER), `qa` (accuracy) and `st` (BLEU), with Affini
 Items (manifest fields per task: docs/manifests.md). `score` scores the item's `continuation`
 after its `prompt`; `generate`, asr and st generate greedily; qa with `choices` scores each choice
 as a continuation of the prompt and predicts the best; qa without choices generates and is scored
-by normalised exact match. Audio longer than the processor's feature window (30 s) is split into windows of it, each its own clip,
-placed as consecutive audio spans (affjax.models.qwen2_audio.inputs.window_prompt), in every task.
+by normalised exact match. Audio longer than the feature window (30 s) is split into windows of it:
+for Qwen2-Audio each its own clip, placed as consecutive audio spans
+(affjax.models.qwen2_audio.inputs.window_prompt); for Kimi-Audio one audio span of the windows'
+tokens (docs/kimi_audio.md); in every task.
 
 Results go through affjax.eval.results: rows appended and fsynced per batch, a rerun resumes, a rerun
 with other inputs or settings is refused (`--restart` starts over).
@@ -36,11 +40,11 @@ import numpy as np
 
 from affjax.data.audio import load_audio
 from affjax.data.manifest import read_manifest
-from affjax.eval import metrics, recipes, runner
+from affjax.eval import frontends, metrics, recipes, runner
+from affjax.eval.frontends import load_for_inference
 from affjax.eval.results import ResultStore, fingerprint_checkpoint, fingerprint_file, open_run
 from affjax.eval.summary import command_line, flops_summary, retention_summary, versions, write_summary
 from affjax.models.checkpoint import CONFIG_NAME, get_spec
-from affjax.models.qwen2_audio.inputs import check_clips, collate, encode, window_prompt
 from affjax.pooling.spec import parse_pooling
 from affjax.runtime import shapes, sharding
 from affjax.runtime.costs import program_costs
@@ -51,26 +55,6 @@ __all__ = ["TASKS", "load_for_inference", "run_lslm", "summarize", "summary_mark
 
 TASKS = ("score", "generate", "asr", "qa", "st")
 _SCORED = ("score", "qa")  # tasks whose items may carry continuations
-
-
-def load_for_inference(ckpt: str, dtype: str | None = None, mesh=None):
-    """(model, cfg, processor, eos_ids, pad_id) from a converted checkpoint directory; with a `mesh`
-    every parameter is restored directly onto its shards (affjax.runtime.sharding)."""
-    from transformers import AutoProcessor, GenerationConfig  # deferred: transformers is heavy
-
-    model, cfg, _ = sharding.load(ckpt, mesh, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(ckpt)
-    eos = []
-    try:
-        gc = GenerationConfig.from_pretrained(ckpt)
-        eos = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]
-    except OSError:
-        pass
-    tok = processor.tokenizer
-    if not eos or eos == [None]:
-        eos = [tok.eos_token_id]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return model, cfg, processor, [int(e) for e in eos if e is not None], int(pad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,22 +103,21 @@ def _answer_index(item: dict, choices: list[str]) -> int:
     raise ValueError("multiple-choice item needs 'answer' (a choice index or the choice text)")
 
 
-def _tokens(processor, text: str, what: str) -> np.ndarray:
-    ids = np.asarray(processor.tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+def _tokens(frontend, text: str, what: str) -> np.ndarray:
+    ids = frontend.tokens(text)
     if ids.size == 0:
         raise ValueError(f"{what} tokenizes to zero tokens")
     return ids
 
 
 class LslmTask:
-    """score / generate / asr / qa / st on a Qwen2-Audio engine (affjax.eval.runner's task protocol)."""
+    """score / generate / asr / qa / st on an engine and the model's frontend (affjax.eval.frontends),
+    in affjax.eval.runner's task protocol."""
 
-    def __init__(self, task: str, engine: Engine, processor, cfg: runner.JobConfig, two_pass: bool, log=print):
-        self.task, self.engine, self.processor, self.cfg, self.log = task, engine, processor, cfg, log
+    def __init__(self, task: str, engine: Engine, frontend, cfg: runner.JobConfig, two_pass: bool, log=print):
+        self.task, self.engine, self.frontend, self.cfg, self.log = task, engine, frontend, cfg, log
         self.two_pass = two_pass
         self.bs = sharding.padded_batch_size(cfg.batch_size, engine.mesh)  # whole rows of the data axis
-        self.audio_id = engine.cfg.audio_token_id
-        self.out_frames = engine.cfg.audio.output_lengths
         self.front_stages = 1 if engine.pooling.stages and engine.pooling.stages[0].layer == 0 else 0
         self.multi = sharding.process_count() > 1
         self.clock: runner.Clock | None = None
@@ -145,7 +128,7 @@ class LslmTask:
 
     # -- pass 0: one manifest row -> an item (raise: the item is an error row) -----------------------
     def prepare(self, row) -> _Item:
-        it, task, proc = row.item, self.task, self.processor
+        it, task, fe = row.item, self.task, self.frontend
         if it.get("error"):  # a recipe's bad row (affjax.eval.recipes)
             raise ValueError(str(it["error"]))
         if not it.get("audio"):
@@ -158,40 +141,30 @@ class LslmTask:
             raise ValueError("field 'reference' must be a string")
         prompt = it.get("prompt")
         if prompt is None and task not in ("score", "generate"):
-            prompt = metrics.default_prompt(task, language=it.get("language") or "en",
-                                            source_lang=it.get("source_lang"), target_lang=it.get("target_lang"))
-        if not isinstance(prompt, str) or not prompt:
+            prompt = fe.default_prompt(task, it)  # Kimi-Audio's qa has none: the question is spoken
+        elif not isinstance(prompt, str) or not prompt:
             raise ValueError("'prompt' must be a non-empty string")
         conts = None
         if task == "score":
             c = it.get("continuation")
             if not isinstance(c, str) or not c:
                 raise ValueError("missing or non-string 'continuation'")
-            conts = [_tokens(proc, c, "continuation")]
+            conts = [_tokens(fe, c, "continuation")]
         elif task == "qa":
             choices = it.get("choices")
             if choices is not None:
                 if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
                     raise ValueError("'choices' must be a list of at least two non-empty strings")
                 rec["answer_index"] = _answer_index(it, choices)
-                # a choice continues the prompt's text: one space between them unless either side has it
-                # (as lm-evaluation-harness does), so "...is:" + "B" is scored as "...is: B"
-                conts = [_tokens(proc, c if c[:1].isspace() or prompt[-1:].isspace() else " " + c, f"choice {c!r}")
-                         for c in choices]
+                conts = [_tokens(fe, fe.choice_text(prompt, c), f"choice {c!r}") for c in choices]
             elif not isinstance(it.get("answer"), (str, list)):
                 raise ValueError("qa item needs 'choices' + 'answer', or an open 'answer' (a string or a list of them)")
-        sr = proc.feature_extractor.sampling_rate
+        sr = fe.sampling_rate
         paths = it["audio"] if isinstance(it["audio"], list) else [it["audio"]]
         waves = [load_audio(p, sr=sr) for p in paths]
         seconds = sum(len(w) for w in waves) / sr
         rec["audio_seconds"] = round(seconds, 3)
-        prompt, clips = window_prompt(proc, prompt, waves, sr)
-        rec["windows"] = len(clips)
-        try:
-            enc = encode(proc, prompt, clips, None)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"processor rejected the item: {e}") from None
-        check_clips(enc, self.audio_id, self.out_frames, sr)
+        enc, rec["windows"] = fe.encode(prompt, waves)
         longest = len(enc.ids) + max((len(c) for c in conts), default=0) if conts else len(enc.ids)
         shapes.bucket(longest)  # too long for any bucket: an error row, not a crash
         if task == "score":
@@ -238,9 +211,7 @@ class LslmTask:
         self._fail(u.item, cause)
 
     def _empty(self, score: bool) -> None:
-        fe = self.processor.feature_extractor
-        b = sharding.empty_batch(self.bs, n_mels=fe.feature_size, frames=fe.nb_max_frames, score=score,
-                                 pad_id=self.engine.pad_id)
+        b = self.frontend.empty_batch(self.bs, score)
         self.engine.score(b) if score else self.engine.generate(b, self.cfg.max_new_tokens)
 
     def _encode_pass(self, items: list[_Item]) -> None:
@@ -256,8 +227,7 @@ class LslmTask:
                 it.front = row
 
     def _collate(self, encs):
-        return collate(encs, batch_size=self.bs, audio_token_id=self.audio_id, out_frames_of=self.out_frames,
-                       pad_id=self.engine.pad_id)
+        return self.frontend.collate(encs, self.bs)
 
     def _lm_stored(self, units: list[_Unit]) -> list[dict]:
         """Pass 2: the rest of the prefill (and decoding) for stored rows, continuations appended."""
@@ -334,7 +304,7 @@ class LslmTask:
             rec["correct"] = rec["pred"] == rec["answer_index"]
         else:
             toks = outs[0]["tokens"]
-            rec["text"] = self.processor.tokenizer.decode(toks, skip_special_tokens=True).strip()
+            rec["text"] = self.frontend.text(toks)
             rec["tokens"] = toks
             if self.task == "qa":
                 rec["pred"] = rec["text"]
@@ -378,7 +348,8 @@ def _rows(cfg: runner.JobConfig, task: str, out_dir: Path, log):
 
 
 def run_lslm(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=print) -> dict:
-    """Run (or resume) a score / generate / eval job on a Qwen2-Audio checkpoint; returns the summary."""
+    """Run (or resume) a score / generate / eval job on a Qwen2-Audio or Kimi-Audio checkpoint; returns
+    the summary."""
     t_start = time.perf_counter()
     task = cfg.task
     file_job = task in ("score", "generate")
@@ -405,6 +376,8 @@ def run_lslm(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=print) -> 
         raise runner.UsageError(f"--capacity gives {len(cfg.capacity)} retentions for {len(pooling.stages)} "
                                 "pooling stages (give one, or one per stage)")
     multi = sharding.process_count() > 1
+    if multi and not frontends.FRONTENDS[meta["model_type"]].multi_process:
+        raise runner.UsageError(f"model_type {meta['model_type']} runs in one process (a mesh of one host's devices)")
     schedule = cfg.schedule or ("in-order" if file_job else "two-pass")
     two_pass = schedule == "two-pass" and not (cfg.pool_mode == "fixed" and pooling.stages) and not multi
     results = Path(cfg.out) if file_job else out_dir / "results.jsonl"
@@ -417,16 +390,16 @@ def run_lslm(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=print) -> 
 
     sharding.initialize_distributed()  # a no-op unless launched as several processes
     mesh = sharding.mesh_or_none(cfg.mesh)
-    model, mcfg, processor, eos_ids, pad_id = load_for_inference(str(ckpt), cfg.dtype, mesh)
-    engine = Engine(model, pooling=pooling, pool_mode=cfg.pool_mode, capacity=cfg.capacity, eos_ids=eos_ids,
-                    pad_id=pad_id, mesh=mesh)
+    model, mcfg, frontend = frontends.load(ckpt, cfg.dtype, mesh)
+    engine = Engine(model, pooling=pooling, pool_mode=cfg.pool_mode, capacity=cfg.capacity,
+                    eos_ids=frontend.eos_ids, pad_id=frontend.pad_id, mesh=mesh)
     t_load = time.perf_counter() - t_start
 
     # several processes: each runs its share into its own file; process 0 merges them at the end
     all_rows, rows = rows, sharding.host_share(rows)
     path = results.with_name(f"{results.name}.p{sharding.process_index()}") if multi else results
     store = ResultStore(path, log=log)
-    lt = LslmTask(task, engine, processor, cfg, two_pass, log=log)
+    lt = LslmTask(task, engine, frontend, cfg, two_pass, log=log)
     traces0 = dict(runner.TRACES)
     try:
         lt.clock = runner.Clock()

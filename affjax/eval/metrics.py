@@ -115,6 +115,25 @@ def default_prompt(task: str, *, language: str = "en", source_lang: str | None =
     raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
 
 
+def kimi_default_instruction(task: str, *, target_lang: str | None = None) -> str:
+    """Kimi-Audio's instruction for a task: the text message the audio message follows (no audio
+    tags: the clip is its own message).
+    - asr: "Please transcribe the spoken content into written text." (the issue's, for every language).
+    - st: "Please translate the speech into <Target>." *(project choice)*.
+    - qa: none, the question is spoken: the audio message alone *(project choice)*.
+    """
+    if task == "asr":
+        return "Please transcribe the spoken content into written text."
+    if task == "st":
+        if target_lang is None:
+            raise ValueError("kimi_default_instruction('st') needs target_lang")
+        tgt = _lang(target_lang)
+        return f"Please translate the speech into {LANGUAGE_NAMES.get(tgt, tgt)}."
+    if task == "qa":
+        return ""
+    raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+
+
 # ----------------------------------------------------------------------------------------------
 # ASR: WER and CER
 

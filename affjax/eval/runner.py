@@ -4,8 +4,8 @@
     -> model -> windows of items: prepare each (a bad item is an error row) -> the task runs its
     batches (rows stored and fsynced per batch) -> compact in manifest order -> summary
 
-A task (Qwen2-Audio: affjax.eval.lslm; Whisper: affjax.eval.whisper) gives `prepare(row)` (raise to
-make the item an error row naming the cause) and `run_window(items, sink)`, which calls
+A task (Qwen2-Audio, Kimi-Audio: affjax.eval.lslm; Whisper: affjax.eval.whisper) gives
+`prepare(row)` (raise to make the item an error row naming the cause) and `run_window(items, sink)`, which calls
 `sink.done(item, record)` or `sink.fail(item, cause)` for every item. `run_batch` is the rule every
 task's batches follow: a batch that raises (a compile error, an out-of-memory) is run again item
 by item, once, and only the items that fail alone become error rows.
@@ -296,7 +296,8 @@ def _run_whisper(cfg: JobConfig, ckpt: Path, model_label: str, log=print) -> dic
 
 # model_type -> (tasks, job(cfg, ckpt, model label))
 RUNNERS = {"whisper": (("asr",), _run_whisper),
-           "qwen2_audio": (("score", "generate", "asr", "qa", "st"), _run_lslm)}
+           "qwen2_audio": (("score", "generate", "asr", "qa", "st"), _run_lslm),
+           "kimi_audio": (("score", "generate", "asr", "qa", "st"), _run_lslm)}
 
 
 def run_eval(cfg: JobConfig, log=print) -> dict:

@@ -76,7 +76,7 @@ from affjax.models.whisper.params import KEYS as WHISPER_KEYS
 __all__ = [
     "ConversionError", "ModelSpec", "MODELS", "register", "get_spec", "convert", "load",
     "load_hf_model", "ensure_converted", "is_ct2_dir", "load_speech_tokenizer", "model_type_of",
-    "CONFIG_NAME", "FORMAT", "PARAMS_DIR", "COPIED_FILES",
+    "CONFIG_NAME", "FORMAT", "PARAMS_DIR", "COPIED_FILES", "save_params", "publish",
 ]
 
 CONFIG_NAME = "affjax_config.json"
@@ -497,7 +497,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
             source = open_weights(src, spec.subfolders)
         state, n_tensors, skipped = _fill(spec, cfg, source, dtype, progress)
         del source
-        n_params, n_bytes = _save_params(state, tmp / PARAMS_DIR)
+        n_params, n_bytes = save_params(state, tmp / PARAMS_DIR)
         del state
         if ct2:  # CT2's config.json is not an HF one: write the HF config, processor, generation config
             ct2_processor(src, tmp, hf_config=hf_config)
@@ -521,8 +521,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
         for name, d in extras.items():
             meta[name] = spec.extras[name](d, tmp, dtype)
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        _publish(tmp, dst)
-    finally:  # after a successful _publish tmp no longer exists; after any error it goes
+        publish(tmp, dst)
+    finally:  # after a successful publish tmp no longer exists; after any error it goes
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     secs = time.perf_counter() - t0
@@ -690,7 +690,7 @@ def _convert_speech_tokenizer(src: Path, out: Path, dtype: str) -> dict:
                      keys=speech.SPEECH_TOKENIZER_KEYS, aliases=speech.SPEECH_TOKENIZER_ALIASES,
                      ignore=speech.speech_tokenizer_ignore)
     state, n_tensors, skipped = _fill(spec, cfg, open_weights(src), dtype, progress=False)
-    n_params, _ = _save_params(state, dst / PARAMS_DIR)
+    n_params, _ = save_params(state, dst / PARAMS_DIR)
     return {"dir": SPEECH_TOKENIZER_DIR, "converted_from": src.resolve().name, "weights": "converted",
             "params": f"{SPEECH_TOKENIZER_DIR}/{PARAMS_DIR}", "tensors": n_tensors, "parameters": n_params,
             "skipped_tensors": skipped}
@@ -711,7 +711,7 @@ def load_speech_tokenizer(ckpt_dir: str | os.PathLike, *, dtype=None):
     return _restore(abstract, ckpt_dir / st["params"], dtype), cfg
 
 
-def _save_params(state, path: Path) -> tuple[int, int]:
+def save_params(state, path: Path) -> tuple[int, int]:
     """Write the (numpy) parameter tree with orbax, without whole-tree copies.
 
     Orbax's defaults would roughly triple peak memory here: the numpy handler deep-copies every
@@ -741,7 +741,7 @@ def _save_params(state, path: Path) -> tuple[int, int]:
     return n_params, n_bytes
 
 
-def _publish(tmp: Path, dst: Path) -> None:
+def publish(tmp: Path, dst: Path) -> None:
     """Move the finished tmp dir to dst; an existing dst (empty, or under overwrite) is replaced."""
     old = None
     if dst.exists():

@@ -1,4 +1,5 @@
-"""Every program of a Qwen2-Audio job compiled for a real TPU topology, on a machine without a TPU.
+"""Every program of a speech-LM job (Qwen2-Audio, Kimi-Audio) compiled for a real TPU topology, on a
+machine without a TPU.
 
 The `libtpu` wheel (`pip install -e ".[tpu]"`) gives compile-only TPU devices through
 `jax.experimental.topologies`: nothing can be placed on them, but `jit(...).lower(abstract sharded
@@ -233,25 +234,52 @@ def chip_bytes(tree) -> int:
 # abstract, sharded parameters and inputs
 
 
+def _is_kimi(hf_config: dict) -> bool:
+    from affjax.models.checkpoint import model_type_of
+    return model_type_of(hf_config) == "kimi_audio"
+
+
+def _depth_keys(hf_config: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Where a config keeps its decoder's and its audio encoder's layer counts: Kimi-Audio's
+    config.json is the decoder's own, with the Whisper config embedded (kimi_audio.params.read_config)."""
+    if _is_kimi(hf_config):
+        return ("num_hidden_layers",), ("whisper_config", "encoder_layers")
+    return ("text_config", "num_hidden_layers"), ("audio_config", "encoder_layers")
+
+
+def _get(d: dict, keys: tuple[str, ...]):
+    for k in keys:
+        d = d[k]
+    return d
+
+
+def layer_counts(hf_config: dict) -> tuple[int, int]:
+    """(decoder layers, audio encoder layers) of a Qwen2-Audio or Kimi-Audio config."""
+    return tuple(int(_get(hf_config, k)) for k in _depth_keys(hf_config))
+
+
 def abstract_model(hf_config: dict, dtype: str, mesh, *, text_layers: int | None = None,
                    audio_layers: int | None = None):
-    """(graphdef, sharded abstract state, cfg) of a Qwen2-Audio model built from shapes only; with
-    `text_layers` / `audio_layers` a shallower model of the same widths (see module docstring)."""
+    """(graphdef, sharded abstract state, cfg) of a Qwen2-Audio or Kimi-Audio model built from shapes
+    only; with `text_layers` / `audio_layers` a shallower model of the same widths (see module
+    docstring), which for Kimi-Audio also leaves out the MIMO layers (no job program runs them)."""
     import copy
 
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from affjax.models.checkpoint import get_spec
+    from affjax.models.checkpoint import get_spec, model_type_of
     from affjax.runtime.sharding import param_sharding
 
     hf = copy.deepcopy(hf_config)
-    if text_layers is not None:
-        hf["text_config"]["num_hidden_layers"] = text_layers
-    if audio_layers is not None:
-        hf["audio_config"]["encoder_layers"] = audio_layers
-    spec = get_spec(hf.get("model_type"))
+    text_keys, audio_keys = _depth_keys(hf)
+    for keys, n in ((text_keys, text_layers), (audio_keys, audio_layers)):
+        if n is not None:
+            _get(hf, keys[:-1])[keys[-1]] = n
+    if text_layers is not None and _is_kimi(hf):
+        hf.update(kimia_mimo_layers=0, kimia_mimo_transformer_from_layer_index=0)
+    spec = get_spec(model_type_of(hf))
     cfg = spec.config_from_hf(hf)
     graphdef, state = nnx.split(spec.abstract_model(cfg, jnp.dtype(dtype)))
     pure = nnx.to_pure_dict(state)
@@ -284,8 +312,9 @@ def _like(out_info, compiled):
 
 @dataclasses.dataclass(frozen=True)
 class JobShape:
-    """What a job feeds the model: `batch` rows, each one clip of `audio_seconds` (a 30 s window,
-    as the feature extractor pads) and `text_tokens` prompt tokens around it."""
+    """What a job feeds the model: `batch` rows, each one clip of `audio_seconds` and `text_tokens`
+    prompt tokens around it. Qwen2-Audio takes one 30 s window (longer clips are cut); Kimi-Audio
+    ceil(audio_seconds / 30) windows, each padded to 30 s as the feature extractor does."""
     batch: int = 1
     audio_seconds: float = 30.0
     text_tokens: int = 40
@@ -320,7 +349,9 @@ def _compile_depth(hf_config: dict, mesh, job: JobShape, stages: tuple, rets: tu
     from affjax.runtime import engine as E
     from affjax.runtime import shapes
 
-    n_text, n_audio = int(hf_config["text_config"]["num_hidden_layers"]), int(hf_config["audio_config"]["encoder_layers"])
+    from affjax.runtime.plan import audio_span
+
+    n_text, n_audio = layer_counts(hf_config)
     bounds = [0] + [s.layer for s in stages] + [n_text]
     groups = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
     if any(b < a for a, b in groups):
@@ -331,13 +362,15 @@ def _compile_depth(hf_config: dict, mesh, job: JobShape, stages: tuple, rets: tu
     c_audio = n_audio if per_group is None else min(per_group, n_audio)
     graphdef, state, cfg = abstract_model(hf_config, job.dtype, mesh, text_layers=c_bounds[-1], audio_layers=c_audio)
 
-    frames = 2 * cfg.audio.max_source_positions            # one 30 s window of mel frames
-    audio_tokens = int(cfg.audio.output_lengths(min(frames, int(round(job.audio_seconds * 100)))))
+    # Qwen2-Audio: one clip cut at 30 s; Kimi-Audio: ceil(N / 30) windows of 30 s, each a feature row
+    span = audio_span(hf_config, job.audio_seconds)
+    audio_tokens, W = span["positions"], job.batch * span["windows"]
     T = shapes.bucket(audio_tokens + job.text_tokens)
     B = job.batch
     rows = lambda shape, dt: _rows(mesh, shape, dt)  # noqa: E731
-    batch = (rows((B, T), jnp.int32), rows((B, T), jnp.bool_), rows((B, T), jnp.int32), rows((B, T), jnp.int32),
-             rows((B, cfg.audio.num_mel_bins, frames), jnp.float32), rows((B,), jnp.int32))
+    ids = (B, T, 2) if _is_kimi(hf_config) else (B, T)  # Kimi: the (audio, text) streams
+    batch = (rows(ids, jnp.int32), rows((B, T), jnp.bool_), rows((B, T), jnp.int32), rows((B, T), jnp.int32),
+             rows((W, cfg.audio.num_mel_bins, cfg.audio.mel_frames), jnp.float32), rows((W,), jnp.int32))
     n_prompt = rows((B,), jnp.int32)
     extra = 0 if job.score_tokens else job.max_new_tokens
     reports: dict[str, ProgramReport] = {}
@@ -433,7 +466,7 @@ def plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobShap
         r1, layout = _compile_depth(hf_config, mesh, job, stages, rets, positions, proportional, 1, dump_dir, log)
         log(" depth 2:")
         r2, _ = _compile_depth(hf_config, mesh, job, stages, rets, positions, proportional, 2, None, log)
-        n_text = int(hf_config["text_config"]["num_hidden_layers"])
+        n_text = layer_counts(hf_config)[0]
         programs = {}
         for label, a in r1.items():
             b = r2.get(label)
@@ -543,7 +576,7 @@ def main_plan_aot(args) -> int:
             raise AotError("--aot takes one --topology, e.g. v5e:2x4")
         topology = canonical_topology(args.topology[0])
         cfg = load_hf_config(args.ckpt_config)
-        pooling = parse_pooling(args.pooling, cfg["text_config"]["num_hidden_layers"]) if args.pooling else None
+        pooling = parse_pooling(args.pooling, layer_counts(cfg)[0]) if args.pooling else None
         n_stages = len(pooling.stages) if pooling else 0
         retention = args.retention or ([0.5] * n_stages if n_stages else None)
         if retention and len(retention) == 1 and n_stages > 1:  # one fraction for every stage

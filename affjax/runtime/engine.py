@@ -1,5 +1,12 @@
-"""Compiled inference for Qwen2-Audio: prefill, greedy decoding and teacher-forced scoring, with
-optional Affinity Pooling stages between decoder layers.
+"""Compiled inference for the speech LMs (Qwen2-Audio, Kimi-Audio): prefill, greedy decoding and
+teacher-forced scoring, with optional Affinity Pooling stages between decoder layers.
+
+What the engine asks of a model: `embed_batch(ids, span, audio_index, features, feature_lengths)`,
+the input embeddings of a batch (its audio encoder included); `embed_next(ids)`, the input of a
+generated or scored text token (Kimi-Audio: E(blank) + E(token), the two streams); and
+`language_model` (the Qwen2 decoder: layers, final norm and head). A batch has the fields of
+affjax.models.qwen2_audio.inputs.Batch (Kimi-Audio's has the same): `span` marks the audio spans
+pooling merges, `valid`, `n_prompt`, and the continuations when scoring.
 
 Layout of a prefill. Pooling stages at layers l_1 < l_2 < ... split the decoder into layer groups
 [0, l_1), [l_1, l_2), ..., [l_k, L). Each group runs on its own sequence length:
@@ -80,9 +87,13 @@ def _label(name: str, kw: dict) -> str:
 
 
 def embed_seq(model, ids, valid, span, audio_index, features, feature_lengths) -> Seq:
-    audio = model.encode_audio(features, feature_lengths)
-    x = shd.constrain(model.embed_inputs(ids, audio, audio_index), "hidden")
-    b, t = ids.shape
+    return start_seq(model.embed_batch(ids, span, audio_index, features, feature_lengths), valid, span)
+
+
+def start_seq(x, valid, span) -> Seq:
+    """The running state of embedded inputs x ['B T D'] before any pooling: positions 0..T-1."""
+    x = shd.constrain(x, "hidden")
+    b, t = valid.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.float32), (b, t))
     return Seq(x, valid, pos, jnp.ones((b, t), jnp.float32), span,
                jnp.where(valid, jnp.arange(t, dtype=jnp.int32)[None], -1))
@@ -125,8 +136,8 @@ def pool_seq(seq: Seq, stage, positions: str, capacity: int, retention, dots: st
 
 
 def _embed_tokens(model, ids):
-    """Text embeddings of token ids (continuations appended to stored rows, affjax.eval.lslm)."""
-    return model.language_model.embed(ids)
+    """Input embeddings of text token ids (continuations appended to stored rows, affjax.eval.lslm)."""
+    return model.embed_next(ids)
 
 
 def _last_logits(model, seq: Seq, n_prompt):
@@ -544,9 +555,16 @@ def _pad_bias(seq: Seq, extra: int):
 
 
 def _prefill_fixed_body(model, ids, valid, span, audio_index, features, feature_lengths, n_prompt, cont_ids,
-                        cont_valid, taus, *, groups, stages, positions, caps, retention, extra, proportional, score):
-    """`stages`: each stage's static part (Stage.static); `taus`: their thresholds, float32 (traced)."""
+                        cont_valid, taus, **static):
     seq = embed_seq(model, ids, valid, span, audio_index, features, feature_lengths)
+    return prefill_seq(model, seq, n_prompt, cont_ids, cont_valid, taus, **static)
+
+
+def prefill_seq(model, seq: Seq, n_prompt, cont_ids, cont_valid, taus, *, groups, stages, positions, caps,
+                retention, extra, proportional, score):
+    """The fixed-capacity prefill from embedded inputs: layer groups with a pooling stage before
+    each but the first. `stages`: each stage's static part (Stage.static); `taus`: their thresholds,
+    float32 (traced). Differentiable: training runs it with score=True (affjax.train)."""
     caches, group_len, group_pos0, group_bias, stats = [], [], [], [], []
     for g, (start, end) in enumerate(groups):
         if g > 0:
@@ -594,7 +612,7 @@ def _decode_loop(model, first_logits, caches, group_len, group_pos0, group_bias,
 
     def body(st: DecodeState) -> DecodeState:
         tok = jax.lax.dynamic_slice_in_dim(st.tokens, st.step, 1, axis=1)  # ['B 1']
-        x = lm.embed(tok)
+        x = model.embed_next(tok)
         new_caches, li = [], 0
         for g, (start, end) in enumerate(groups):
             write = (group_len[g] + st.step)[:, None]

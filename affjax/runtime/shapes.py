@@ -4,7 +4,7 @@ Every array that reaches a jitted function has a shape from a small closed set, 
 length inside a bucket never recompiles:
 - token sequences are padded to SEQ_BUCKETS (after a pooling stage the packed length is bucketed
   the same way, and a fixed-capacity stage's buffer is the bucket of its retention cap);
-- scored continuations are padded to CONT_BUCKETS;
+- scored continuations are padded to CONT_BUCKETS, training sequences to TRAIN_BUCKETS;
 - Whisper's pooled encoder frames are sliced to `encoder_buckets` (ENCODER_STEP multiples);
 - batches are padded to the fixed batch size with dummy rows (masked out, results dropped);
 - audio clips per batch are padded to a multiple of the batch size;
@@ -91,6 +91,9 @@ def _grid(start: int, grid: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
 # policy's own grid). Jobs leave it unset.
 SEQ_BUCKETS: tuple[int, ...] = _grid(SEQ_MIN, SEQ_GRIDS[os.environ.get("AFFJAX_SEQ_GRID") or "32"])
 CONT_BUCKETS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
+# Training sequences (affjax.train): coarser than SEQ_BUCKETS, since every bucket compiles a whole
+# forward + backward step (tens of seconds) and a step's padding is a cost paid once, not per token.
+TRAIN_BUCKETS: tuple[int, ...] = (64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
 # Whisper's encoder: after a pooling stage its frame buffer (1500 frames unpooled) is sliced to a
 # multiple of ENCODER_STEP frames; a deep stage's later layers and the decoder run at that length.
 ENCODER_STEP = 128

@@ -72,15 +72,16 @@ LOGICAL_RULES: dict[str, str | None] = {
 # Parameter path (joined with '/') -> logical axes, first match wins; anything else is replicated
 # (norms, output biases, conv stem, position tables, the audio projector: a small fraction).
 # nnx.Linear kernels are (in, out); embeddings and the LM head are (vocab, embed).
+# `/base`: the frozen layer inside a LoRA adapter (affjax.train.lora); the adapters stay replicated
 PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"(^|/)q_proj/kernel$", ("embed", "heads")),
-    (r"(^|/)q_proj/bias$", ("heads",)),
-    (r"(^|/)(k_proj|v_proj)/kernel$", ("embed", "kv_heads")),
-    (r"(^|/)(k_proj|v_proj)/bias$", ("kv_heads",)),
-    (r"(^|/)(o_proj|out_proj)/kernel$", ("heads", "embed")),
-    (r"(^|/)(gate_proj|up_proj|fc1)/kernel$", ("embed", "mlp")),
+    (r"(^|/)q_proj(/base)?/kernel$", ("embed", "heads")),
+    (r"(^|/)q_proj(/base)?/bias$", ("heads",)),
+    (r"(^|/)(k_proj|v_proj)(/base)?/kernel$", ("embed", "kv_heads")),
+    (r"(^|/)(k_proj|v_proj)(/base)?/bias$", ("kv_heads",)),
+    (r"(^|/)(o_proj|out_proj)(/base)?/kernel$", ("heads", "embed")),
+    (r"(^|/)(gate_proj|up_proj|fc1)(/base)?/kernel$", ("embed", "mlp")),
     (r"(^|/)fc1/bias$", ("mlp",)),
-    (r"(^|/)(down_proj|fc2)/kernel$", ("mlp", "embed")),
+    (r"(^|/)(down_proj|fc2)(/base)?/kernel$", ("mlp", "embed")),
     (r"(^|/)(embed_tokens|lm_head|mimo_output)$", ("vocab", "embed")),
 )
 

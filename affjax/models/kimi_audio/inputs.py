@@ -95,8 +95,7 @@ def prompt_streams(parts: Sequence[tuple[str, Sequence[int]]], tokens: KimiToken
 @dataclasses.dataclass
 class Encoded:
     """One item: its unpadded streams and its windows' features."""
-    audio_ids: np.ndarray          # Int32['n']
-    text_ids: np.ndarray           # Int32['n']
+    ids: np.ndarray                # Int32['n 2'] the (audio, text) streams
     continuous: np.ndarray         # Bool['n'] speech-code positions
     features: np.ndarray           # Float32['w n_mels F'] one row per 30 s window, in order
     feature_lengths: np.ndarray    # Int32['w'] valid mel frames
@@ -127,20 +126,21 @@ def encode(tokenizer, feature_extractor, instruction: str, wave: np.ndarray, cod
         if not ids:
             raise ValueError("continuation tokenizes to zero tokens")
         cont_ids = np.asarray(ids, np.int32)
-    return Encoded(audio_ids, text_ids, cont, feats, flen, cont_ids)
+    return Encoded(np.stack([audio_ids, text_ids], axis=-1), cont, feats, flen, cont_ids)
 
 
 @dataclasses.dataclass
 class Batch:
-    """A padded batch. B = fixed batch size, T = sequence bucket, W = window slots, K = continuation bucket."""
-    audio_ids: np.ndarray        # Int32['B T']
-    text_ids: np.ndarray         # Int32['B T']
+    """A padded batch with the fields of qwen2_audio.inputs.Batch, so the engine
+    (affjax.runtime.engine) takes either; KimiAudio.embed_batch reads the arrays. B = fixed batch
+    size, T = sequence bucket, W = window slots, K = continuation bucket."""
+    ids: np.ndarray              # Int32['B T 2'] the (audio, text) streams
     valid: np.ndarray            # Bool['B T']
-    continuous: np.ndarray       # Bool['B T'] speech-code positions
-    feat_index: np.ndarray       # Int32['B T'] flat index w*F_tok + k of each code position's feature
+    n_prompt: np.ndarray         # Int32['B'] prompt length (without the continuation)
+    span: np.ndarray             # Int32['B T'] 1 at the speech-code positions (the audio span pooling merges)
+    audio_index: np.ndarray      # Int32['B T'] flat index w*F_tok + k of each code position's feature
     features: np.ndarray         # Float32['W n_mels F']
     feature_lengths: np.ndarray  # Int32['W'] (padding slots: a full window, never gathered)
-    n_prompt: np.ndarray         # Int32['B'] prompt length (without the continuation)
     rows: int                    # real rows (the rest are padding)
     cont_ids: np.ndarray | None = None    # Int32['B K']
     cont_valid: np.ndarray | None = None  # Bool['B K']
@@ -156,7 +156,7 @@ def collate(items: list[Encoded], *, batch_size: int, tokens_per_window: int, to
     score = items[0].cont_ids is not None
     if any((e.cont_ids is not None) != score for e in items):
         raise ValueError("either every item has a continuation or none has")
-    lengths = [len(e.audio_ids) + (len(e.cont_ids) if score else 0) for e in items]
+    lengths = [len(e.ids) + (len(e.cont_ids) if score else 0) for e in items]
     T = seq_len or shapes.bucket(max(lengths))
     if max(lengths) > T:
         raise ValueError(f"an item of {max(lengths)} positions does not fit seq_len {T}")
@@ -165,22 +165,21 @@ def collate(items: list[Encoded], *, batch_size: int, tokens_per_window: int, to
     n_mels, F = items[0].features.shape[1:]
     per = F // tokens_per_window  # mel frames per 12.5 Hz token (8)
     blank = tokens.text_blank
-    audio_ids = np.full((B, T), blank, np.int32)
-    text_ids = np.full((B, T), blank, np.int32)
+    ids = np.full((B, T, 2), blank, np.int32)
     valid = np.zeros((B, T), bool)
-    continuous = np.zeros((B, T), bool)
+    span = np.zeros((B, T), np.int32)
     feat_index = np.zeros((B, T), np.int32)
     features = np.zeros((W, n_mels, F), np.float32)
     feature_lengths = np.full((W,), F, np.int32)
     n_prompt = np.zeros((B,), np.int32)
     w = 0
     for b, e in enumerate(items):
-        n = len(e.audio_ids)
-        audio_ids[b, :n], text_ids[b, :n], continuous[b, :n] = e.audio_ids, e.text_ids, e.continuous
+        n = len(e.ids)
+        ids[b, :n], span[b, :n] = e.ids, e.continuous
         valid[b, :lengths[b]] = True
         n_prompt[b] = n
         if score:  # each continuation step: audio blank, text token
-            text_ids[b, n:lengths[b]] = e.cont_ids
+            ids[b, n:lengths[b], 1] = e.cont_ids
         # the code positions, in order, take the windows' tokens in order
         slots = np.concatenate([(w + i) * tokens_per_window + np.arange(int(k))
                                 for i, k in enumerate((e.feature_lengths + per - 1) // per)]) \
@@ -192,8 +191,7 @@ def collate(items: list[Encoded], *, batch_size: int, tokens_per_window: int, to
         features[w:w + len(e.features)] = e.features
         feature_lengths[w:w + len(e.features)] = e.feature_lengths
         w += len(e.features)
-    batch = Batch(audio_ids, text_ids, valid, continuous, feat_index, features, feature_lengths, n_prompt,
-                  rows=len(items))
+    batch = Batch(ids, valid, n_prompt, span, feat_index, features, feature_lengths, rows=len(items))
     if score:
         batch.cont_ids, batch.cont_valid = shapes.pad_continuations([e.cont_ids for e in items], B, cont_len)
     return batch

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from affjax.models.kimi_audio.tokenizer import KIMI_TOKENS
 from affjax.models.layers import LayerNorm, RMSNorm, linear, map_rows
 from affjax.models.qwen2.modeling import DecoderLayer, Qwen2ForCausalLM, TextConfig, rope_for
 from affjax.models.whisper.modeling import AudioEncoder, EncoderConfig
@@ -175,16 +176,28 @@ class KimiAudio(nnx.Module):
         return jnp.einsum("...d,vd->...v", self.mimo_norm(branch), self.mimo_output[...],
                           preferred_element_type=jnp.float32)
 
-    def hidden(self, audio_ids, text_ids, valid, features, feature_lengths, feat_index, continuous,
-               *, with_audio: bool = False):
-        """Whole forward to the decoder's hidden states: (h, MIMO branch or None), see decode."""
+    # -- what the engine (affjax.runtime.engine) asks of a model ----------------------------------------
+    def embed_batch(self, ids, span, audio_index, features, feature_lengths) -> jax.Array:
+        """The fused input embeddings ['B T D'] of an inputs.Batch's arrays: ids ['B T 2'] holds
+        the (audio, text) streams, span > 0 marks the speech codes (the continuous positions)."""
         feats = self.encode_audio(features, feature_lengths)
-        x = self.embed_inputs(audio_ids, text_ids, feats, feat_index, continuous)
+        return self.embed_inputs(ids[..., 0], ids[..., 1], feats, audio_index, span > 0)
+
+    def embed_next(self, ids: jax.Array) -> jax.Array:
+        """The input of generated or scored text tokens ids ['...']: each decode step feeds (audio
+        blank, token), E(blank) + E(token), as the official generation loop does."""
+        embed = self.language_model.embed
+        return embed(jnp.full_like(ids, KIMI_TOKENS.text_blank)) + embed(ids)
+
+    def hidden(self, ids, valid, span, audio_index, features, feature_lengths, *, with_audio: bool = False):
+        """Whole forward of an inputs.Batch's arrays to the decoder's hidden states: (h, MIMO
+        branch or None), see decode."""
+        x = self.embed_batch(ids, span, audio_index, features, feature_lengths)
         return self.decode(x, valid, with_audio=with_audio)
 
-    def __call__(self, audio_ids, text_ids, valid, features, feature_lengths, feat_index, continuous) -> jax.Array:
+    def __call__(self, ids, valid, span, audio_index, features, feature_lengths) -> jax.Array:
         """Text logits ['B T V'] (small inputs: the whole vocabulary at every position)."""
-        h, _ = self.hidden(audio_ids, text_ids, valid, features, feature_lengths, feat_index, continuous)
+        h, _ = self.hidden(ids, valid, span, audio_index, features, feature_lengths)
         return self.text_logits(h)
 
     def continuation_logprobs(self, h: jax.Array, n_prompt: jax.Array, cont_ids: jax.Array) -> jax.Array:

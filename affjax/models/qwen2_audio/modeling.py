@@ -49,3 +49,13 @@ class Qwen2Audio(nnx.Module):
         flat = audio.reshape(-1, audio.shape[-1]).astype(x.dtype)
         placed = jnp.take(flat, audio_index, axis=0)
         return jnp.where((ids == self.cfg.audio_token_id)[..., None], placed, x)
+
+    # -- what the engine (affjax.runtime.engine) asks of a model ----------------------------------------
+    def embed_batch(self, ids, span, audio_index, features, feature_lengths) -> jax.Array:
+        """The input embeddings ['B T D'] of an inputs.Batch's arrays (`span` is not needed here:
+        the placeholder ids mark the audio)."""
+        return self.embed_inputs(ids, self.encode_audio(features, feature_lengths), audio_index)
+
+    def embed_next(self, ids: jax.Array) -> jax.Array:
+        """The input embedding of generated or scored text tokens ids ['...']."""
+        return self.language_model.embed(ids)
