@@ -102,7 +102,7 @@ def _torch_step_fn(hf_dir: str, lora_init: dict, cfg: TrainConfig, batch: dict):
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
