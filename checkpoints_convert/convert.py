@@ -14,7 +14,7 @@ Runs from the repository root without installing. On any error prints `error: <m
 stderr, exits 1, and leaves nothing at --dst and no temporary directory beside it; SIGTERM and
 Ctrl-C count as errors. A run killed outright (SIGKILL, out of memory) leaves its temporary
 directory `.DST.tmp-HOST-PID-*` beside --dst: the next conversion to the same --dst removes it and
-says so on stderr (see `affjax.models.checkpoint._remove_stale_temps`).
+says so on stderr (see `affjax.models.checkpoint.remove_stale_temps`).
 """
 
 from __future__ import annotations

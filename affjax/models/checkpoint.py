@@ -15,7 +15,7 @@ processor). Everything is written into a temporary directory beside `dst`
 (`.DST.tmp-HOST-PID-XXXXXXXX`) and renamed at the end: on any error nothing is left at `dst` and
 the temporary directory is removed. A run that was killed outright (SIGKILL, out of memory, power
 loss) cannot clean up after itself, so every conversion first removes the temporary directories
-that earlier, dead runs left for the same `dst` (`_remove_stale_temps`), saying so in one log line.
+that earlier, dead runs left for the same `dst` (`remove_stale_temps`), saying so in one log line.
 
 `load(dst)` restores the parameters with abstract targets (any float dtype, optional sharding) and
 returns the NNX model, its config and the metadata.
@@ -76,7 +76,8 @@ from affjax.models.whisper.params import KEYS as WHISPER_KEYS
 __all__ = [
     "ConversionError", "ModelSpec", "MODELS", "register", "get_spec", "convert", "load",
     "load_hf_model", "ensure_converted", "is_ct2_dir", "load_speech_tokenizer", "model_type_of",
-    "CONFIG_NAME", "FORMAT", "PARAMS_DIR", "COPIED_FILES", "save_params", "publish",
+    "CONFIG_NAME", "FORMAT", "PARAMS_DIR", "COPIED_FILES", "save_params", "publish", "temp_prefix",
+    "remove_stale_temps",
 ]
 
 CONFIG_NAME = "affjax_config.json"
@@ -487,8 +488,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
                               f"{e if isinstance(e, ValueError) else repr(e)}") from None
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(dst)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst), dir=dst.parent))
+    remove_stale_temps(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dst), dir=dst.parent))
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -544,7 +545,7 @@ def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:63] or "host"
 
 
-def _temp_prefix(dst: Path) -> str:
+def temp_prefix(dst: Path) -> str:
     return f".{dst.name}.tmp-{_host_tag()}-{os.getpid()}-"
 
 
@@ -580,7 +581,7 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} bytes"
 
 
-def _remove_stale_temps(dst: Path) -> list[Path]:
+def remove_stale_temps(dst: Path) -> list[Path]:
     """Remove the temporary directories that killed conversions left for this `dst`; return them.
 
     Only directories named for this very destination are considered (`.DST.tmp-...`; temp folders

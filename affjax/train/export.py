@@ -120,10 +120,12 @@ def _assign(pure: dict, new: dict, what: str, path: str = "") -> None:
 
 def save_checkpoint(model, like: str | Path, dst: str | Path, *, note: dict | None = None) -> Path:
     """Write `model`'s parameters as an affjax checkpoint at `dst`, with every other file of the
-    checkpoint `like` (same architecture); atomic (temporary folder, then rename)."""
+    checkpoint `like` (same architecture); atomic, as the converter writes (its temporary-folder
+    naming, stale-folder cleanup and rename)."""
     like, dst = Path(like), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    checkpoint.remove_stale_temps(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=checkpoint.temp_prefix(dst), dir=dst.parent))
     try:
         for f in like.iterdir():
             if f.name == checkpoint.PARAMS_DIR:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import shutil
@@ -48,12 +47,16 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from affjax.data.manifest import read_manifest
+from affjax.eval.frontends import generation_eos
+from affjax.eval.metrics import make_normalizer, wer
+from affjax.eval.results import fingerprint_checkpoint, fingerprint_file
 from affjax.pooling.spec import PoolingConfig, parse_pooling
 from affjax.runtime import engine as eng
 from affjax.runtime import sharding as shd
 from affjax.runtime import shapes
 from affjax.train import data as tdata
 from affjax.train.lora import add_lora
+from affjax.train.lslm import ASR_PROMPT
 
 TRAINABLE = ("projector", "lora", "lm")
 
@@ -115,14 +118,6 @@ class TrainConfig:
         need(self.eval_every == 0 or self.eval_manifest, "--eval-every needs --eval-manifest")
         for name in ("ckpt", "manifest"):
             need(Path(getattr(self, name)).exists(), f"--{name} {getattr(self, name)}: not found")
-
-
-def _sha(path: str | Path, *, files=None) -> str:
-    h = hashlib.sha256()
-    p = Path(path)
-    for f in ([p] if p.is_file() else [p / n for n in files or ()]):
-        h.update(f.read_bytes() if f.is_file() else b"-")
-    return h.hexdigest()[:16]
 
 
 def trainable_filter(trainable) -> nnx.filterlib.Filter:
@@ -233,8 +228,9 @@ class Trainer:
         for k in ("out", "restart", "progress", "steps", "save_every", "keep", "log_every", "eval_every",
                   "eval_items", "max_new_tokens", "cache_dir"):
             c.pop(k)
-        c["ckpt_fingerprint"] = _sha(self.cfg.ckpt, files=("affjax_config.json", "params/_METADATA"))
-        c["manifest_sha"] = _sha(self.cfg.manifest)
+        # the same content fingerprints the eval runs record (affjax.eval.results)
+        c["ckpt_fingerprint"] = fingerprint_checkpoint(self.cfg.ckpt)
+        c["manifest_sha"] = fingerprint_file(self.cfg.manifest)
         return json.loads(json.dumps(c))  # tuples as lists, as run.json holds them
 
     def _prepare_run_dir(self) -> None:
@@ -285,7 +281,6 @@ class Trainer:
     def _examples(self, manifest: str, cache) -> tuple[list[tdata.Example], dict]:
         items, errors = self._items(manifest)
         errors.update(cache.ensure(items, progress=self.cfg.progress, log=self.log))
-        from affjax.train.lslm import ASR_PROMPT
         ex = tdata.build_examples([it for it in items if it["id"] not in errors], cache, self.processor.tokenizer,
                                   audio_token_id=self.model_cfg.audio_token_id,
                                   default_prompt=self.cfg.prompt or ASR_PROMPT, end_token=self.end_token)
@@ -377,13 +372,13 @@ class Trainer:
 
     def validate(self) -> dict:
         """Greedy WER on the first `eval_items` items of the eval manifest (full inference path)."""
-        from affjax.train.export import transcribe
+        from affjax.train.export import transcribe  # export imports this module
 
         items, _ = self._items(self.cfg.eval_manifest)
         items = items[: self.cfg.eval_items]
         hyps = transcribe(self.model(), self.processor, items, prompt=self.cfg.prompt, pooling=self.pooling,
-                          max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.batch_size)
-        from affjax.eval.metrics import make_normalizer, wer
+                          max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.batch_size,
+                          eos_ids=generation_eos(self.cfg.ckpt))
         norm, _ = make_normalizer(self.processor.tokenizer)
         return {"wer": wer([it["target"] for it in items], hyps, norm), "items": len(items)}
 
