@@ -2,6 +2,8 @@
 #   make main   install everything, then run the main job (real Whisper base weights, real speech)
 #   make test   install everything, then run the test suite
 #   make test-fast   the same set-up, then the suite without the tests marked slow (the edit loop)
+#   make lslm     train lslm-tiny's weights from scratch (after make corpus; hours; resumable; see
+#                 docs/training.md) into affjax/train/weights/lslm-tiny.safetensors
 #   make corpus   synthetic speech for training (affjax/data/corpus.py; resumable; installs its Debian
 #                 engines with apt-get when run as root, see docs/assets.md)
 PY ?= python3
@@ -10,7 +12,7 @@ BIN := $(VENV)/bin
 AFFJAX_CACHE ?= $(HOME)/.cache/affjax
 CORPUS_N ?= 20000
 
-.PHONY: setup assets main test test-fast bench corpus
+.PHONY: setup assets main test test-fast bench corpus lslm
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,3 +41,6 @@ corpus: $(VENV)/.installed
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get install -y -q $(CORPUS_APT) >/dev/null; \
 	else echo "not root or no apt-get: install the engines yourself: apt-get install -y $(CORPUS_APT)"; fi
 	$(BIN)/python -m affjax.data.corpus generate --out $(AFFJAX_CACHE)/corpus --n $(CORPUS_N)
+
+lslm: setup
+	$(BIN)/python -m affjax.train.lslm make --work $(AFFJAX_CACHE)/lslm --corpus $(AFFJAX_CACHE)/corpus

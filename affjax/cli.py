@@ -82,7 +82,8 @@ def _run_job(args) -> int:
                     normalizer=getattr(args, "normalizer", "english"),
                     drop_padding=getattr(args, "drop_padding", False), schedule=args.schedule, window=args.window,
                     retry_errors=args.retry_errors, restart=args.restart, limit=args.limit, mesh=args.mesh,
-                    xla_cost=not getattr(args, "no_xla_cost", False), progress=not args.no_progress)
+                    xla_cost=not getattr(args, "no_xla_cost", False), progress=not args.no_progress,
+                    oracle=getattr(args, "oracle", None), alignment=getattr(args, "alignment", None))
     if not args.no_compile_cache:
         enable_compile_cache()
     try:
@@ -263,13 +264,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile-cache", action="store_true", help="disable JAX's persistent compilation cache")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("bench-lslm-pooling",
+                       help="accuracy sweep of Affinity Pooling on a speech LM checkpoint (lslm-tiny): input, deep and "
+                            "dual stages x tau, fixed-rate controls at equal retention; JSON, markdown table, PNG plot")
+    p.add_argument("--ckpt", required=True, help="converted Qwen2-Audio-format checkpoint")
+    p.add_argument("--manifest", default=None, help="JSONL: id, audio, reference (or target / text)[, prompt]")
+    p.add_argument("--limit", type=int, default=None, help="only the first N manifest items")
+    p.add_argument("--librivox", type=int, default=5, help="LibriVox clips (0 to 5)")
+    p.add_argument("--stages", nargs="+", default=None,
+                   help="input, a decoder layer l (after layer l), dual or dual:l (input + layer l, default L-3); "
+                        "default: input, L/4, L/2, 3L/4, dual")
+    p.add_argument("--taus", type=float, nargs="+", default=[0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7, 0.6])
+    p.add_argument("--no-controls", action="store_true", help="skip the fixed-rate controls")
+    p.add_argument("--control-taus", type=float, nargs="+", default=[0.98, 0.95, 0.9, 0.85, 0.8, 0.7],
+                   help="taus whose cells get the controls at equal retention")
+    p.add_argument("--proportional-too", action="store_true",
+                   help="every cell also with --proportional (log group size on the attention logits)")
+    p.add_argument("--window-input", type=int, default=1, help="window of the input stage")
+    p.add_argument("--window-deep", type=int, default=3, help="window of a deep stage")
+    p.add_argument("--dual-offset", type=float, default=0.1, help="dual: the deep stage runs at tau minus this")
+    p.add_argument("--positions", default="first", choices=("first", "mean", "reindex"))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"))
+    p.add_argument("--out", default="docs/results", help="JSON, table and plot go here")
+    p.add_argument("--work", default=None, help="transcripts of every cell (default runs/NAME)")
+    p.add_argument("--name", default="lslm_pooling", help="file name stem of the outputs")
+    p.add_argument("--no-compile-cache", action="store_true", help="disable JAX's persistent compilation cache")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("eval", help="accuracy jobs: Whisper asr (WER; with no --pooling, unpooled and the default "
                                     "pooled setting) and Qwen2-Audio / Kimi-Audio asr / qa / st (WER or CER, accuracy, "
                                     "BLEU)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="converted checkpoint directory (checkpoints_convert/convert.py)")
-    src.add_argument("--model", choices=("whisper-base", "whisper-tiny.en"),
-                     help="an installed real model, converted once into $AFFJAX_CACHE/models (~/.cache/affjax)")
+    src.add_argument("--model", choices=("whisper-base", "whisper-tiny.en", "lslm-tiny"),
+                     help="an installed real model, converted once into $AFFJAX_CACHE/models (~/.cache/affjax); "
+                          "lslm-tiny: our small speech LM (docs/training.md)")
     p.add_argument("--task", default=None, choices=("asr", "qa", "st"),
                    help="default asr (an hf: recipe brings its own task)")
     data = p.add_mutually_exclusive_group(required=True)
@@ -301,6 +332,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="fixed mode: retention cap, one fraction or one per stage")
     g.add_argument("--drop-padding", action="store_true",
                    help="diagnostic: remove the encoder frames past each clip (breaks Whisper, even unpooled)")
+    g = p.add_argument_group("Oracle interventions (Qwen2-Audio checkpoints; docs/pooling.md, 'Oracle interventions')")
+    g.add_argument("--oracle", default=None, metavar="SPEC;SPEC...",
+                   help="word boundaries from Whisper base's alignment heads, then one run per intervention into "
+                        "OUT/SPEC: none, merge-words[:gaps=merge], drop-words:p=P, drop-random:p=P[,seed=S], "
+                        "drop-uniform:p=P; e.g. 'none;merge-words;drop-words:p=0.5'")
+    g.add_argument("--alignment", default=None, metavar="FILE",
+                   help="word alignments to reuse or write (JSONL; default OUT/alignment.jsonl)")
 
     p = sub.add_parser("report", help="markdown table + plot (metric vs retention / FLOPs) across eval run dirs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="eval output directories (each with summary.json)")
@@ -395,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "bench-whisper-pooling":
         from affjax.bench.whisper_pooling import main_bench_whisper_pooling
         return main_bench_whisper_pooling(args)
+    if args.cmd == "bench-lslm-pooling":
+        from affjax.bench.lslm_pooling import main_bench_lslm_pooling
+        return main_bench_lslm_pooling(args)
     return 2
 
 

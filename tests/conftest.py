@@ -184,10 +184,19 @@ def real_whisper(tmp_path_factory):
     return get
 
 
-# The longest modules first: `make test` spreads whole modules over two workers (pytest-xdist,
+# The longest modules first, as measured: `make test` spreads whole modules over two workers (pytest-xdist,
 # --dist loadfile), and a long module started last would run alone at the end.
-_FIRST = ("test_sharding.py", "test_eval_lslm.py", "test_jobs.py", "test_pooled_model.py", "test_qwen2_audio.py",
-          "test_whisper.py", "test_aot.py", "test_smollm2.py")
+_FIRST = ("test_sharding.py", "test_whisper_eval.py", "test_train.py", "test_smollm2.py", "test_eval_lslm.py",
+          "test_jobs.py", "test_whisper_sweep.py", "test_aot.py", "test_pooled_model.py", "test_qwen2_audio.py",
+          "test_kimi_jobs.py", "test_whisper.py", "test_bf16.py", "test_pooling_stage.py", "test_flops.py",
+          "test_kimi_audio.py")
+
+
+def pytest_configure(config):
+    # pytest-xdist reorders --dist loadfile modules by their number of tests (--loadscope-reorder, on by
+    # default), which would undo the order below: a long module of few tests would start last
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -97,13 +97,21 @@ def _hf_choice_logprob(hf_model, processor, prompt, wav, choice):
     return float(sum(lp[j, c[0, j]] for j in range(k)))
 
 
+@pytest.fixture(scope="module")
+def qa_run(ckpt, qa_manifest, tmp_path_factory):
+    """The unpooled qa job on `qa_manifest`, run once: (summary, run folder). Read-only: the choice
+    scores are checked against transformers, and the resume test works on a copy of the folder."""
+    out = tmp_path_factory.mktemp("qa_run") / "run"
+    return _eval(ckpt, qa_manifest, out, task="qa"), out
+
+
 @pytest.mark.slow
-def test_qa_choice_scores_match_transformers(ckpt, qa_manifest, hf_model, processor, tmp_path):
+def test_qa_choice_scores_match_transformers(qa_run, qa_manifest, hf_model, processor):
     """Two-pass scheduling: the audio is encoded once per item and each choice is appended to the
     stored row; the choice log-likelihoods equal transformers' on prompt + choice."""
     from affjax.data.audio import load_audio
-    s = _eval(ckpt, qa_manifest, tmp_path / "run", task="qa")
-    res = _results(tmp_path / "run")
+    s, run = qa_run
+    res = _results(run)
     assert [r["id"] for r in res] == [f"q{i}" for i in range(5)] and s["errors"] == 0
     items = [json.loads(l) for l in qa_manifest.read_text().splitlines()]
     for r, it in zip(res, items):
@@ -215,10 +223,13 @@ def test_bad_items_become_error_rows(ckpt, processor, tmp_path):
     assert s["ok"] == 4 and s["items"] == 12
 
 
-def test_resume_skips_done_items_and_survives_a_torn_line(ckpt, qa_manifest, tmp_path):
+def test_resume_skips_done_items_and_survives_a_torn_line(ckpt, qa_manifest, qa_run, tmp_path):
+    import shutil
+
     from affjax.runtime.engine import TRACES
+    first, done_run = qa_run
     out = tmp_path / "run"
-    first = _eval(ckpt, qa_manifest, out, task="qa")
+    shutil.copytree(done_run, out)  # the finished run (the same job as test_qa_choice_scores_match_transformers)
     full = (out / "results.jsonl").read_text().splitlines()
     # a kill mid-write: two rows lost, the third torn in half
     (out / "results.jsonl").write_text("\n".join(full[:2]) + "\n" + full[2][: len(full[2]) // 2])

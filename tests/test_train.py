@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import soundfile as sf
-from flax import nnx
 
 from affjax.train import data as tdata
 from affjax.train.trainer import TrainConfig, Trainer, loss_fn
@@ -78,29 +77,6 @@ def test_overfit_four_items(tiny_qwen2_audio_ckpt, manifest, tmp_path):
     assert out["loss"] < 0.05, f"4-item overfit ended at loss {out['loss']:.4f} (from {losses[1]:.3f})"
 
 
-@pytest.mark.slow
-def test_resume_is_exact(tiny_qwen2_audio_ckpt, manifest, tmp_path):
-    cfg = _cfg(tiny_qwen2_audio_ckpt, manifest, tmp_path / "whole", batch_size=2, steps=3, save_every=10)
-    Trainer(cfg, log=lambda *a: None).fit()
-    whole = _log(cfg.out)
-    cut = _cfg(tiny_qwen2_audio_ckpt, manifest, tmp_path / "cut", batch_size=2, steps=3)
-    tr = Trainer(cut, log=lambda *a: None)
-    tr.run_step(0)  # one step, saved, then the process "dies"
-    tr.step = 1
-    tr.save()
-    del tr
-    msgs = []
-    resumed = Trainer(cut, log=msgs.append)
-    assert resumed.step == 1 and any("resumed" in m for m in msgs)
-    resumed.fit()
-    after = _log(cut.out)
-    for s in (2, 3):  # step 3 starts the second epoch (2 batches of 2 items per epoch)
-        assert abs(after[s] - whole[s]) <= 1e-6, (s, after[s], whole[s])
-    # another setting on the same folder is refused
-    with pytest.raises(ValueError, match="other settings"):
-        Trainer(_cfg(tiny_qwen2_audio_ckpt, manifest, tmp_path / "cut", batch_size=2, lr=1e-2))
-
-
 def test_pooled_gradient_matches_finite_differences(tiny_qwen2_audio_ckpt, manifest, tmp_path):
     """d loss / d theta along a random direction of the trainable parameters, with an input stage
     and a deep stage merging tokens, against central differences of the loss."""
@@ -134,22 +110,47 @@ def test_pooled_gradient_matches_finite_differences(tiny_qwen2_audio_ckpt, manif
 
 
 @pytest.mark.slow
-def test_export_merges_lora(tiny_qwen2_audio_ckpt, manifest, tmp_path):
-    from affjax.models import checkpoint
-    from affjax.runtime.engine import hidden_states
-    from affjax.train.export import TRAINED_FILE, apply_trained, export_run
+def test_resume_is_exact_and_export_merges_lora(tiny_qwen2_audio_ckpt, manifest, tmp_path):
+    """Kill and resume gives the same next losses; the finished run exports a merged checkpoint with the
+    adapter model's logits, and its trained.safetensors rebuilds it (one training run for both)."""
+    cfg = _cfg(tiny_qwen2_audio_ckpt, manifest, tmp_path / "whole", batch_size=2, steps=3, save_every=10)
+    whole_trainer = Trainer(cfg, log=lambda *a: None)
+    whole_trainer.fit()
+    whole = _log(cfg.out)
+    cut = _cfg(tiny_qwen2_audio_ckpt, manifest, tmp_path / "cut", batch_size=2, steps=3)
+    tr = Trainer(cut, log=lambda *a: None)
+    tr.run_step(0)  # one step, saved, then the process "dies"
+    tr.step = 1
+    tr.save()
+    del tr
+    msgs = []
+    resumed = Trainer(cut, log=msgs.append)
+    assert resumed.step == 1 and any("resumed" in m for m in msgs)
+    resumed.fit()
+    after = _log(cut.out)
+    for s in (2, 3):  # step 3 starts the second epoch (2 batches of 2 items per epoch)
+        assert abs(after[s] - whole[s]) <= 1e-6, (s, after[s], whole[s])
+    # another setting on the same folder is refused
+    with pytest.raises(ValueError, match="other settings"):
+        Trainer(_cfg(tiny_qwen2_audio_ckpt, manifest, tmp_path / "cut", batch_size=2, lr=1e-2))
+    _check_export(whole_trainer, tmp_path)
 
-    cfg = _cfg(tiny_qwen2_audio_ckpt, manifest, tmp_path / "run", steps=2)
-    tr = Trainer(cfg, log=lambda *a: None)
-    tr.fit()
-    out = export_run(cfg.out, tmp_path / "exported", log=lambda *a: None)
-    merged, _, meta = checkpoint.load(out)
-    assert meta["trained"]["step"] == 2
 
+def _check_export(tr, tmp_path):
     from transformers import AutoProcessor
 
+    from affjax.models import checkpoint
     from affjax.models.qwen2_audio import inputs
+    from affjax.runtime.engine import hidden_states
     from affjax.testing import long_prompt, synth_speech_like
+    from affjax.train.export import TRAINED_FILE, apply_trained, export_run
+    from affjax.train.lslm import install
+
+    cfg = tr.cfg
+    out = export_run(cfg.out, tmp_path / "exported", log=lambda *a: None)
+    merged, _, meta = checkpoint.load(out)
+    assert meta["trained"]["step"] == cfg.steps
+
     proc = AutoProcessor.from_pretrained(str(out))
     enc = [inputs.encode(proc, long_prompt(30 + 20 * i, seed=i), [synth_speech_like(s, seed=i)])
            for i, s in enumerate((1.0, 2.2))]
@@ -164,9 +165,29 @@ def test_export_merges_lora(tiny_qwen2_audio_ckpt, manifest, tmp_path):
     adapter = logits(tr.model())
     np.testing.assert_allclose(logits(merged), adapter, atol=1e-4, rtol=1e-4)
     # the small trained file rebuilds the same checkpoint from the base
-    again, _, _ = checkpoint.load(apply_trained(cfg.ckpt, Path(cfg.out) / TRAINED_FILE, tmp_path / "again"))
+    trained = Path(cfg.out) / TRAINED_FILE
+    again, _, _ = checkpoint.load(apply_trained(cfg.ckpt, trained, tmp_path / "again"))
     np.testing.assert_allclose(logits(again), adapter, atol=1e-4, rtol=1e-4)
     assert not np.allclose(logits(checkpoint.load(cfg.ckpt)[0]), adapter, atol=1e-3)  # training changed it
+
+    # `--model lslm-tiny`'s install: base (here the tiny one, already in place) + weights, rebuilt only
+    # when the weights file changes
+    import shutil
+    models = tmp_path / "models"
+    shutil.copytree(cfg.ckpt, models / "lslm-tiny-base")
+    msgs = []
+    dst = install(models / "lslm-tiny", weights=trained, log=msgs.append)
+    np.testing.assert_allclose(logits(checkpoint.load(dst)[0]), adapter, atol=1e-4, rtol=1e-4)
+    assert install(models / "lslm-tiny", weights=trained, log=msgs.append) == dst and len(msgs) == 1, msgs
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+    other = tmp_path / "other.safetensors"
+    with safe_open(str(trained), "np") as f:  # same tensors, another file: a new fingerprint
+        save_file(load_file(str(trained)), str(other), metadata={**f.metadata(), "note": "a copy"})
+    install(models / "lslm-tiny", weights=other, log=msgs.append)
+    assert len(msgs) == 2, msgs
+    with pytest.raises(FileNotFoundError, match="make lslm"):
+        install(models / "lslm-tiny", weights=tmp_path / "nope.safetensors")
 
 
 @pytest.mark.slow
@@ -180,6 +201,27 @@ def test_step_on_eight_devices_equals_one(tiny_qwen2_audio_ckpt, manifest, tmp_p
     assert res["devices"] == 8 and res["sharded_params"] > 0
     assert abs(res["loss_mesh"] - res["loss_one"]) <= 1e-5
     assert res["max_param_diff"] <= 1e-5, res
+
+
+def test_lora_dot_equals_the_split_form():
+    """The adapter product folded into the kernel under differentiation: the same output and the
+    same gradients (input, A, B) as plain autodiff of x W + (x A) B, batched inputs, float32."""
+    from affjax.train.lora import lora_dot
+
+    k = jax.random.split(jax.random.key(1), 5)
+    x, w = jax.random.normal(k[0], (3, 37, 24)), jax.random.normal(k[1], (24, 40))
+    a, b = jax.random.normal(k[2], (24, 4)), jax.random.normal(k[3], (4, 40))
+    g = jax.random.normal(k[4], (3, 37, 40))
+
+    def split(x, w, a, b):
+        return x @ w + (x @ a) @ b
+
+    np.testing.assert_allclose(jax.jit(lora_dot)(x, w, a, b), split(x, w, a, b), rtol=1e-5, atol=1e-5)
+    got = jax.jit(lambda *args: jax.vjp(lora_dot, *args)[1](g))(x, w, a, b)
+    want = jax.vjp(split, x, w, a, b)[1](g)
+    for i, name in ((0, "x"), (2, "A"), (3, "B")):
+        np.testing.assert_allclose(got[i], want[i], rtol=1e-5, atol=1e-4 * float(jnp.abs(want[i]).max()),
+                                   err_msg=name)
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -10,8 +10,6 @@ LibriVox clips, unpooled and at the default pooled setting; error rows; the CLI 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,8 +20,6 @@ import pytest
 
 from conftest import need_asset, need_module
 from affjax.runtime.flops import whisper_encoder_flops
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,16 +237,19 @@ def test_eval_job_error_rows(tiny_ckpt, clips, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_eval_model_librivox(tiny_ckpt, clips, tmp_path):
-    """`affjax eval --model whisper-tiny.en --data librivox --limit 3` end to end in a subprocess
-    (the converted model is found in $AFFJAX_CACHE): unpooled and the default pooled setting."""
-    env = dict(os.environ, AFFJAX_CACHE=str(tiny_ckpt[1]), OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "affjax.cli", "eval", "--model", "whisper-tiny.en", "--data", "librivox",
-           "--limit", "3", "--out", str(tmp_path / "run"), "--no-progress"]  # the session's compile cache (conftest)
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "converting" not in p.stdout and "WER" in p.stdout
+def test_cli_eval_model_librivox(tiny_ckpt, clips, tmp_path, capsys, monkeypatch):
+    """`affjax eval --model whisper-tiny.en --data librivox --limit 3` end to end through the CLI's
+    main (the converted model is found in $AFFJAX_CACHE): unpooled and the default pooled setting.
+    In this process, so the programs compiled by the tests above are reused; the `python -m
+    affjax.cli` entry point itself runs in a subprocess in test_jobs.py (the kill -9 test)."""
+    from affjax.cli import main
+    monkeypatch.setenv("AFFJAX_CACHE", str(tiny_ckpt[1]))
+    # --no-compile-cache: keep the session's compile cache settings (conftest) for the later tests
+    rc = main(["eval", "--model", "whisper-tiny.en", "--data", "librivox", "--limit", "3", "--out",
+               str(tmp_path / "run"), "--no-progress", "--no-compile-cache"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-3000:]
+    assert "converting" not in out.out and "WER" in out.out
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     unpooled, pooled = s["runs"]
     assert unpooled["pooling"] == "none" and pooled["pooling"] == "4:tau=0.95,window=1" and pooled["proportional"]

@@ -36,21 +36,20 @@ Outputs in ``--out``: ``NAME.json`` (setup, unpooled transcripts, every cell), `
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
+from affjax.bench import sweep
+from affjax.bench.sweep import (METHODS, cuts_table, length_batches, open_doc, pct, run_cells, save_doc, store_unpooled,
+                                wer_metrics)
 from affjax.data.assets import librivox_items
 from affjax.data.audio import load_audio
 from affjax.data.tts import synthesize, tts_texts
 from affjax.eval.runner import enable_compile_cache
-from affjax.eval.whisper import MODEL_NAMES, corpus_wer, load_installed, make_normalizer
+from affjax.eval.whisper import MODEL_NAMES, load_installed, make_normalizer
 from affjax.models.whisper import asr
 from affjax.models.whisper.asr import SAMPLES_PER_FRAME
 from affjax.models.whisper.decoding import prompt_ids, whisper_features
@@ -63,9 +62,6 @@ __all__ = ["SweepConfig", "run_sweep", "cell_specs", "load_items", "write_table"
 
 TAUS = (0.99, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7)
 CONTROL_TAUS = (0.99, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7)
-# (method, proportional) in table order; "sim" = Affinity Pooling (similarity threshold)
-METHODS = (("sim", False), ("sim", True), ("avg", False), ("avg", True), ("drop", False))
-WER_MARGIN = 0.005  # "within +0.5 WER": absolute, WER as a fraction
 
 
 @dataclasses.dataclass
@@ -141,13 +137,10 @@ def load_items(n_utterances: int, n_librivox: int = 5, progress: bool = False) -
 
 
 def _batches(items: list[dict], batch_size: int) -> list[list[int]]:
-    """Item indices sorted by length (longest first) and cut into batches of near-equal size:
-    rows of a batch end their transcripts at similar steps, and short clips (whose frames are
-    mostly padding, kept by every method) do not hold the long clips' buffers open."""
-    order = sorted(range(len(items)), key=lambda i: -len(items[i]["wave"]))
-    n_batches = math.ceil(len(order) / batch_size)
-    size = math.ceil(len(order) / n_batches)
-    return [order[i:i + size] for i in range(0, len(order), size)]
+    """Item indices by length, longest first, in batches of near-equal size (sweep.length_batches):
+    short clips (whose frames are mostly padding, kept by every method) do not hold the long clips'
+    buffers open."""
+    return length_batches([len(it["wave"]) for it in items], batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,17 +202,13 @@ def _metrics(model, res, ref_tokens, prompt_len, texts, norm_refs, norm_hyps, ba
     out = {
         "retention": round(float(kept.sum() / audio.sum()), 4),
         "retention_mean": round(float(np.mean(kept / audio)), 4),
-        "wer": round(corpus_wer(norm_refs, norm_hyps), 5),
-        "changed": int(sum(h != b for h, b in zip(norm_hyps, base_norm))),
+        **wer_metrics(norm_refs, norm_hyps, base_norm, sources),
         "changed_raw": int(sum(t != r for t, r in zip(res["tokens"], ref_tokens))) if ref_tokens else 0,
         "unfinished": int(sum(not f for f in res["finished"])),
         "encoder_flops_rel": round(enc / enc0, 4),
         "decoder_flops_rel": round(dec / dec0, 4),
         "flops_rel": round((enc + dec) / (enc0 + dec0), 4),
     }
-    for src in sorted(set(sources)):
-        idx = [i for i, s in enumerate(sources) if s == src]
-        out[f"wer_{src}"] = round(corpus_wer([norm_refs[i] for i in idx], [norm_hyps[i] for i in idx]), 5)
     return out
 
 
@@ -245,22 +234,13 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     setup = {"model": cfg.model, "items": [it["id"] for it in items], "max_new_tokens": cfg.max_new_tokens,
              "batch_size": bsz, "normalizer": norm_name, "suppress_tokens": len(model.cfg.suppress_tokens)}
 
-    doc = {"setup": setup, "cells": {}}
-    if json_path.is_file():
-        old = json.loads(json_path.read_text())
-        if {k: old.get("setup", {}).get(k) for k in setup} != setup:
-            raise ValueError(f"{json_path} holds a sweep with another setup ({old.get('setup')}); "
-                             "give another --out or --name, or remove it")
-        doc = old
+    doc = open_doc(json_path, setup)
     setup.update(durations_s=[round(len(it["wave"]) / 16000, 2) for it in items],
                  stages={s: _label(s) for s in cfg.stages})
 
     def save():
         doc["setup"] = setup
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = json_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        tmp.replace(json_path)
+        save_doc(doc, json_path)
 
     t0 = time.perf_counter()
     prefixes = _prefixes(model, processor, items, batches, set(layers.values()) | {n_layers}, bsz, log)
@@ -270,46 +250,31 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     t_base = time.perf_counter() - t0
     base_texts = [processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in base["tokens"]]
     base_norm = [norm(t) for t in base_texts]
-    if doc.get("unpooled") and doc["unpooled"]["texts"] != base_texts:
-        log("warning: the unpooled transcripts differ from the ones in the JSON (resumed on another machine?)")
     longest = max(len(t) for t in base["tokens"])
     if longest >= cfg.max_new_tokens or not all(base["finished"]):
         raise ValueError(f"an unpooled transcript reached max_new_tokens={cfg.max_new_tokens}: raise it")
     unpooled = _metrics(model, base, None, len(prompt), base_texts, norm_refs, base_norm, base_norm, sources)
     unpooled.update(seconds=round(t_base, 2), longest_tokens=longest, texts=base_texts)
-    doc["unpooled"] = unpooled
+    store_unpooled(doc, unpooled, log)
     setup["prefix_seconds"] = round(t_prefix, 2)
     save()
     log(f"unpooled: WER {100 * unpooled['wer']:.2f} % over {len(items)} items "
         f"(longest transcript {longest} tokens; encoder prefixes {t_prefix:.0f} s, unpooled decode {t_base:.0f} s)")
 
-    work.mkdir(parents=True, exist_ok=True)
-    specs = cell_specs(cfg)
-    todo = [s for s in specs if s["key"] not in doc["cells"]]
-    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), unit="cell", disable=not cfg.progress,
-               desc="sweep")
-    with open(work / "transcripts.jsonl", "a", encoding="utf-8") as tf:
-        for spec in todo:
-            groups = None
-            if spec["method"] != "sim":
-                groups = doc["cells"][spec["source"]]["kept"]
-            t0 = time.perf_counter()
-            res = _run_cell(model, spec, layers[spec["stage"]], prefixes, batches, bsz, prompt, groups,
-                            cfg.max_new_tokens)
-            seconds = time.perf_counter() - t0
-            texts = [processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in res["tokens"]]
-            cell = {k: spec[k] for k in ("stage", "window", "tau", "method", "proportional")}
-            cell["layer"] = layers[spec["stage"]]
-            cell.update(_metrics(model, res, base["tokens"], len(prompt), texts, norm_refs, [norm(t) for t in texts],
-                                 base_norm, sources))
-            cell.update(seconds=round(seconds, 2), kept=res["kept"])
-            doc["cells"][spec["key"]] = cell
-            save()
-            tf.write(json.dumps({"key": spec["key"], "texts": texts}, ensure_ascii=False) + "\n")
-            tf.flush()
-            bar.set_postfix_str(f"{spec['key']} ret {cell['retention']:.2f} WER {100 * cell['wer']:.1f}")
-            bar.update(1)
-    bar.close()
+    def run_one(spec):
+        groups = doc["cells"][spec["source"]]["kept"] if spec["method"] != "sim" else None
+        t0 = time.perf_counter()
+        res = _run_cell(model, spec, layers[spec["stage"]], prefixes, batches, bsz, prompt, groups, cfg.max_new_tokens)
+        seconds = time.perf_counter() - t0
+        texts = [processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in res["tokens"]]
+        cell = {k: spec[k] for k in ("stage", "window", "tau", "method", "proportional")}
+        cell["layer"] = layers[spec["stage"]]
+        cell.update(_metrics(model, res, base["tokens"], len(prompt), texts, norm_refs, [norm(t) for t in texts],
+                             base_norm, sources))
+        cell.update(seconds=round(seconds, 2), kept=res["kept"])
+        return cell, texts
+
+    run_cells(doc, cell_specs(cfg), run_one, save, work / "transcripts.jsonl", cfg.progress)
     doc["group_stats"] = group_stats(model, prefixes, batches, items, layers, cfg.taus)
     setup["total_seconds_last_run"] = round(time.perf_counter() - t_start, 1)
     save()
@@ -368,35 +333,13 @@ def group_stats(model, prefixes, batches, items, layers: dict, taus, window: int
 # reporting
 
 
-def largest_cuts(doc: dict, margin: float = WER_MARGIN) -> list[dict]:
-    """Per (method, proportional): the cell with the lowest retention whose WER is within
-    ``margin`` (absolute) of unpooled."""
-    base = doc["unpooled"]["wer"]
-    out = []
-    for method, prop in METHODS:
-        ok = [c for c in doc["cells"].values()
-              if c["method"] == method and c["proportional"] == prop and c["wer"] <= base + margin]
-        best = min(ok, key=lambda c: (c["retention"], c["wer"]), default=None)
-        out.append({"method": method, "proportional": prop, "cell": best})
-    return out
-
-
-def _name(method: str, prop: bool) -> str:
-    return {"sim": "Affinity Pooling", "avg": "uniform average", "drop": "uniform drop"}[method] + \
-        (" + proportional" if prop else "")
-
-
-def _pct(x, digits=1):
-    return "-" if x is None else f"{100 * x:.{digits}f}"
-
-
 def write_table(doc: dict, path: Path) -> str:
     """Markdown: per stage, one row per (window, tau) with every method's WER; then the largest
     cuts within +0.5 WER."""
     cells, un = doc["cells"], doc["unpooled"]
     setup = doc["setup"]
-    lines = [f"Unpooled: WER {_pct(un['wer'], 2)} % ({len(setup['items'])} items; LibriVox "
-             f"{_pct(un.get('wer_librivox'), 2)} %, piper {_pct(un.get('wer_piper'), 2)} %).", ""]
+    lines = [f"Unpooled: WER {pct(un['wer'], 2)} % ({len(setup['items'])} items; LibriVox "
+             f"{pct(un.get('wer_librivox'), 2)} %, piper {pct(un.get('wer_piper'), 2)} %).", ""]
     for stage, label in setup["stages"].items():
         rows = sorted({(c["window"], c["tau"]) for c in cells.values() if c["stage"] == stage},
                       key=lambda wt: (wt[0], -wt[1]))
@@ -409,23 +352,15 @@ def write_table(doc: dict, path: Path) -> str:
         for window, tau in rows:
             get = {(m, p): cells.get(cell_key(stage, window, tau, m, p)) for m, p in METHODS}
             sim = get[("sim", False)] or get[("sim", True)]
-            wers = [_pct(c["wer"], 2) if c else "-" for c in get.values()]
+            wers = [pct(c["wer"], 2) if c else "-" for c in get.values()]
             changed = " / ".join(str(c["changed"]) if c else "-" for c in get.values())
             times = " / ".join(f"{c['seconds']:.0f}" if c else "-" for c in (get[("sim", False)], get[("sim", True)]))
-            lines.append(f"| {window} | {tau:g} | {_pct(sim['retention'])} % | " + " | ".join(wers)
-                         + f" | {changed} | {_pct(sim['encoder_flops_rel'])} % | {_pct(sim['decoder_flops_rel'])} % "
+            lines.append(f"| {window} | {tau:g} | {pct(sim['retention'])} % | " + " | ".join(wers)
+                         + f" | {changed} | {pct(sim['encoder_flops_rel'])} % | {pct(sim['decoder_flops_rel'])} % "
                            f"| {times} |")
         lines.append("")
-    lines += ["### Largest cut within +0.5 WER (absolute) of unpooled", "",
-              "| method | lowest retention | cell | WER | enc FLOPs | dec FLOPs |", "|---|---|---|---|---|---|"]
-    for r in largest_cuts(doc):
-        c = r["cell"]
-        if c is None:
-            lines.append(f"| {_name(r['method'], r['proportional'])} | none | - | - | - | - |")
-            continue
-        lines.append(f"| {_name(r['method'], r['proportional'])} | {_pct(c['retention'])} % "
-                     f"| {setup['stages'][c['stage']]}, window {c['window']}, tau {c['tau']:g} | {_pct(c['wer'], 2)} % "
-                     f"| {_pct(c['encoder_flops_rel'])} % | {_pct(c['decoder_flops_rel'])} % |")
+    lines += cuts_table(doc, lambda c: f"{setup['stages'][c['stage']]}, window {c['window']}, tau {c['tau']:g}",
+                        [("enc FLOPs", "encoder_flops_rel"), ("dec FLOPs", "decoder_flops_rel")])
     if doc.get("group_stats"):
         lines += ["", "### How Affinity Pooling groups the frames (window 1)", "",
                   "Size-weighted mean: the size of the group an average frame ends up in (uniform average "
@@ -434,10 +369,10 @@ def write_table(doc: dict, path: Path) -> str:
                   "| quiet frames: all / in groups >= 4 |", "|---|---|---|---|---|---|---|---|"]
         for key, g in doc["group_stats"].items():
             stage, _, tau = key.split("/")
-            q_big = "-" if g["quiet_among_groups_ge4"] is None else _pct(g["quiet_among_groups_ge4"])
-            lines.append(f"| {setup['stages'].get(stage, stage)} | {tau[3:]} | {_pct(g['retention'])} % "
+            q_big = "-" if g["quiet_among_groups_ge4"] is None else pct(g["quiet_among_groups_ge4"])
+            lines.append(f"| {setup['stages'].get(stage, stage)} | {tau[3:]} | {pct(g['retention'])} % "
                          f"| {g['mean_size']:.2f} | {g['weighted_mean_size']:.2f} | {g['max_size']} "
-                         f"| {_pct(g['frames_in_groups_ge8'])} % | {_pct(g['quiet_frames'])} % / {q_big} % |")
+                         f"| {pct(g['frames_in_groups_ge8'])} % | {pct(g['quiet_frames'])} % / {q_big} % |")
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -445,59 +380,11 @@ def write_table(doc: dict, path: Path) -> str:
 
 
 def write_plot(doc: dict, path: Path) -> None:
-    """WER vs retention, one column per stage: Affinity Pooling (first window solid, others
-    dashed; plain and proportional) and the fixed-rate controls, with unpooled and +0.5 as
-    lines. Top row: the whole range (log scale); bottom row: a linear zoom around unpooled."""
-    import matplotlib  # deferred: matplotlib is heavy; only the plot needs it
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    cells, setup = doc["cells"], doc["setup"]
-    base = 100 * doc["unpooled"]["wer"]
-    stages = [s for s in setup["stages"] if any(c["stage"] == s for c in cells.values())] or list(setup["stages"])
-    n = len(stages)
-    fig, axes = plt.subplots(2, n, figsize=(5.2 * n, 8.4), squeeze=False, gridspec_kw={"height_ratios": [3, 2]})
-    style = {("sim", False): ("tab:blue", "o"), ("sim", True): ("tab:orange", "s"),
-             ("avg", False): ("tab:green", "^"), ("avg", True): ("tab:red", "v"), ("drop", False): ("tab:purple", "x")}
-    windows = sorted({c["window"] for c in cells.values()})
-    for col, stage in enumerate(stages):
-        for row in (0, 1):
-            ax = axes[row][col]
-            for (method, prop), (color, marker) in style.items():
-                for w in windows:
-                    pts = sorted((c["retention"], c["wer"]) for c in cells.values()
-                                 if c["stage"] == stage and c["method"] == method and c["proportional"] == prop
-                                 and c["window"] == w)
-                    if pts:
-                        ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], color=color, marker=marker,
-                                ms=4, lw=1.3, ls="-" if w == windows[0] else "--",
-                                label=_name(method, prop) + (f", window {w}" if method == "sim" else ""))
-            ax.axhline(base, color="black", lw=1, label=f"unpooled ({base:.2f} %)")
-            ax.axhline(base + 100 * WER_MARGIN, color="gray", lw=1, ls=":", label="unpooled + 0.5")
-            ax.set_xlim(0, 102)
-            ax.grid(True, which="both", alpha=0.3)
-            if row == 0:
-                ax.set_yscale("log")
-                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                ax.yaxis.set_minor_formatter(NullFormatter())
-                lo, hi = ax.get_ylim()
-                ax.set_yticks([t for t in (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000) if lo <= t <= hi])
-                ax.set_ylim(lo, hi)
-                ax.set_title(f"stage: {setup['stages'][stage]}")
-            else:
-                ax.set_ylim(max(0.0, base - 1.0), base + 2.5)
-                ax.set_xlabel("audio frames kept (%)")
-        axes[0][col].set_ylabel("corpus WER (%), log scale" if col == 0 else "")
-        axes[1][col].set_ylabel("corpus WER (%), zoom" if col == 0 else "")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4 if n >= 3 else 2, fontsize=8, frameon=False)
-    fig.suptitle(f"Whisper {setup['model'].split('-', 1)[-1]}: WER vs audio frames kept "
-                 f"({len(setup['items'])} utterances; same retention per item for the controls)")
-    fig.tight_layout(rect=(0, 0.07 if n >= 3 else 0.12, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    """WER vs retention per stage (affjax.bench.sweep.write_plot)."""
+    setup = doc["setup"]
+    sweep.write_plot(doc, path, f"Whisper {setup['model'].split('-', 1)[-1]}: WER vs audio frames kept "
+                                f"({len(setup['items'])} utterances; same retention per item for the controls)",
+                     unit="frames")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,13 +399,5 @@ def main_bench_whisper_pooling(args) -> int:
                       control_taus=tuple(args.control_taus), utterances=args.utterances, librivox=args.librivox,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, out=args.out, work=args.work,
                       name=args.name, progress=not args.no_progress)
-    try:
-        doc = run_sweep(cfg)
-    except Exception as e:  # noqa: BLE001 - assets or piper missing, bad settings
-        if not isinstance(e, (FileNotFoundError, ValueError, RuntimeError)) and type(e).__name__ != "AssetMissing":
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print((Path(cfg.out) / f"{cfg.name}_table.md").read_text())
-    print(f"{len(doc['cells'])} cells in {Path(cfg.out) / (cfg.name + '.json')}")
-    return 0
+    # RuntimeError: piper failed
+    return sweep.main(run_sweep, cfg, errors=(FileNotFoundError, ValueError, RuntimeError))

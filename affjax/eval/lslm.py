@@ -45,6 +45,7 @@ from affjax.eval.frontends import load_for_inference
 from affjax.eval.results import ResultStore, fingerprint_checkpoint, fingerprint_file, open_run
 from affjax.eval.summary import command_line, flops_summary, retention_summary, versions, write_summary
 from affjax.models.checkpoint import CONFIG_NAME, get_spec
+from affjax.pooling.oracle import item_seed, parse_oracle
 from affjax.pooling.spec import parse_pooling
 from affjax.runtime import shapes, sharding
 from affjax.runtime.costs import program_costs
@@ -114,11 +115,13 @@ class LslmTask:
     """score / generate / asr / qa / st on an engine and the model's frontend (affjax.eval.frontends),
     in affjax.eval.runner's task protocol."""
 
-    def __init__(self, task: str, engine: Engine, frontend, cfg: runner.JobConfig, two_pass: bool, log=print):
+    def __init__(self, task: str, engine: Engine, frontend, cfg: runner.JobConfig, two_pass: bool, log=print,
+                 words: dict | None = None):
         self.task, self.engine, self.frontend, self.cfg, self.log = task, engine, frontend, cfg, log
         self.two_pass = two_pass
+        self.words = words  # oracle runs: item id -> [Word] (affjax.eval.alignment)
         self.bs = sharding.padded_batch_size(cfg.batch_size, engine.mesh)  # whole rows of the data axis
-        self.front_stages = 1 if engine.pooling.stages and engine.pooling.stages[0].layer == 0 else 0
+        self.front_stages = engine.front_stages
         self.multi = sharding.process_count() > 1
         self.clock: runner.Clock | None = None
         self.lm_tokens = self.lm_slots = 0
@@ -165,11 +168,24 @@ class LslmTask:
         seconds = sum(len(w) for w in waves) / sr
         rec["audio_seconds"] = round(seconds, 3)
         enc, rec["windows"] = fe.encode(prompt, waves)
+        if self.words is not None:
+            enc = self._with_words(row.id, enc, rec)
         longest = len(enc.ids) + max((len(c) for c in conts), default=0) if conts else len(enc.ids)
         shapes.bucket(longest)  # too long for any bucket: an error row, not a crash
         if task == "score":
             rec["num_tokens"] = int(len(conts[0]))
         return _Item(row.id, enc, rec, seconds, conts)
+
+    def _with_words(self, item_id: str, enc, rec: dict):
+        """The item's word boundaries and seed for the engine's oracle intervention."""
+        if rec["windows"] != 1 or len(enc.feature_lengths) != 1:
+            raise ValueError("oracle interventions take one clip of at most 30 s")
+        words = self.words.get(item_id)
+        if words is None:
+            raise ValueError("no word alignment for this item (see alignment.jsonl)")
+        rec["words"] = len(words)
+        return dataclasses.replace(enc, words=np.array([[w.start, w.end] for w in words], np.float32).reshape(-1, 2),
+                                   seed=item_seed(self.engine.oracle, item_id))
 
     # -- a window of prepared items ---------------------------------------------------------------------
     def run_window(self, items: list[_Item], sink: runner.Sink) -> None:
@@ -319,7 +335,7 @@ class LslmTask:
 # the job
 
 
-def _rows(cfg: runner.JobConfig, task: str, out_dir: Path, log):
+def job_rows(cfg: runner.JobConfig, task: str, out_dir: Path, log):
     """(manifest rows, task, data label, data fingerprint) from --manifest or --data hf:..."""
     if cfg.data and cfg.data.startswith("hf:"):
         data_dir = out_dir / "data"
@@ -332,12 +348,17 @@ def _rows(cfg: runner.JobConfig, task: str, out_dir: Path, log):
             _, rtask = recipes.load(cfg.data, data_dir, limit=cfg.limit, progress=cfg.progress)
         if cfg.task is not None and cfg.task != rtask:
             raise runner.UsageError(f"--data {cfg.data} is a {rtask} data set, but --task {cfg.task} was given")
-        label = cfg.data.split(":", 1)[1].replace("/", "_").replace(":", "-")
+        label = runner.data_label(cfg)
         # a recipe's bad row carries its own `error` (and no audio): prepare reports that cause
         return read_manifest(manifest, required=("id",)), rtask, label, fingerprint_file(manifest)
+    if cfg.data == "librivox":
+        if task != "asr":
+            raise runner.UsageError(f"--data librivox is an asr data set, but --task {task} was given")
+        rows, fp = runner.librivox_rows(cfg.limit)
+        return rows, task, cfg.data, fp
     if cfg.data is not None:
-        raise runner.UsageError(f"--data {cfg.data!r} is not a Qwen2-Audio data set (give --manifest or "
-                                "--data hf:DATASET[:CONFIG]:SPLIT)")
+        raise runner.UsageError(f"--data {cfg.data!r} is not a Qwen2-Audio data set (give --manifest, "
+                                "--data librivox or --data hf:DATASET[:CONFIG]:SPLIT)")
     required = {"score": ("id", "audio", "prompt", "continuation"), "generate": ("id", "audio", "prompt")}
     rows = read_manifest(cfg.manifest, required=required.get(task, ("id", "audio")))
     if task == "asr":
@@ -347,19 +368,20 @@ def _rows(cfg: runner.JobConfig, task: str, out_dir: Path, log):
     return rows, task, Path(cfg.manifest).stem, fingerprint_file(cfg.manifest)
 
 
-def run_lslm(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=print) -> dict:
+def run_lslm(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=print, *, words: dict | None = None,
+             loaded=None) -> dict:
     """Run (or resume) a score / generate / eval job on a Qwen2-Audio or Kimi-Audio checkpoint; returns
-    the summary."""
+    the summary. With `cfg.oracle`, one oracle intervention from `words` (item id -> [Word]; see
+    affjax.eval.oracle). `loaded`: (model, cfg, frontend) already loaded for `cfg.dtype` and no mesh."""
     t_start = time.perf_counter()
     task = cfg.task
     file_job = task in ("score", "generate")
     if file_job:
         out_dir = Path(cfg.out).parent
     else:
-        label = (cfg.data.split(":", 1)[1].replace("/", "_").replace(":", "-") if cfg.data
-                 else Path(cfg.manifest).stem)
+        label = runner.data_label(cfg)
         out_dir = Path(cfg.out or Path("runs") / f"{model_label}-{label}-{task or 'hf'}")
-    rows, task, data_label, data_fp = _rows(cfg, task or "asr", out_dir, log)
+    rows, task, data_label, data_fp = job_rows(cfg, task or "asr", out_dir, log)
     if task not in TASKS:
         raise runner.UsageError(f"unknown task {task!r} ({', '.join(TASKS)})")
     runner.check_rows(rows, f"manifest {cfg.manifest or cfg.data}")
@@ -375,7 +397,13 @@ def run_lslm(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=print) -> 
     if isinstance(cfg.capacity, tuple) and len(cfg.capacity) != len(pooling.stages):
         raise runner.UsageError(f"--capacity gives {len(cfg.capacity)} retentions for {len(pooling.stages)} "
                                 "pooling stages (give one, or one per stage)")
+    try:
+        oracle = parse_oracle(cfg.oracle) if cfg.oracle else None
+    except ValueError as e:
+        raise runner.UsageError(f"--oracle {cfg.oracle!r}: {e}") from None
     multi = sharding.process_count() > 1
+    if oracle is not None and (pooling.stages or multi or meta["model_type"] != "qwen2_audio" or words is None):
+        raise runner.UsageError("--oracle runs on a Qwen2-Audio checkpoint without --pooling, in one process")
     if multi and not frontends.FRONTENDS[meta["model_type"]].multi_process:
         raise runner.UsageError(f"model_type {meta['model_type']} runs in one process (a mesh of one host's devices)")
     schedule = cfg.schedule or ("in-order" if file_job else "two-pass")
@@ -386,20 +414,22 @@ def run_lslm(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=print) -> 
               "positions": pooling.positions, "proportional": bool(pooling.proportional), "pool_mode": cfg.pool_mode,
               "capacity": cfg.capacity if cfg.pool_mode == "fixed" else None,
               "max_new_tokens": cfg.max_new_tokens if task != "score" else None, "dtype": cfg.dtype}
+    if oracle is not None:
+        record["oracle"] = oracle.to_text()
     open_run(results, record, restart=cfg.restart, log=log)  # before the model: a mismatch costs nothing
 
     sharding.initialize_distributed()  # a no-op unless launched as several processes
     mesh = sharding.mesh_or_none(cfg.mesh)
-    model, mcfg, frontend = frontends.load(ckpt, cfg.dtype, mesh)
+    model, mcfg, frontend = loaded if loaded is not None and mesh is None else frontends.load(ckpt, cfg.dtype, mesh)
     engine = Engine(model, pooling=pooling, pool_mode=cfg.pool_mode, capacity=cfg.capacity,
-                    eos_ids=frontend.eos_ids, pad_id=frontend.pad_id, mesh=mesh)
+                    eos_ids=frontend.eos_ids, pad_id=frontend.pad_id, mesh=mesh, oracle=oracle)
     t_load = time.perf_counter() - t_start
 
     # several processes: each runs its share into its own file; process 0 merges them at the end
     all_rows, rows = rows, sharding.host_share(rows)
     path = results.with_name(f"{results.name}.p{sharding.process_index()}") if multi else results
     store = ResultStore(path, log=log)
-    lt = LslmTask(task, engine, frontend, cfg, two_pass, log=log)
+    lt = LslmTask(task, engine, frontend, cfg, two_pass, log=log, words=words if oracle is not None else None)
     traces0 = dict(runner.TRACES)
     try:
         lt.clock = runner.Clock()
@@ -420,7 +450,7 @@ def run_lslm(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=print) -> 
         store.close()
         path.unlink(missing_ok=True)
 
-    summary = summarize(store.ordered([r.id for r in all_rows]), task, mcfg.text, pooling)
+    summary = summarize(store.ordered([r.id for r in all_rows]), task, mcfg.text, pooling, oracle)
     summary.update({"model": model_label, "data": data_label, "schedule": "two-pass" if two_pass else "in-order",
                     "batch_size": lt.bs, "items": len(all_rows), **clock.summary(),
                     "load_seconds": round(t_load, 3), "total_seconds": round(time.perf_counter() - t_start, 3),
@@ -430,6 +460,8 @@ def run_lslm(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=print) -> 
                     "processes": sharding.process_count(), "versions": versions(),
                     "command": command_line()})
     summary.update({k: record[k] for k in ("pooling", "positions", "proportional", "pool_mode", "capacity")})
+    if oracle is not None:
+        summary["oracle"] = record["oracle"]
     if lt.xla["unpooled"] > 0:
         summary["lm_prefill_flops_ratio_xla"] = round(lt.xla["pooled"] / lt.xla["unpooled"], 4)
         summary.setdefault("lm_prefill_flops", {}).update(xla_pooled=lt.xla["pooled"], xla_unpooled=lt.xla["unpooled"])
@@ -443,8 +475,9 @@ def run_lslm(cfg: runner.JobConfig, ckpt: Path, model_label: str, log=print) -> 
 # summaries
 
 
-def summarize(results: list[dict], task: str, text_cfg, pooling) -> dict:
-    """Metrics, error counts, retention and analytic FLOPs from result rows (old and new alike)."""
+def summarize(results: list[dict], task: str, text_cfg, pooling, oracle=None) -> dict:
+    """Metrics, error counts, retention and analytic FLOPs from result rows (old and new alike); an
+    oracle intervention counts as a stage at the input."""
     ok = [r for r in results if "error" not in r]
     errs = [r for r in results if "error" in r]
     causes: dict[str, int] = {}
@@ -458,9 +491,10 @@ def summarize(results: list[dict], task: str, text_cfg, pooling) -> dict:
         out.update(metrics=m, primary=list(metrics.primary(task, m)))
     elif task == "score" and ok:
         out["mean_logprob_per_token"] = round(sum(r["logprob"] for r in ok) / max(sum(r["num_tokens"] for r in ok), 1), 6)
-    if ok and pooling.stages:
+    stages = [0] if oracle is not None else pooling.stages
+    if ok and stages:
         out.update(retention_summary([r["audio_tokens"] for r in ok]))
-        out.update(flops_summary(text_cfg, pooling.stages, [c for r in ok for c in r["lm_tokens"]]))
+        out.update(flops_summary(text_cfg, stages, [c for r in ok for c in r["lm_tokens"]]))
         if any("forced_merges" in r for r in ok):
             out["forced_merges"] = int(sum(sum(r.get("forced_merges", [])) for r in ok))
     elif ok:
@@ -469,7 +503,7 @@ def summarize(results: list[dict], task: str, text_cfg, pooling) -> dict:
     return out
 
 
-def _fmt(v) -> str:
+def fmt_value(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -482,18 +516,19 @@ def summary_markdown(s: dict) -> str:
     lines = [f"# {s['task']}: {s['model']} on {s['data']}", "",
              f"`{s['command']}`", "",
              "| | |", "|---|---|",
-             f"| {name or 'metric'} | {_fmt(val)} |",
+             f"| {name or 'metric'} | {fmt_value(val)} |",
              f"| items | {s['items']} ({s['ok']} ok, {s['errors']} errors) |",
              f"| pooling | {s['pooling']}{' +proportional' if s.get('proportional') else ''} ({s['pool_mode']}) |",
-             f"| retention per stage | {_fmt(s.get('retention_per_stage'))} |",
-             f"| final retention | {_fmt(s.get('final_retention'))} |",
-             f"| LM prefill FLOPs vs unpooled (analytic) | {_fmt(s.get('lm_prefill_flops_ratio_analytic'))} |",
-             f"| LM prefill FLOPs vs unpooled (XLA) | {_fmt(s.get('lm_prefill_flops_ratio_xla'))} |",
+             *([f"| oracle intervention | {s['oracle']} |"] if s.get("oracle") else []),
+             f"| retention per stage | {fmt_value(s.get('retention_per_stage'))} |",
+             f"| final retention | {fmt_value(s.get('final_retention'))} |",
+             f"| LM prefill FLOPs vs unpooled (analytic) | {fmt_value(s.get('lm_prefill_flops_ratio_analytic'))} |",
+             f"| LM prefill FLOPs vs unpooled (XLA) | {fmt_value(s.get('lm_prefill_flops_ratio_xla'))} |",
              f"| schedule / batch size | {s['schedule']} / {s['batch_size']} |",
-             f"| padding fraction (this run) | {_fmt(s.get('padding_fraction'))} |",
-             f"| items/s (this run, incl. compile) | {_fmt(s.get('items_per_second'))} |",
-             f"| RTFx (steady batches) | {_fmt(s.get('rtfx'))} |",
-             f"| compile / run seconds (this run) | {_fmt(s.get('compile_seconds'))} / {_fmt(s.get('run_seconds'))} |",
+             f"| padding fraction (this run) | {fmt_value(s.get('padding_fraction'))} |",
+             f"| items/s (this run, incl. compile) | {fmt_value(s.get('items_per_second'))} |",
+             f"| RTFx (steady batches) | {fmt_value(s.get('rtfx'))} |",
+             f"| compile / run seconds (this run) | {fmt_value(s.get('compile_seconds'))} / {fmt_value(s.get('run_seconds'))} |",
              ""]
     if "metrics" in s:
         lines.append("Metrics: " + json.dumps(s["metrics"]))
@@ -507,11 +542,12 @@ def format_lslm_summary(s: dict) -> str:
     name, val = s.get("primary") or (None, None)
     head = f"{s['model']} on {s['data']} ({s['task']}): {s['items']} items, {s['ok']} ok, {s['errors']} errors"
     if name:
-        head += f"; {name} {_fmt(val)}"
-    pool = (f"pooling {s['pooling']}{' +proportional' if s.get('proportional') else ''}: retention "
-            f"{_fmt(s.get('final_retention'))}, LM prefill FLOPs {_fmt(s.get('lm_prefill_flops_ratio_analytic'))} "
-            f"of unpooled (XLA {_fmt(s.get('lm_prefill_flops_ratio_xla'))})")
-    speed = (f"{s['schedule']}: {_fmt(s.get('items_per_second'))} items/s, RTFx {_fmt(s.get('rtfx'))}, padding "
-             f"{_fmt(s.get('padding_fraction'))}, compile {_fmt(s.get('compile_seconds'))} s of "
-             f"{_fmt(s.get('run_seconds'))} s; results in {s.get('out')}")
+        head += f"; {name} {fmt_value(val)}"
+    pool = (f"pooling {s['pooling']}{' +proportional' if s.get('proportional') else ''}"
+            f"{' oracle ' + s['oracle'] if s.get('oracle') else ''}: retention "
+            f"{fmt_value(s.get('final_retention'))}, LM prefill FLOPs {fmt_value(s.get('lm_prefill_flops_ratio_analytic'))} "
+            f"of unpooled (XLA {fmt_value(s.get('lm_prefill_flops_ratio_xla'))})")
+    speed = (f"{s['schedule']}: {fmt_value(s.get('items_per_second'))} items/s, RTFx {fmt_value(s.get('rtfx'))}, padding "
+             f"{fmt_value(s.get('padding_fraction'))}, compile {fmt_value(s.get('compile_seconds'))} s of "
+             f"{fmt_value(s.get('run_seconds'))} s; results in {s.get('out')}")
     return "\n".join([head, pool, speed])

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from affjax.data.assets import whisper_ct2_dir
+from affjax.data.assets import librivox_items, whisper_ct2_dir
+from affjax.data.manifest import ManifestRow
 from affjax.eval.results import ResultStore
 from affjax.runtime.compiles import TRACES
 
@@ -60,6 +61,8 @@ class JobConfig:
     mesh: str | None = None
     xla_cost: bool = True             # pooled in-order runs: XLA-measured LM prefill FLOPs vs unpooled
     progress: bool = True
+    oracle: str | None = None         # Qwen2-Audio eval: oracle interventions 'SPEC;SPEC...' (affjax.eval.oracle)
+    alignment: str | None = None      # their word alignments (JSONL; default RUN_DIR/alignment.jsonl)
 
 
 def validate(cfg: JobConfig) -> None:
@@ -91,6 +94,15 @@ def validate(cfg: JobConfig) -> None:
             parse_mesh(cfg.mesh)
         except ValueError as e:
             raise UsageError(f"--mesh {cfg.mesh!r}: {e}") from None
+    if cfg.oracle is not None:
+        need(cfg.task in (None, "asr", "qa", "st"), "--oracle is an eval option (tasks asr, qa, st)")
+        need(cfg.pooling in (None, "none") and cfg.pool_mode == "bucketed",
+             "--oracle runs on the unpooled model: leave out --pooling and --pool-mode fixed")
+        from affjax.eval.oracle import parse_specs  # deferred: the oracle module imports jax
+        try:
+            parse_specs(cfg.oracle)
+        except ValueError as e:
+            raise UsageError(f"--oracle {cfg.oracle!r}: {e}") from None
     if cfg.ckpt is not None:
         need(Path(cfg.ckpt).is_dir(), f"checkpoint not found: {cfg.ckpt}")
     if cfg.manifest is not None:
@@ -119,6 +131,21 @@ def reference_field(rows: list, manifest, log=print) -> None:
     if good and not any(isinstance(r.item.get("reference"), str) for r in good):
         log(f"warning: {manifest}: no item has a transcript (fields {', '.join(REFERENCE_NAMES)}): the items "
             "are transcribed but no WER is computed")
+
+
+def data_label(cfg: JobConfig) -> str:
+    """The data part of a run's name: the manifest's stem, `librivox`, or the hf: spec made path-safe."""
+    if cfg.data is None:
+        return Path(cfg.manifest).stem
+    return cfg.data.split(":", 1)[-1].replace("/", "_").replace(":", "-")
+
+
+def librivox_rows(limit: int | None = None) -> tuple[list, str]:
+    """`--data librivox`: the installed LibriVox clips (real read speech) as manifest rows with their
+    transcripts as `reference` -> (rows, data fingerprint)."""
+    items = [{**it, "audio": str(it["audio"]), "reference": it["text"]} for it in librivox_items()]
+    rows = [ManifestRow(i + 1, it["id"], it, None) for i, it in enumerate(items)]
+    return (rows[:limit] if limit else rows), json.dumps(items, sort_keys=True)
 
 
 def dedupe_ids(rows: list) -> None:
@@ -276,15 +303,24 @@ def resolve_checkpoint(cfg: JobConfig, log=print) -> tuple[Path, str]:
         if not p.is_dir():
             raise FileNotFoundError(f"checkpoint not found: {p}")
         return p, p.resolve().name
+    if cfg.model == "lslm-tiny":  # built from installed parts + the committed trained weights
+        from affjax.train.lslm import install  # deferred: model code (jax) loads only now
+        try:
+            return install(cache_root() / "models" / cfg.model, log=log), cfg.model
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
     from affjax.eval.whisper import MODEL_NAMES  # deferred: import cycle with affjax.eval.whisper
     if cfg.model not in MODEL_NAMES:
-        raise UsageError(f"unknown --model {cfg.model!r}; known: {', '.join(MODEL_NAMES)}")
+        raise UsageError(f"unknown --model {cfg.model!r}; known: {', '.join(MODEL_NAMES)}, lslm-tiny")
     from affjax.models.checkpoint import ensure_converted  # deferred: model code (jax) loads only now
     return ensure_converted(whisper_ct2_dir(MODEL_NAMES[cfg.model]), cache_root() / "models" / cfg.model,
                             log=log), cfg.model
 
 
 def _run_lslm(cfg: JobConfig, ckpt: Path, model_label: str, log=print) -> dict:
+    if cfg.oracle is not None:
+        from affjax.eval.oracle import run_oracle  # deferred: import cycle with affjax.eval.lslm
+        return run_oracle(cfg, ckpt, model_label, log=log)
     from affjax.eval.lslm import run_lslm  # deferred: import cycle with affjax.eval.lslm
     return run_lslm(cfg, ckpt, model_label, log=log)
 
@@ -313,6 +349,8 @@ def run_eval(cfg: JobConfig, log=print) -> dict:
         raise UsageError(f"{ckpt}: no {CONFIG_NAME} (not an affjax checkpoint)") from None
     mt = meta.get("model_type")
     tasks, run = RUNNERS.get(mt, ((), None))
+    if cfg.oracle is not None and mt != "qwen2_audio":
+        raise UsageError(f"--oracle needs a Qwen2-Audio checkpoint, this one is {mt!r}")
     task = cfg.task or ("asr" if not (cfg.data or "").startswith("hf:") else None)
     if run is None or (task is not None and task not in tasks):
         raise UsageError(f"task {cfg.task or 'asr'} is not available for model_type {mt!r} (available: "
@@ -322,6 +360,9 @@ def run_eval(cfg: JobConfig, log=print) -> dict:
 
 def format_summary(summary: dict) -> str:
     """The summary as the CLI prints it, per model."""
+    if "aligner" in summary:  # the oracle interventions' runs
+        from affjax.eval.oracle import format_oracle_summary  # deferred: import cycle with affjax.eval.oracle
+        return format_oracle_summary(summary)
     if summary.get("task") in ("score", "generate", "qa", "st") or "primary" in summary:
         from affjax.eval.lslm import format_lslm_summary  # deferred: import cycles with affjax.eval.lslm / .whisper
         return format_lslm_summary(summary)

@@ -48,9 +48,8 @@ import json
 import time
 from pathlib import Path
 
-from affjax.data.assets import librivox_items
 from affjax.data.audio import load_audio
-from affjax.data.manifest import ManifestRow, read_manifest
+from affjax.data.manifest import read_manifest
 from affjax.eval import runner
 from affjax.eval.metrics import corpus_wer, make_normalizer  # scoring lives in affjax/eval/metrics.py
 from affjax.eval.results import ResultStore, fingerprint_checkpoint, fingerprint_file, open_run
@@ -81,10 +80,8 @@ def _rows(cfg: runner.JobConfig, log=print):
         return rows, Path(cfg.manifest).stem, fingerprint_file(cfg.manifest)
     if cfg.data not in DATASETS:
         raise runner.UsageError(f"unknown --data {cfg.data!r}; known: {', '.join(DATASETS)}")
-    items = [{**it, "audio": str(it["audio"]), "reference": it["text"]} for it in librivox_items()]
-    rows = [ManifestRow(i + 1, it["id"], it, None) for i, it in enumerate(items)]
-    rows = rows[:cfg.limit] if cfg.limit else rows
-    return rows, cfg.data, json.dumps(items, sort_keys=True)
+    rows, fp = runner.librivox_rows(cfg.limit)
+    return rows, cfg.data, fp
 
 
 # ----------------------------------------------------------------------------------------------

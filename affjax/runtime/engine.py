@@ -18,6 +18,15 @@ Layout of a prefill. Pooling stages at layers l_1 < l_2 < ... split the decoder 
 Each layer group keeps its own KV cache (its prompt length + max_new_tokens slots); decoding writes
 slot n_g + step in group g. The greedy loop is one jitted lax.while_loop.
 
+An oracle intervention (`Engine(model, oracle=...)`, affjax.pooling.oracle: merge each word's audio
+tokens, drop words or tokens) runs where an input stage would, on the unpooled model, from each
+row's word boundaries (`Batch.words`); bucketed mode only.
+
+Fixed-rate controls (`Control`, affjax.pooling.uniform: uniform average pooling or evenly spaced
+dropping, the paper's baselines at equal retention) run in place of the similarity stages of a
+bucketed prefill (`prefill_rest`, `run_packed`), each row keeping the number of audio tokens given
+for it at each stage (e.g. the count a similarity stage kept for that item).
+
 Fixed-capacity `capacity` is one retention for every stage, or a tuple with one per stage, each a
 fraction of the tokens a span has when it enters that stage. With `record` on, each prefill lists
 the compiled programs it ran (`programs`); `program_costs`, `unpooled_programs` and `prefill_cost`
@@ -44,7 +53,9 @@ from flax import nnx
 from affjax.models.layers import rope_cos_sin
 from affjax.models.qwen2_audio.inputs import Batch
 from affjax.pooling.affinity import fixed_capacity_needed, pool_stage, retention_slots
+from affjax.pooling.oracle import Oracle, oracle_stage
 from affjax.pooling.spec import PoolingConfig
+from affjax.pooling.uniform import CONTROLS, uniform_stage
 from affjax.runtime import costs, shapes
 from affjax.runtime import sharding as shd
 from affjax.runtime.compiles import TRACES  # noqa: F401  (the one compile counter, also read from here)
@@ -128,6 +139,11 @@ def pool_seq(seq: Seq, stage, positions: str, capacity: int, retention, dots: st
     out = pool_stage(seq.x, seq.span, seq.valid, seq.pos, seq.size, tau=tau, window=stage.window,
                      capacity=capacity, weighted=stage.weighted, positions=positions, retention=retention,
                      dots=dots)
+    return _after_stage(seq, out)
+
+
+def _after_stage(seq: Seq, out) -> tuple[Seq, dict]:
+    """The running state after a stage's packed output (a StageOut), and the stage's stats."""
     slot_of = jnp.where(seq.slot_of >= 0,
                         jnp.take_along_axis(out.group_of, jnp.maximum(seq.slot_of, 0), axis=1), -1)
     new = Seq(out.h, out.valid, out.pos, out.size, out.span, slot_of)
@@ -160,6 +176,20 @@ def _cont_logprobs(model, seq: Seq, n_prompt, cont_ids, cont_valid):
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+    """Fixed-rate controls in place of a prefill's similarity stages: at stage k, row b keeps
+    ``keep[k][b]`` audio tokens (clipped to 1 .. its audio tokens there), by uniform average pooling
+    (``kind`` avg) or by keeping that many evenly spaced tokens (drop); affjax.pooling.uniform.
+    A row holds at most one audio span (one clip of at most 30 s)."""
+    kind: str
+    keep: tuple  # per stage: Int['B']
+
+    def __post_init__(self):
+        if self.kind not in CONTROLS:
+            raise ValueError(f"control kind must be one of {CONTROLS}, got {self.kind!r}")
 
 
 @dataclasses.dataclass
@@ -205,7 +235,7 @@ class Engine:
     """Holds the split model and the jitted pieces; shapes follow affjax.runtime.shapes."""
 
     def __init__(self, model, *, pooling: PoolingConfig | None = None, pool_mode: str = "bucketed",
-                 capacity: float | None = None, eos_ids=(), pad_id: int = 0, mesh=None):
+                 capacity: float | None = None, eos_ids=(), pad_id: int = 0, mesh=None, oracle: Oracle | None = None):
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.cfg
         self.mesh = mesh  # jax.sharding.Mesh ("data", "model") or None (one device)
@@ -237,6 +267,15 @@ class Engine:
                 raise ValueError(f"pooling stage at layer {st.layer} outside 0..{L - 1}")
         cuts = [st.layer for st in self.pooling.stages]
         self.groups = list(zip([0] + cuts, cuts + [L]))  # group g: layers [start, end)
+        # an oracle intervention (affjax.pooling.oracle) takes the input stage's place, on the unpooled model
+        if oracle is not None and self.pooling.stages:
+            raise ValueError("an oracle intervention runs without pooling stages")
+        self.oracle = oracle
+
+    @property
+    def front_stages(self) -> int:
+        """Stages :meth:`front` runs: an input stage (layer 0) or an oracle intervention, or none."""
+        return int(self.oracle is not None or bool(self.pooling.stages and self.pooling.stages[0].layer == 0))
 
     # -- jitted wrappers ------------------------------------------------------------------------
     def jitted(self, name, fn, static=()):
@@ -312,7 +351,14 @@ class Engine:
         stage (a stage at layer 0) if there is one. Returns the sequence and that stage's stats."""
         seq = self.jitted("embed", embed_seq)(self.state, *self.device_batch(batch))
         stats = []
-        if self.pooling.stages and self.pooling.stages[0].layer == 0:
+        if self.oracle is not None:
+            if batch.words is None:
+                raise ValueError("an oracle intervention needs each item's word boundaries (Batch.words)")
+            seq, st = self._in_mesh(oracle_program)(seq, self._put(batch.words), self._put(batch.seeds),
+                                                    oracle=self.oracle, positions=self.pooling.positions)
+            stats.append(st)
+            seq = self._fit(seq, st)
+        elif self.pooling.stages and self.pooling.stages[0].layer == 0:
             seq, st = self.pool_bucketed(seq, self.pooling.stages[0])
             stats.append(st)
         return seq, stats
@@ -370,39 +416,56 @@ class Engine:
         return PackedRows(seq, n_prompt, cont_ids, cont_valid, rows=len(rows), slots=batch_size * T,
                           tokens=int(valid.sum()))
 
-    def run_packed(self, packed: PackedRows, n_front_stages: int, *, max_new_tokens: int = 0):
+    def run_packed(self, packed: PackedRows, n_front_stages: int, *, max_new_tokens: int = 0,
+                   control: Control | None = None):
         """The rest of the prefill for packed rows, then scoring (continuations given: per-row
         summed log-probs) or greedy decoding (token lists). Returns (results, stats of the stages
-        run here), on the host."""
+        run here), on the host. `control`: fixed-rate controls in place of the stages run here."""
         score = packed.cont_ids is not None
         out = self.prefill_rest(packed.seq, packed.n_prompt, [None] * n_front_stages,
                                 extra=0 if score else max_new_tokens, score=score, cont_ids=packed.cont_ids,
-                                cont_valid=packed.cont_valid)
+                                cont_valid=packed.cont_valid, control=control)
         later = self.host(out.stats[n_front_stages:])
         if score:
             return np.asarray(self.host(out.logprobs), np.float64).sum(1)[:packed.rows], later
         return self.decode(out, packed.rows, max_new_tokens), later
 
-    def pool_bucketed(self, seq: Seq, stage) -> tuple[Seq, dict]:
-        """One stage at full capacity, then the buffer sliced to the bucket of the longest row."""
+    def pool_bucketed(self, seq: Seq, stage, control: str | None = None, keep=None) -> tuple[Seq, dict]:
+        """One stage at full capacity, then the buffer sliced to the bucket of the longest row. With
+        `control` (avg or drop) the fixed-rate control runs in its place, row b keeping keep[b] audio
+        tokens (Int['B'], traced: one program for every count)."""
+        if control is not None:
+            seq, st = self._in_mesh(control_program)(seq, self._put(np.asarray(keep, np.int32)), kind=control,
+                                                     positions=self.pooling.positions)
+            return self._fit(seq, st), st
         pool = self._in_mesh(self._rec("pool", pool_program))
         # tau traced (a float32 scalar): stages that differ only in tau share one program
         seq, st = pool(seq, np.float32(stage.tau), stage=stage.static, positions=self.pooling.positions,
                        capacity=seq.x.shape[1], retention=None)
+        return self._fit(seq, st), st
+
+    @staticmethod
+    def _fit(seq: Seq, st: dict) -> Seq:
+        """A stage's full-capacity output sliced to the bucket of the batch's longest row."""
         n_max = int(shd.host_value(st["n_valid"]).max())  # over every process's rows
-        return slice_seq(seq, min(shapes.bucket(max(n_max, 1)), seq.x.shape[1])), st
+        return slice_seq(seq, min(shapes.bucket(max(n_max, 1)), seq.x.shape[1]))
 
     def prefill_rest(self, seq: Seq, n_prompt, stats: list, *, extra: int = 0, score: bool = False,
-                     cont_ids=None, cont_valid=None) -> PrefillOut:
+                     cont_ids=None, cont_valid=None, control: Control | None = None) -> PrefillOut:
         """Bucketed mode, the rest of a prefill: the layer groups and the stages not yet applied
-        (``len(stats)`` of them were, by :meth:`front`), then the head."""
+        (``len(stats)`` of them were, by :meth:`front`), then the head. `control`: fixed-rate controls
+        in place of those stages (its `keep` has one entry per stage of the pooling setting)."""
+        if control is not None and len(control.keep) != len(self.pooling.stages):
+            raise ValueError(f"control gives counts for {len(control.keep)} stages, the pooling has "
+                             f"{len(self.pooling.stages)}")
         stats = list(stats)
         caches, group_len, group_pos0, group_bias = [], [], [], []
         n_prompt = self._put(n_prompt)
         prop = self.pooling.proportional
         for g, (start, end) in enumerate(self.groups):
             if g > len(stats):
-                seq, st = self.pool_bucketed(seq, self.pooling.stages[g - 1])
+                kind, keep = (control.kind, control.keep[g - 1]) if control else (None, None)
+                seq, st = self.pool_bucketed(seq, self.pooling.stages[g - 1], kind, keep)
                 stats.append(st)
             if end > start:
                 run = self.jitted("group", run_layers, static=("start", "end", "extra", "proportional", "keep_cache"))
@@ -516,6 +579,24 @@ def pool_program(seq, tau=None, *, stage, positions, capacity, retention):
     shape shares one program; a whole Stage with tau=None bakes its tau in (one program per tau)."""
     _traced("pool")
     return pool_seq(seq, stage, positions, capacity, retention, dots="reduce", tau=tau)
+
+
+@functools.partial(jax.jit, static_argnames=("oracle", "positions"))
+def oracle_program(seq: Seq, words, seeds, *, oracle: Oracle, positions: str):
+    """An oracle intervention on the embedded inputs, at full capacity (affjax.pooling.oracle)."""
+    _traced("oracle")
+    out = oracle_stage(seq.x, seq.span, seq.valid, seq.pos, seq.size, words, seeds, oracle=oracle,
+                       capacity=seq.x.shape[1], positions=positions)
+    return _after_stage(seq, out)
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "positions"), compiler_options=POOL_COMPILER_OPTIONS)
+def control_program(seq: Seq, keep, *, kind: str, positions: str):
+    """A fixed-rate control stage at full capacity, row b keeping keep[b] audio tokens (affjax.pooling.uniform)."""
+    _traced("control")
+    out = uniform_stage(seq.x, seq.span, seq.valid, seq.pos, seq.size, keep, kind=kind, capacity=seq.x.shape[1],
+                        positions=positions)
+    return _after_stage(seq, out)
 
 
 def chained_capacity(span, valid, retentions) -> list[int]:

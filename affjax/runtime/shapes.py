@@ -91,6 +91,9 @@ def _grid(start: int, grid: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
 # policy's own grid). Jobs leave it unset.
 SEQ_BUCKETS: tuple[int, ...] = _grid(SEQ_MIN, SEQ_GRIDS[os.environ.get("AFFJAX_SEQ_GRID") or "32"])
 CONT_BUCKETS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
+# Words per clip given to the oracle interventions (affjax.pooling.oracle): 30 s of speech has
+# at most a few hundred.
+WORD_BUCKETS: tuple[int, ...] = (32, 64, 128, 256, 512)
 # Training sequences (affjax.train): coarser than SEQ_BUCKETS, since every bucket compiles a whole
 # forward + backward step (tens of seconds) and a step's padding is a cost paid once, not per token.
 TRAIN_BUCKETS: tuple[int, ...] = (64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024)

@@ -28,12 +28,38 @@ class LoRALinear(nnx.Module):
         self.scale = alpha / rank
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.base(x) + (x @ self.lora_a[...]) @ self.lora_b[...] * jnp.asarray(self.scale, x.dtype)
+        base = self.base
+        y = lora_dot(x, base.kernel[...], self.lora_a[...] * jnp.asarray(self.scale, x.dtype), self.lora_b[...])
+        return y if base.bias is None else y + base.bias[...]
 
     def merged(self) -> nnx.Linear:
         k = self.base.kernel
         k.set_value(k[...] + (self.lora_a[...] @ self.lora_b[...] * self.scale).astype(k.dtype))
         return self.base
+
+
+@jax.custom_vjp
+def lora_dot(x, kernel, a, b):
+    """x (kernel + a b), computed as x kernel + (x a) b: no product of full size beyond the layer's own."""
+    return x @ kernel + (x @ a) @ b
+
+
+# Under differentiation the adapter is folded into the kernel once per call (d_in x d_out, cheap next
+# to the step's batch x tokens rows): the forward and the input gradient are then one product each,
+# where the split form costs four more rank-r products of full size plus their sums, which XLA:CPU
+# runs slowly (docs/benchmarks.md). The kernel is frozen: its cotangent is zero, and unused.
+def _lora_dot_fwd(x, kernel, a, b):
+    w = kernel + a @ b
+    return x @ w, (x, w, a, b)
+
+
+def _lora_dot_bwd(res, g):
+    x, w, a, b = res
+    xf, gf = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    return g @ w.T, jnp.zeros_like(w), xf.T @ (gf @ b.T), (xf @ a).T @ gf
+
+
+lora_dot.defvjp(_lora_dot_fwd, _lora_dot_bwd)
 
 
 def _sites(model, targets, layers):

@@ -8,6 +8,10 @@ converter, every job and the PyTorch reference (transformers' Qwen2AudioForCondi
 read it unchanged.
 
     python -m affjax.train.lslm base --out DIR   # the untrained assembly (HF folder)
+    python -m affjax.train.lslm make [--work DIR] # `make lslm`: assemble, train (RECIPE), export the weights
+
+`affjax eval --model lslm-tiny` runs the trained model: `install` rebuilds it from the installed parts
+plus the committed trained weights (WEIGHTS) into the model cache, once per weights file.
 
 The audio tokens get fresh embedding rows (the mean embedding plus small noise, seeded): they are
 never trained (the placeholder rows are replaced by audio features; the bos/eos rows only mark the
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +35,13 @@ AUDIO_TOKENS = {"audio_bos_token": "<|audio_bos|>", "audio_token": "<|AUDIO|>", 
 END_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 ASR_PROMPT = "<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and recognize the speech: <|en|>"
+
+# The committed result of `make lslm` (projector + LoRA adapters, a few MB; affjax.train.export).
+WEIGHTS = Path(__file__).parent / "weights" / "lslm-tiny.safetensors"
+# The training run that made WEIGHTS: `affjax train` options over the corpus of `make corpus`
+# (affjax.data.corpus: train.jsonl / test.jsonl, held-out voices and texts), base seed 0.
+RECIPE = dict(steps=3000, batch_size=8, lr=1e-3, warmup=200, lora_rank=8, trainable=("projector", "lora"),
+              seed=0, save_every=25, log_every=5, eval_every=250, eval_items=24)
 
 
 def build_tokenizer(gguf_path: Path):
@@ -131,14 +144,75 @@ def _load(model, tensors: dict):
     return missing, unexpected
 
 
+def _base_checkpoint(dst: Path, *, log=print) -> Path:
+    """The untrained assembly, converted (once) at `dst`."""
+    from affjax.models.checkpoint import CONFIG_NAME, ensure_converted
+
+    if (dst / CONFIG_NAME).is_file():
+        return dst
+    with tempfile.TemporaryDirectory(prefix="lslm-tiny-hf-", dir=dst.parent) as d:
+        log(f"assembling lslm-tiny from the installed parts -> {dst}")
+        return ensure_converted(build_base(Path(d) / "hf"), dst, log=log)
+
+
+def install(dst: str | Path, *, weights: str | Path | None = None, log=print) -> Path:
+    """The trained lslm-tiny as a checkpoint at `dst` (base assembly + `weights`, default WEIGHTS),
+    rebuilt only when the weights file changed."""
+    from affjax.eval.results import fingerprint_file
+    from affjax.models.checkpoint import CONFIG_NAME
+    from affjax.train.export import apply_trained
+
+    dst, weights = Path(dst), Path(weights or WEIGHTS)
+    if not weights.is_file():
+        raise FileNotFoundError(f"lslm-tiny's trained weights are not in this checkout ({weights}): "
+                                "`make lslm` trains them (docs/training.md)")
+    fp = fingerprint_file(weights)
+    if (dst / CONFIG_NAME).is_file() and json.loads((dst / CONFIG_NAME).read_text()).get("lslm_tiny") == fp:
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    base = _base_checkpoint(dst.parent / "lslm-tiny-base", log=log)
+    log(f"applying {weights.name} -> {dst}")
+    return apply_trained(base, weights, dst, note={"lslm_tiny": fp})
+
+
+def make(work: str | Path, corpus: str | Path, *, log=print) -> Path:
+    """`make lslm`: assemble the base, train it by RECIPE on the corpus (`make corpus`), export
+    WEIGHTS. Resumable: each step keeps its output (the run resumes from its last checkpoint)."""
+    from affjax.train.export import TRAINED_FILE, export_run
+    from affjax.train.trainer import TrainConfig, Trainer
+
+    work, corpus = Path(work), Path(corpus)
+    for split in ("train", "test"):
+        if not (corpus / f"{split}.jsonl").is_file():
+            raise FileNotFoundError(f"no {split}.jsonl in {corpus}: run `make corpus` first")
+    work.mkdir(parents=True, exist_ok=True)
+    base = _base_checkpoint(work / "base", log=log)
+    run = work / "run"
+    cfg = TrainConfig(ckpt=str(base), manifest=str(corpus / "train.jsonl"), out=str(run),
+                      eval_manifest=str(corpus / "test.jsonl"), **RECIPE)
+    Trainer(cfg, log=log).fit()
+    export_run(run, work / "trained", log=log)
+    WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(run / TRAINED_FILE, WEIGHTS)
+    log(f"trained weights -> {WEIGHTS}")
+    return WEIGHTS
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m affjax.train.lslm", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("base", help="write the untrained assembly as a Qwen2-Audio-format HF folder")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("make", help="assemble, train (RECIPE) and export lslm-tiny's weights (resumable)")
+    p.add_argument("--work", default=None, help="base checkpoint and training run (default ~/.cache/affjax/lslm)")
+    p.add_argument("--corpus", default=None, help="the corpus of `make corpus` (default ~/.cache/affjax/corpus)")
     a = ap.parse_args(argv)
-    print(build_base(a.out, seed=a.seed))
+    if a.cmd == "base":
+        print(build_base(a.out, seed=a.seed))
+    else:
+        from affjax.eval.runner import cache_root
+        print(make(a.work or cache_root() / "lslm", a.corpus or cache_root() / "corpus"))
 
 
 if __name__ == "__main__":

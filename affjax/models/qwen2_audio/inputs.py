@@ -19,6 +19,8 @@ class Encoded:
     features: np.ndarray            # Float['a n_mels F']
     feature_lengths: np.ndarray     # Int['a']
     cont_ids: np.ndarray | None = None  # Int['k'] continuation ids (score)
+    words: np.ndarray | None = None     # Float['w 2'] [start, end) seconds of the clip's words (oracle runs)
+    seed: int = 0                       # the item's seed for random oracle interventions
 
 
 @dataclasses.dataclass
@@ -34,6 +36,8 @@ class Batch:
     rows: int                  # real rows (the rest are padding)
     cont_ids: np.ndarray | None = None    # Int32['B K']
     cont_valid: np.ndarray | None = None  # Bool['B K']
+    words: np.ndarray | None = None       # Float32['B W 2'] word [start, end) seconds, empty past each row's words
+    seeds: np.ndarray | None = None       # Int32['B'] per-row seeds (affjax.pooling.oracle)
 
 
 WINDOW_SECONDS = 30  # Qwen2-Audio's feature window; window_prompt takes the processor's own
@@ -149,4 +153,16 @@ def collate(items: list[Encoded], *, batch_size: int, audio_token_id: int, out_f
     batch = Batch(ids, valid, n_prompt, span, aidx, feats, flen, rows=len(items))
     if score:
         batch.cont_ids, batch.cont_valid = shapes.pad_continuations([e.cont_ids for e in items], B, cont_len)
+    if items[0].words is not None:
+        batch.words, batch.seeds = pad_words([e.words for e in items], [e.seed for e in items], B)
     return batch
+
+
+def pad_words(words: list[np.ndarray], seeds: list[int], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's word [start, end) seconds padded to a word bucket with empty words (0, 0), and the
+    items' seeds, both padded to `batch_size` rows."""
+    W = shapes.bucket(max(max(len(w) for w in words), 1), shapes.WORD_BUCKETS, "word count")
+    out = np.zeros((batch_size, W, 2), np.float32)
+    for b, w in enumerate(words):
+        out[b, :len(w)] = np.asarray(w, np.float32).reshape(-1, 2)
+    return out, shapes.pad_rows(np.asarray(seeds, np.int32), batch_size)

@@ -214,7 +214,7 @@ class Attention(nnx.Module):
         return self.out_proj(a.reshape(b, t, d))
 
     def cross(self, h: jax.Array, kt: jax.Array, vt: jax.Array, key_valid: jax.Array | None,
-              key_bias: jax.Array | None = None) -> jax.Array:
+              key_bias: jax.Array | None = None, *, with_weights: bool = False):
         """Cross-attention over keys stored heads first, kt/vt: ['B H S hd'] (from `kv_heads_first`).
 
         Same arithmetic as `affjax.models.layers.attention` (q scaled in its dtype, bias added to the
@@ -222,6 +222,8 @@ class Attention(nnx.Module):
         step has one query per row against ~1500 encoder frames, and with keys stored ['B S H hd']
         XLA:CPU transposes all of them at every step (10x slower on this kind of machine).
         key_valid: Bool['B S'] or None (every key); key_bias: Float['B S'] or None.
+        with_weights: also return the attention weights, float32 ['B H T S'] (word alignment,
+        affjax.eval.alignment); off by default, and then nothing extra is kept.
         """
         b, t, d = h.shape
         hd = d // self.heads
@@ -232,9 +234,10 @@ class Attention(nnx.Module):
             s = s + key_bias.astype(jnp.float32)[:, None, None, :]
         if key_valid is not None:
             s = jnp.where(key_valid[:, None, None, :], s, MASK_VALUE)
-        p = jax.nn.softmax(s, axis=-1).astype(vt.dtype)
-        a = jnp.einsum("bhts,bhsd->bthd", p, vt, preferred_element_type=jnp.float32).astype(q.dtype)
-        return self.out_proj(a.reshape(b, t, d))
+        w = jax.nn.softmax(s, axis=-1)
+        a = jnp.einsum("bhts,bhsd->bthd", w.astype(vt.dtype), vt, preferred_element_type=jnp.float32).astype(q.dtype)
+        out = self.out_proj(a.reshape(b, t, d))
+        return (out, w) if with_weights else out
 
 
 class DecoderLayer(nnx.Module):
@@ -249,10 +252,12 @@ class DecoderLayer(nnx.Module):
         self.fc2 = linear(cfg.decoder_ffn_dim, d, bias=True, dtype=dtype, rngs=rngs)
         self.act = _act(cfg.activation)
 
-    def __call__(self, x, self_mask, cross_kv, cross_valid, cross_bias=None, cache=None, pos=None):
+    def __call__(self, x, self_mask, cross_kv, cross_valid, cross_bias=None, cache=None, pos=None,
+                 with_weights: bool = False):
         """x: ['B T D']; self_mask: Bool['B T Tk']; cross_kv: (k, v) ['B H S hd'] (heads first);
         cross_valid: Bool['B S'] or None (every frame); cache: (k, v) ['B Tmax H hd'] written at
-        `pos`, or None (full pass). Returns (x, cache)."""
+        `pos`, or None (full pass). Returns (x, cache), and with_weights the cross-attention weights
+        float32 ['B H T S'] third."""
         h = self.self_attn_layer_norm(x)
         k, v = self.self_attn.kv(h)
         if cache is not None:
@@ -262,9 +267,12 @@ class DecoderLayer(nnx.Module):
             cache = (k, v)
         x = x + self.self_attn(h, k, v, self_mask)
         h = self.encoder_attn_layer_norm(x)
-        x = x + self.encoder_attn.cross(h, *cross_kv, cross_valid, cross_bias)
+        out = self.encoder_attn.cross(h, *cross_kv, cross_valid, cross_bias, with_weights=with_weights)
+        a, w = out if with_weights else (out, None)
+        x = x + a
         h = self.final_layer_norm(x)
-        return x + self.fc2(self.act(self.fc1(h))), cache
+        x = x + self.fc2(self.act(self.fc1(h)))
+        return (x, cache, w) if with_weights else (x, cache)
 
 
 class WhisperDecoder(nnx.Module):
@@ -309,15 +317,18 @@ class WhisperDecoder(nnx.Module):
 
     # -- forward modes --------------------------------------------------------------------------
     def __call__(self, tokens: jax.Array, enc: jax.Array, enc_valid: jax.Array | None = None,
-                 enc_bias: jax.Array | None = None) -> jax.Array:
-        """Teacher-forced pass over the whole token sequence ['B T'] -> logits ['B T V']."""
+                 enc_bias: jax.Array | None = None, *, cross_weights: bool = False):
+        """Teacher-forced pass over the whole token sequence ['B T'] -> logits ['B T V'].
+        cross_weights: return (logits, per-layer cross-attention weights float32 ['B H T S'])."""
         b, t = tokens.shape
         cross = self.cross_kv(enc)
         smask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (b, t, t))
         x = self.embed(tokens, 0)
+        weights = []
         for layer, kv in zip(self.layers, cross):
-            x, _ = layer(x, smask, kv, enc_valid, enc_bias)
-        return self.logits(x)
+            x, _, *w = layer(x, smask, kv, enc_valid, enc_bias, with_weights=cross_weights)
+            weights += w
+        return (self.logits(x), tuple(weights)) if cross_weights else self.logits(x)
 
     def step(self, tokens: jax.Array, pos, cache: tuple, cross: tuple, enc_valid: jax.Array | None = None,
              enc_bias: jax.Array | None = None) -> tuple[jax.Array, tuple]:
