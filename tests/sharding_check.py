@@ -114,7 +114,7 @@ def run_settings(model, cfg, pad, mesh, encoded, batch_size, settings=tuple(SETT
             else:
                 toks, stats = engine.generate(batch, MAX_NEW)
                 res["tokens"] = toks
-                if mesh is not None and name == "none":  # where the prefill's outputs live (cached programs)
+                if mesh is not None and name == settings[0]:  # where the prefill's outputs live (cached programs)
                     out_ = engine.prefill(batch, extra=MAX_NEW)
                     res["placement"] = {"kv_cache": list(out_.caches[0][0].sharding.spec),
                                         "rows": list(out_.group_len[0].sharding.spec),

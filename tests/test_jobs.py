@@ -251,12 +251,14 @@ def test_empty_manifest_and_all_failed_exit_non_zero(ckpt, tmp_path, capsys):
 # -- defect 7: the reference field under its common names
 
 
-@pytest.mark.parametrize("field", ["reference", "text", "transcript"])
-def test_asr_reference_under_common_names(ckpt, block, tmp_path, field):
+def test_asr_reference_under_common_names(ckpt, block, tmp_path):
+    """Each name on its own row of one manifest (one job: a job per name would compile alike)."""
     from affjax.eval.runner import JobConfig, run_eval
-    rows = _items(tmp_path, block, 2)
-    for r in rows:
+    fields = ("reference", "text", "transcript")
+    rows = _items(tmp_path, block, len(fields))
+    for r, field in zip(rows, fields):
         r[field] = r.pop("reference")
+    assert [next(k for k in fields if k in r) for r in rows] == list(fields)
     m = _manifest(tmp_path / "m.jsonl", rows)
     s = run_eval(JobConfig(task="asr", ckpt=str(ckpt), manifest=str(m), out=str(tmp_path / "run"),
                            max_new_tokens=3, progress=False), log=lambda *_: None)

@@ -138,10 +138,22 @@ def test_unpermute_turns_interleaved_rope_into_rotate_half():
 
 
 @pytest.mark.slow
-def test_weights_match_transformers_own_gguf_loader(gguf_path, converted):
+def test_weights_match_transformers_own_gguf_loader(gguf_path, converted, monkeypatch):
     """transformers un-permutes GGUF q/k itself: our dequantized tensors must equal its weights."""
     need_module("accelerate", reason="transformers' GGUF loading needs accelerate")
+    import gguf
     from transformers import LlamaForCausalLM
+
+    # transformers parses the whole file twice (config, then weights), each parse walking the 49152
+    # vocabulary strings in pure Python for seconds: hand it the parse our converter already made
+    # (read-only, a memory map of the same file)
+    from pathlib import Path
+
+    from affjax.models.qwen2.gguf import gguf_reader
+
+    ours, plain = gguf_reader(str(gguf_path.resolve())), gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader",
+                        lambda path, mode="r": ours if Path(path).resolve() == gguf_path.resolve() else plain(path, mode))
 
     sd, _ = converted
     hf = LlamaForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,

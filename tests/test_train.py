@@ -69,12 +69,15 @@ def test_encoder_cache_equals_full_window(tiny_qwen2_audio_ckpt, manifest, tmp_p
 @pytest.mark.slow
 def test_overfit_four_items(tiny_qwen2_audio_ckpt, manifest, tmp_path):
     # the random tiny model's final norm and head cap its logits near zero: train the decoder too
-    cfg = _cfg(tiny_qwen2_audio_ckpt, manifest, tmp_path / "run", steps=80, lr=1e-2, warmup=5, save_every=80,
+    # 40 steps (the schedule decays to zero at the last) take the loss from about 12 to about 0.8
+    # nats per target token: the targets are mostly learnt (80 steps reach 0.05)
+    cfg = _cfg(tiny_qwen2_audio_ckpt, manifest, tmp_path / "run", steps=40, lr=1e-2, warmup=5, save_every=40,
                trainable=("projector", "lm"))
     out = Trainer(cfg, log=lambda *a: None).fit()
     losses = _log(cfg.out)
     assert losses[1] > 5.0, losses[1]
-    assert out["loss"] < 0.05, f"4-item overfit ended at loss {out['loss']:.4f} (from {losses[1]:.3f})"
+    assert out["loss"] < 1.0 and out["loss"] < losses[1] / 10, \
+        f"4-item overfit ended at loss {out['loss']:.4f} (from {losses[1]:.3f})"
 
 
 def test_pooled_gradient_matches_finite_differences(tiny_qwen2_audio_ckpt, manifest, tmp_path):

@@ -5,6 +5,11 @@ With the real assets (skipped with the install command when missing): the CT2 ti
 through the converter; pooling that merges nothing reproduces the unpooled transcripts exactly;
 the static-shape pooled encoder output equals the sequential reference; base's WER on the five
 LibriVox clips, unpooled and at the default pooled setting; error rows; the CLI end to end.
+
+The tiny.en tests all run batches of 2 with up to 128 new tokens, as the eval jobs of 2 items
+below do, so they share compiled programs (the encoder pieces, the pooling stages, the greedy
+loop) instead of compiling each batch size anew; tests/test_whisper_sweep.py decodes the same
+batch (the first two clips).
 """
 
 from __future__ import annotations
@@ -98,10 +103,10 @@ def tiny_ckpt(real_whisper):
 
 @pytest.fixture(scope="module")
 def tiny(real_whisper, clips):
-    """(model, processor, unpooled tokens of the five clips) from the converted checkpoint."""
+    """(model, processor, unpooled transcription of the first two clips) from the converted checkpoint."""
     from affjax.models.whisper.decoding import transcribe
     _, _, model, processor, _ = real_whisper("tiny.en")
-    ref = transcribe(model, processor, clips[1], batch_size=5)
+    ref = transcribe(model, processor, clips[1][:2], batch_size=2)
     return model, processor, ref
 
 
@@ -153,27 +158,33 @@ def test_pooling_that_merges_nothing_is_unpooled(tiny, clips):
     from affjax.models.whisper import asr
     model, processor, ref = tiny
     pooling = asr.parse_whisper_pooling("0:tau=2,window=1;2:tau=1.5,window=2;4:tau=2,window=1", model.cfg, True)
-    out = asr.transcribe_pooled(model, processor, clips[1], pooling, batch_size=5)
-    assert out.tokens == ref.tokens and out.texts == ref.texts
+    out = asr.transcribe_pooled(model, processor, clips[1][:2], pooling, batch_size=2)
+    assert out.tokens == ref.tokens and out.texts == ref.texts and all(ref.finished)
     assert all(a[1:] == [a[0]] * 3 for a in out.audio_tokens)
-    assert out.enc_len == [1500] * 5 and all(lt == [1500] * 4 for lt in out.layer_tokens)
+    assert out.enc_len == [1500] * 2 and all(lt == [1500] * 4 for lt in out.layer_tokens)
 
 
 def test_pooled_encoder_output_matches_reference(tiny, clips):
     """The static-shape stage on the real encoder output of one clip (inside a padded batch)
-    equals the sequential reference stage on that clip alone."""
+    equals the sequential reference stage on that clip alone. The steps of `pooled_encode` (start,
+    the encoder, the stage, finish), so the stage's input is at hand without a second encoder run."""
     sys.path.insert(0, str(Path(__file__).parent))
     from pooling_reference import ref_stage
 
     from affjax.models.whisper import asr
-    from affjax.models.whisper.decoding import encode, whisper_features
+    from affjax.models.whisper.decoding import whisper_features
+    from affjax.runtime import shapes
     model, processor, _ = tiny
     wave = clips[1][1]
     feats = whisper_features(processor, [wave], 2, model.cfg)
     frames = asr.audio_frames(len(wave), model.cfg.encoder)
-    h = np.asarray(encode(model, feats))[0]
     pooling = asr.parse_whisper_pooling("4:tau=0.9,window=2", model.cfg)
-    e = asr.pooled_encode(model, feats, np.array([frames, 0]), 1, pooling)
+    (stage,) = pooling.stages
+    st = asr.encoder_advance(model, asr.encoder_start(model, feats, np.array([frames, 0]), 1), stage.layer)
+    assert st.finished and st.key_valid is None and st.bias is None  # the unpooled encoder output
+    h = np.asarray(st.x)[0]
+    e = asr.encoder_finish(model, asr.encoder_stage(st, stage, proportional=pooling.proportional,
+                                                    buckets=shapes.encoder_buckets(1500)))
     span = (np.arange(1500) < frames).astype(np.int32)
     r = ref_stage(h, span, np.arange(1500, dtype=np.float32), np.ones(1500, np.float32), tau=0.9, window=2)
     n = len(r["h"])
@@ -238,14 +249,15 @@ def test_eval_job_error_rows(tiny_ckpt, clips, tmp_path):
 
 @pytest.mark.slow
 def test_cli_eval_model_librivox(tiny_ckpt, clips, tmp_path, capsys, monkeypatch):
-    """`affjax eval --model whisper-tiny.en --data librivox --limit 3` end to end through the CLI's
+    """`affjax eval --model whisper-tiny.en --data librivox --limit 2` end to end through the CLI's
     main (the converted model is found in $AFFJAX_CACHE): unpooled and the default pooled setting.
-    In this process, so the programs compiled by the tests above are reused; the `python -m
-    affjax.cli` entry point itself runs in a subprocess in test_jobs.py (the kill -9 test)."""
+    In this process, so the programs compiled by the tests above (batches of 2, as here) are reused;
+    the `python -m affjax.cli` entry point itself runs in a subprocess in test_jobs.py (the kill -9
+    test)."""
     from affjax.cli import main
     monkeypatch.setenv("AFFJAX_CACHE", str(tiny_ckpt[1]))
     # --no-compile-cache: keep the session's compile cache settings (conftest) for the later tests
-    rc = main(["eval", "--model", "whisper-tiny.en", "--data", "librivox", "--limit", "3", "--out",
+    rc = main(["eval", "--model", "whisper-tiny.en", "--data", "librivox", "--limit", "2", "--out",
                str(tmp_path / "run"), "--no-progress", "--no-compile-cache"])
     out = capsys.readouterr()
     assert rc == 0, out.err[-3000:]
@@ -255,4 +267,4 @@ def test_cli_eval_model_librivox(tiny_ckpt, clips, tmp_path, capsys, monkeypatch
     assert unpooled["pooling"] == "none" and pooled["pooling"] == "4:tau=0.95,window=1" and pooled["proportional"]
     assert unpooled["wer"] <= 0.10 and pooled["wer"] <= 0.10 and pooled["final_retention"] < 1
     for sub in ("unpooled", "pooled"):
-        assert len((tmp_path / "run" / sub / "results.jsonl").read_text().splitlines()) == 3
+        assert len((tmp_path / "run" / sub / "results.jsonl").read_text().splitlines()) == 2

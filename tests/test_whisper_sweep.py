@@ -6,11 +6,16 @@ No assets needed: the controls against a plain numpy reference; suppression agai
 `generate` on a tiny random Whisper (torch). Real assets (skipped with the install command when
 missing): controls that keep every frame reproduce the unpooled transcripts (Whisper tiny.en); a
 tiny sweep end to end, resumed; piper generation (skipped when piper is not installed).
+
+The two real-asset decoding tests run the same batch (the first two LibriVox clips, batch size 2,
+up to 128 new tokens) as tests/test_whisper_eval.py, so they share compiled programs with each
+other and, through the run's persistent compile cache, with that module.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -199,7 +204,7 @@ def _skip_missing(fn):
 @pytest.fixture(scope="module")
 def tiny_en(real_whisper, librivox):
     _, _, model, processor, _ = real_whisper("tiny.en")
-    return model, processor, [x for _, x in librivox[:3]]
+    return model, processor, [x for _, x in librivox[:2]]
 
 
 def test_suppress_tokens_come_from_the_ct2_config(tiny_en):
@@ -212,37 +217,40 @@ def test_suppress_tokens_come_from_the_ct2_config(tiny_en):
 def test_controls_keeping_every_frame_are_unpooled(tiny_en):
     """r = 1 (k = the clip's frames): uniform average and uniform dropping, at the encoder output
     and after layer 2, with and without proportional (sizes are all 1, so the bias is 0): the
-    unpooled transcripts."""
+    unpooled transcripts (two clips, a batch of 2, as the sweep below runs them)."""
     from affjax.models.whisper.decoding import prompt_ids, whisper_features
     from affjax.pooling.spec import Stage
     model, processor, waves = tiny_en
     cfg = model.cfg
     prompt = prompt_ids(processor.tokenizer, cfg)
-    feats = whisper_features(processor, waves, 4, cfg)
-    frames = asr.batch_frames(waves, 4, cfg)
+    feats = whisper_features(processor, waves, 2, cfg)
+    frames = asr.batch_frames(waves, 2, cfg)
     start = asr.encoder_start(model, feats, frames, len(waves))
-    base_out = asr.encoder_finish(model, start)
-    base, _ = asr.decode_encoded(model, base_out, prompt, len(waves), 32)
-    assert all(base)
+    out = asr.encoder_advance(model, start, cfg.encoder.layers)  # the whole unpooled encoder
+    base, done = asr.decode_encoded(model, asr.encoder_finish(model, out), prompt, len(waves), 128)
+    assert all(base) and all(done)
     deep = asr.encoder_advance(model, start, 2)
-    out = asr.encoder_advance(model, deep, cfg.encoder.layers)
     for st, control, prop in ((deep, "avg", True), (deep, "drop", False), (out, "avg", False), (out, "drop", True)):
         e = asr.encoder_finish(model, asr.encoder_stage(st, Stage(st.layer, 0.9, 1), proportional=prop,
                                                         control=control, groups=frames))
-        assert e.audio_tokens[:3, -1].tolist() == frames[:3].tolist()
-        toks, _ = asr.decode_encoded(model, e, prompt, len(waves), 32)
+        assert e.audio_tokens[:, -1].tolist() == frames.tolist()
+        toks, _ = asr.decode_encoded(model, e, prompt, len(waves), 128)
         assert toks == base, (st.layer, control, prop)
 
 
 @pytest.mark.slow
-def test_tiny_sweep_end_to_end_and_resumed(tmp_path):
+def test_tiny_sweep_end_to_end_and_resumed(tmp_path, real_whisper, monkeypatch):
     """2 LibriVox clips, Whisper tiny.en, one threshold at the encoder output with the controls:
-    the JSON, table and plot; a second run resumes (computes no cell again)."""
+    the JSON, table and plot; a second run resumes (computes no cell again). `--model` finds the
+    session's converted tiny.en in $AFFJAX_CACHE (converted once per run, never into ~/.cache); the
+    first run loads it, the later runs of this process reuse that load."""
     from affjax.bench import whisper_pooling as bwp
-    _skip_missing(lambda: __import__("affjax.data.assets", fromlist=["x"]).whisper_ct2_dir("tiny.en"))
     _skip_missing(lambda: __import__("affjax.data.assets", fromlist=["x"]).librivox_items())
+    monkeypatch.setenv("AFFJAX_CACHE", str(real_whisper("tiny.en")[1]))
+    loads, load = [], bwp.load_installed
+    monkeypatch.setattr(bwp, "load_installed", functools.cache(lambda name: loads.append(name) or load(name)))
     cfg = bwp.SweepConfig(model="whisper-tiny.en", taus=(0.9,), windows=(1,), stages=("out",), control_taus=(0.9,),
-                          utterances=0, librivox=2, max_new_tokens=64, out=str(tmp_path / "res"),
+                          utterances=0, librivox=2, max_new_tokens=128, out=str(tmp_path / "res"),
                           work=str(tmp_path / "work"), name="sweep", progress=False)
     doc = bwp.run_sweep(cfg, log=lambda *a: None)
     keys = [s["key"] for s in bwp.cell_specs(cfg)]
@@ -272,6 +280,7 @@ def test_tiny_sweep_end_to_end_and_resumed(tmp_path):
     assert len((tmp_path / "work" / "transcripts.jsonl").read_text().splitlines()) == 5
     with pytest.raises(ValueError, match="another setup"):
         bwp.run_sweep(dataclasses.replace(cfg, librivox=1), log=lambda *a: None)
+    assert loads == ["whisper-tiny.en"]
 
 
 def test_tts_texts():
