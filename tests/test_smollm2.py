@@ -151,7 +151,7 @@ def test_weights_match_transformers_own_gguf_loader(gguf_path, converted, monkey
 
     from affjax.models.qwen2.gguf import gguf_reader
 
-    ours, plain = gguf_reader(str(gguf_path.resolve())), gguf.GGUFReader
+    ours, plain = gguf_reader(gguf_path), gguf.GGUFReader
     monkeypatch.setattr(gguf, "GGUFReader",
                         lambda path, mode="r": ours if Path(path).resolve() == gguf_path.resolve() else plain(path, mode))
 

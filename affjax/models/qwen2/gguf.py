@@ -63,11 +63,15 @@ class GGUFError(ValueError):
     """The GGUF file is not a Llama-architecture model this converter understands."""
 
 
+def gguf_reader(path: str | Path) -> gguf.GGUFReader:
+    """One parsed reader per file, whatever path names it (a memory map; parsing the header and its
+    ~50k tokenizer fields takes seconds in pure Python, so the tensors and the tokenizer share it)."""
+    return _parse(str(Path(path).resolve()))
+
+
 @functools.lru_cache(maxsize=4)
-def gguf_reader(path: str) -> gguf.GGUFReader:
-    """One parsed reader per file (a memory map; parsing the header and its ~50k tokenizer fields
-    takes seconds in pure Python, so the tensors and the tokenizer share it)."""
-    return gguf.GGUFReader(path)
+def _parse(resolved: str) -> gguf.GGUFReader:
+    return gguf.GGUFReader(resolved)
 
 
 def hf_key(gguf_name: str) -> str | None:
@@ -166,7 +170,7 @@ def gguf_hf_config(reader) -> dict:
 def iter_gguf_tensors(path: str | Path) -> tuple[dict, Iterator[tuple[str, Callable[[], np.ndarray]]]]:
     """(hf_config, (hf_key, loader) pairs): each loader dequantizes one tensor to float32 in HF
     layout (torch Linear (out, in)), q/k rows un-permuted. The pairs feed `weights.load_streaming`."""
-    reader = gguf_reader(str(Path(path).resolve()))
+    reader = gguf_reader(path)
     cfg = gguf_hf_config(reader)
     unknown = [t.name for t in reader.tensors if hf_key(t.name) is None]
     if unknown:
@@ -222,7 +226,7 @@ def gguf_tokenizer(path: str | Path):
     """A `tokenizers.Tokenizer` built from the GGUF's byte-level BPE vocabulary and merges
     (`tokenizer.ggml.model == "gpt2"`). It pre-tokenizes with GPT-2's byte-level regex, which can
     split digit runs differently from the model's own pre-tokenizer; ordinary text matches it."""
-    reader = gguf_reader(str(Path(path).resolve()))
+    reader = gguf_reader(path)
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise GGUFError(f"tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') is supported")
