@@ -189,6 +189,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="two-point: compile 1 and 2 layers per group and extrapolate (fast); full: the real depth")
     g.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON")
     g.add_argument("--dump-hlo", default=None, metavar="DIR", help="write each compiled program's HLO text here")
+    g.add_argument("--max-batch", action="store_true",
+                   help="find the largest batch that fits per chip by compiling (from --batch-size up); the "
+                        "report is the plan at that batch")
+    g.add_argument("--attention", default="xla", choices=("xla", "auto"),
+                   help="prefill attention to compile: xla (every FLOP counted) or auto (the Pallas splash kernel "
+                        "a TPU job runs: its memory, but its FLOPs are invisible to the compiler's count)")
+    g.add_argument("--hbm-budget", type=float, default=None, metavar="GIB",
+                   help="with --max-batch: GiB per chip the job may use (default: all of the chip's HBM)")
 
     p = sub.add_parser("bench", help="prefill benchmark: affjax vs transformers (PyTorch eager) on one config")
     p.add_argument("--batch", type=int, nargs="*", default=[1, 4])

@@ -24,7 +24,8 @@ from conftest import need_module
 torch = need_module("torch")
 sf = need_module("soundfile")
 
-from kimi_reference import TEXT_BLANK, TEXT_EOS, KimiReference, asr_streams, random_items  # noqa: E402
+from kimi_reference import (  # noqa: E402
+    TEXT_BLANK, TEXT_EOS, TOKEN_OFFSET, KimiReference, asr_streams, random_items)
 from pooling_reference import gap_tau, ref_cos, ref_stage  # noqa: E402
 
 SECONDS = (2.0, 12.0)
@@ -80,6 +81,41 @@ def test_greedy_tokens_match_reference(setup):
         assert gap > 1e-3, f"near-tie in the reference's greedy choice ({gap}); pick another seed"
         assert toks[i] == want, (i, toks[i], want)
     assert all(len(t) == MAX_NEW for t in toks)  # no EOS in 8 steps: every step compared
+
+
+def test_speech_code_ids_decode_as_the_official_loop(setup):
+    """Text output over the whole vocabulary, as kimia_infer does: its sampler takes the argmax of
+    the full text logits (no mask to the text ids), a speech-code id is fed back like any token,
+    and only the returned text leaves out ids >= kimia_token_offset. With lm_head edited so that
+    a speech code beats the best text id at item 0's first step, the engine's greedy tokens are the
+    reference's (both pick the code) and the text is that of the tokens without it."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from affjax.runtime.engine import Engine
+
+    code = TOKEN_OFFSET + 7
+    head = setup.ref.lm_head.weight
+    saved = head.detach().clone()
+    edited = saved.clone()
+    # 3x the first pick's row: the top logit is positive, so the code's is larger
+    edited[code] = 3 * saved[setup.ref.greedy(setup.items[0].prompt, 1)[0][0]]
+    try:
+        with torch.no_grad():
+            head.copy_(edited)
+        wants = [setup.ref.greedy(it.prompt, MAX_NEW) for it in setup.items]
+    finally:
+        with torch.no_grad():
+            head.copy_(saved)
+    model = nnx.clone(setup.model)
+    model.language_model.lm_head[...] = jnp.asarray(edited.numpy())
+    toks, _ = Engine(model, eos_ids=(TEXT_EOS,), pad_id=TEXT_BLANK).generate(setup.gen_batch, MAX_NEW)
+    for i, (want, gap) in enumerate(wants):
+        assert gap > 1e-3, f"near-tie in the reference's greedy choice ({gap})"
+        assert toks[i] == want, (i, toks[i], want)
+    assert toks[0][0] == code
+    kept = [t for t in toks[0] if t < TOKEN_OFFSET]  # what kimia.py's generate decodes
+    assert setup.frontend.text(toks[0]) == setup.frontend.text(kept), (toks[0], kept)
 
 
 def ref_pooled_logprobs(ref, it, stages, positions):

@@ -125,3 +125,27 @@ def test_other_lengths_do_not_recompile(tiny, runs):
     codes = tokenize(model, fe, waves, batch_size=ROWS)
     assert dict(TRACES) == before, f"recompiled: {before} -> {dict(TRACES)}"
     assert [len(c) for c in codes] == [cfg.num_codes_for_samples(len(w)) for w in waves] == [63, 250, 413]
+
+
+def test_batched_clips_match_per_clip(tiny):
+    """The clips of a batch tokenized in one call (the 4 pieces of SECONDS, 2 per batch, shortest
+    first: frames cut to the 1600 and 3000 buckets) give the codes of one call per clip at 30 s
+    frames and batch 1, and the reference's extract_speech_token per clip (Kimi-Audio's
+    Glm4Tokenizer calls it once per clip); other lengths in the same buckets do not recompile."""
+    model, cfg, fe, ref = tiny
+    waves = [synth_speech_like(s, seed=i + 1) for i, s in enumerate(SECONDS)]
+    before = TRACES["glm4_speech_tokenizer"]
+    got = tokenize(model, fe, waves, batch_size=2)
+    assert TRACES["glm4_speech_tokenizer"] - before <= 2  # (2, 1600) and (2, 3000), unless compiled already
+    for g, w in zip(got, waves):
+        alone = tokenize(model, fe, [w], batch_size=1, buckets=(cfg.max_frames,))[0]
+        assert np.array_equal(g, alone)
+        details = []
+        want = np.asarray(extract_speech_token(ref, fe, [w], details=details)[0])
+        gaps = np.concatenate([np.diff(np.sort(d[6], 1)[:, :2], axis=1)[:, 0] for d in details])
+        assert len(g) == len(want) and not np.flatnonzero((g != want) & (gaps >= TIE)).size
+    assert [len(c) for c in got] == [25, 150, 563]
+    before = TRACES["glm4_speech_tokenizer"]
+    other = [synth_speech_like(s, seed=30 + i) for i, s in enumerate((3.0, 10.0, 50.0))]  # 300, 1000 | 2000, 3000
+    assert [len(c) for c in tokenize(model, fe, other, batch_size=2)] == [38, 125, 625]
+    assert TRACES["glm4_speech_tokenizer"] == before, "a new length inside a bucket recompiled"

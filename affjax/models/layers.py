@@ -6,6 +6,9 @@ reference does; matrix products run in the parameter dtype.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,6 +123,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     chunk reads only the keys up to its last query (about half the work of the full square).
     key_bias: Float['B Tk'] added to every query's logit for that key (log group size under
     `proportional` pooling). Elsewhere (`_blocked` false) both forms run as one batched softmax.
+    On TPU the prefill form (Tq == Tk, no `mask`, no `key_bias`) runs the Pallas splash kernel
+    instead (`prefill_route`, `_splash`).
     Returns ['B Tq H hd'].
     """
     b, tq, h, hd = q.shape
@@ -127,6 +132,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     g = h // kvh
     scale = hd ** -0.5 if scale is None else scale
     q = q * jnp.asarray(scale, q.dtype)
+    if prefill_route(q.shape, k.shape, mask=mask, key_bias=key_bias)[0] == "splash":
+        return _splash(q, k, v, key_valid, causal)
     add = jnp.zeros((b, tk), jnp.float32) if key_bias is None else key_bias.astype(jnp.float32)
     if mask is not None:
         s = jnp.einsum("bqkgd,bskd->bkgqs", q.reshape(b, tq, kvh, g, hd), k, preferred_element_type=jnp.float32)
@@ -184,3 +191,117 @@ def _blocked() -> bool:
 def _map(f, count: int) -> jax.Array:
     """f(i) stacked over i < count, as one loop (a single call when count is 1)."""
     return jax.lax.map(f, jnp.arange(count)) if count > 1 else f(jnp.int32(0))[None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefill attention on TPU: the Pallas splash-attention kernel
+
+
+# "auto": splash on TPU, XLA elsewhere; "xla": always XLA; "splash": splash wherever it applies (off
+# TPU in Pallas interpret mode: slow, for tests). Read when a program is traced, so a jitted function
+# keeps the backend of its first trace.
+BACKENDS = ("auto", "xla", "splash")
+ATTENTION_BACKEND = os.environ.get("AFFJAX_ATTENTION", "auto")
+if ATTENTION_BACKEND not in BACKENDS:
+    raise ValueError(f"AFFJAX_ATTENTION={ATTENTION_BACKEND!r}: give one of {', '.join(BACKENDS)}")
+
+
+@contextlib.contextmanager
+def attention_backend(name: str):
+    """Trace under another ATTENTION_BACKEND (tests, benchmarks)."""
+    global ATTENTION_BACKEND
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}: give one of {', '.join(BACKENDS)}")
+    old, ATTENTION_BACKEND = ATTENTION_BACKEND, name
+    try:
+        yield
+    finally:
+        ATTENTION_BACKEND = old
+
+
+def _platform() -> str:
+    """The platform a program is traced for: the mesh's devices under `jax.set_mesh` (compile-only
+    TPU devices have a CPU default backend), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    dev = None if mesh.empty else mesh.abstract_device
+    return dev.platform if dev is not None else jax.default_backend()
+
+
+def prefill_route(q_shape, k_shape, *, mask=None, key_bias=None) -> tuple[str, str]:
+    """("splash" | "xla", why): the one place the attention backend is chosen.
+
+    Splash runs self-attention over a whole sequence with a static mask (causal or full) and
+    segment ids (key padding). Everything else stays on XLA: an explicit `mask`, decode steps and
+    cross-attention (Tq != Tk), and a `key_bias` (the `proportional` option's log group sizes:
+    splash adds no bias to its logits, so such layers run the XLA softmax)."""
+    if ATTENTION_BACKEND == "xla" or (ATTENTION_BACKEND == "auto" and _platform() != "tpu"):
+        return "xla", f"backend {ATTENTION_BACKEND} on {_platform()}"
+    if mask is not None:
+        return "xla", "explicit (Tq, Tk) mask"
+    if q_shape[1] != k_shape[1]:
+        return "xla", "not a prefill (Tq != Tk: decode step, cache or cross-attention)"
+    if key_bias is not None:
+        return "xla", "key bias (proportional pooling): splash takes no additive bias"
+    if q_shape[2] % k_shape[2]:
+        return "xla", "query heads not a multiple of KV heads"
+    if q_shape[3] % 64:
+        return "xla", f"head_dim {q_shape[3]} (splash wants a multiple of 64 on TPU)"
+    return "splash", "prefill on TPU"
+
+
+SPLASH_BLOCK = 128  # sequence lengths are padded to a multiple of this (splash's smallest block)
+
+
+def _splash(q, k, v, key_valid, causal: bool) -> jax.Array:
+    """Splash attention for q ['B T H hd'] (scaled already), k/v ['B T KVH hd'] -> ['B T H hd'].
+
+    Key padding is a segment id: every query has id 1, valid keys 1, padding keys 0, so a query
+    sees exactly the valid keys (and, under `causal`, those up to itself), as on the XLA path. A
+    query that sees no valid key (a dummy row) gets an average of the masked values instead of
+    XLA's uniform softmax over every key: finite either way, and never read. T is padded to a
+    multiple of SPLASH_BLOCK with padding keys (our buckets are multiples of 4, not of 128).
+    Under a mesh the kernel runs per shard (`shard_map`: rows over data, heads over model), since
+    the partitioner cannot split a custom call and would gather every row onto each chip."""
+    b, t, h, hd = q.shape
+    kvh = k.shape[2]
+    tp = -(-t // SPLASH_BLOCK) * SPLASH_BLOCK
+    valid = jnp.ones((b, t), bool) if key_valid is None else key_valid
+    seg_kv = jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, tp - t)))
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # ['B H T hd']
+    interpret = _platform() != "tpu"  # a Pallas TPU kernel runs elsewhere only interpreted
+
+    def rows(q, k, v, seg_kv):
+        kernel = _splash_kernel(q.shape[1], tp, causal, interpret)
+        seg = lambda s: _sa().SegmentIds(jnp.ones_like(s), s)
+        return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=seg(s)))(q, k, v, seg_kv)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        from jax.sharding import PartitionSpec as P
+
+        from affjax.runtime.sharding import LOGICAL_RULES
+        axis = lambda name, *sizes: (LOGICAL_RULES[name] if LOGICAL_RULES[name] in mesh.shape and
+                                     all(n % mesh.shape[LOGICAL_RULES[name]] == 0 for n in sizes) else None)
+        data, model = axis("batch", b), axis("heads", h, kvh)
+        spec = P(data, model, None, None)
+        rows = jax.shard_map(rows, in_specs=(spec, spec, spec, P(data, None)), out_specs=spec, check_vma=False)
+    out = rows(pad(q), pad(k), pad(v), seg_kv)
+    return out.transpose(0, 2, 1, 3)[:, :t]
+
+
+def _sa():
+    from jax.experimental.pallas.ops.tpu import splash_attention
+    return splash_attention
+
+
+def _splash_kernel(heads: int, t: int, causal: bool, interpret: bool):
+    """One row's kernel: q ['H T hd'], k/v ['KVH T hd'] (grouped heads: head i reads KV head
+    i // (H / KVH)). The block is the largest of 512, 256, 128 dividing T; backward blocks are set
+    so that the kernel also differentiates (training)."""
+    sa = _sa()
+    blk = next(n for n in (512, 256, 128) if t % n == 0)
+    one = sa.CausalMask((t, t)) if causal else sa.FullMask((t, t))
+    sizes = sa.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                          block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+    return sa.make_splash_mha(sa.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)

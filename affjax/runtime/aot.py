@@ -25,9 +25,13 @@ are linear in its layer count: the job is compiled twice, with one layer per gro
 encoder layer) and with two, and each program's figure v is extrapolated to its full depth n:
     v(n) = v(1) + (n - 1) x (v(2) - v(1))
 (n = the group's layers for `layers[a:b)`, the encoder's for `embed`; programs without layers have
-v(2) = v(1)). The decode loop runs every group: v(1) + (L / G - 1) x (v(2) - v(1)) with G groups of
-L layers in all, exact when the groups are alike and otherwise a blend of their per-layer costs.
-`depth="full"` compiles the real depth; `tests/test_aot.py` checks the rule against it.
+v(2) = v(1)). The decode loop runs every group, each at its own cost per layer (its cache length):
+with several groups it is compiled once more per group, that group at two layers and the others at
+one, and v(1) + sum over groups of (n_g - 1) x (v_g - v(1)). `depth="full"` compiles the real
+depth; `tests/test_aot.py` checks the rule against it.
+
+Also here: `max_batch` (the largest batch that fits per chip, by compiling) and `whisper_plan`
+(Whisper transcription's two programs, data parallel, and its real-time factor by the roofline).
 
 Loops. TPU HLO carries no `known_trip_count`, so XLA's cost analysis counts a `while` body once;
 `affjax.runtime.flops.loop_corrected_flops` takes the trip count from the loop's condition (an
@@ -339,34 +343,26 @@ def _piece(name: str, fn, static: tuple = ()):
 
 
 def _compile_depth(hf_config: dict, mesh, job: JobShape, stages: tuple, rets: tuple, positions: str,
-                   proportional: bool, per_group: int | None, dump_dir, log) -> tuple[dict, dict]:
+                   proportional: bool, per_group: int | None, dump_dir, log,
+                   decode: bool = True) -> tuple[dict, dict, dict | None]:
     """Compile the job's programs once, each layer group with `per_group` layers (None: its real
-    depth) -> ({label: ProgramReport}, layout)."""
-    import jax
+    depth) -> ({label: ProgramReport}, layout, the decode loop's abstract inputs or None).
+    `decode=False` leaves the decode loop out."""
     import jax.numpy as jnp
 
-    from affjax.pooling.affinity import retention_fraction
     from affjax.runtime import engine as E
     from affjax.runtime import shapes
 
-    from affjax.runtime.plan import audio_span
-
     n_text, n_audio = layer_counts(hf_config)
-    bounds = [0] + [s.layer for s in stages] + [n_text]
-    groups = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
-    if any(b < a for a, b in groups):
-        raise AotError(f"pooling stages at layers {[s.layer for s in stages]} are not in order")
+    plan = job_layout(hf_config, job, stages, rets)
+    groups = plan["groups"]
     kept = [b - a if per_group is None else min(per_group, b - a) for a, b in groups]
     c_bounds = np.concatenate([[0], np.cumsum(kept)]).astype(int).tolist()
     c_groups = tuple((c_bounds[i], c_bounds[i + 1]) for i in range(len(kept)))
     c_audio = n_audio if per_group is None else min(per_group, n_audio)
     graphdef, state, cfg = abstract_model(hf_config, job.dtype, mesh, text_layers=c_bounds[-1], audio_layers=c_audio)
 
-    # Qwen2-Audio: one clip cut at 30 s; Kimi-Audio: ceil(N / 30) windows of 30 s, each a feature row
-    span = audio_span(hf_config, job.audio_seconds)
-    audio_tokens, W = span["positions"], job.batch * span["windows"]
-    T = shapes.bucket(audio_tokens + job.text_tokens)
-    B = job.batch
+    W, T, B = plan["windows"], plan["sequence_buffer"], job.batch
     rows = lambda shape, dt: _rows(mesh, shape, dt)  # noqa: E731
     ids = (B, T, 2) if _is_kimi(hf_config) else (B, T)  # Kimi: the (audio, text) streams
     batch = (rows(ids, jnp.int32), rows((B, T), jnp.bool_), rows((B, T), jnp.int32), rows((B, T), jnp.int32),
@@ -374,31 +370,16 @@ def _compile_depth(hf_config: dict, mesh, job: JobShape, stages: tuple, rets: tu
     n_prompt = rows((B,), jnp.int32)
     extra = 0 if job.score_tokens else job.max_new_tokens
     reports: dict[str, ProgramReport] = {}
-
-    def run(label, jitted, args, kw, depth=None):
-        rep, compiled = compile_program(label, jitted, (state,) + args, {**kw, "graphdef": graphdef}, mesh,
-                                        dump_dir=dump_dir)
-        rep.layers = depth
-        rep.input_bytes = chip_bytes(args)
-        reports[label] = rep
-        log(f"  {label}: " + (f"peak {rep.peak_bytes / GiB:.3f} GiB/chip, {rep.flops / 1e9:.2f} GFLOP/chip, "
-                              f"compiled in {rep.compile_seconds:.0f} s" if rep.fits else "does not fit in HBM"))
-        if compiled is None:
-            return None
-        with jax.set_mesh(mesh):
-            out = jax.eval_shape(lambda *a: jitted(*a, **{**kw, "graphdef": graphdef}), state, *args)
-        return _like(out, compiled)
+    run = _runner(reports, state, graphdef, mesh, dump_dir, log)
+    dec = None
 
     seq = run("embed", _piece("embed", E.embed_seq), batch, {}, depth=(c_audio, n_audio))
-    buffers, audio_now, caches = [T], audio_tokens, []
+    buffers, caches = [T], []
     for g, ((a, b), (ca, cb)) in enumerate(zip(groups, c_groups)):
         if seq is None:
             break
         if g > 0:
-            st = stages[g - 1]
-            p, q = retention_fraction(rets[g - 1])
-            audio_now = max(1, math.ceil(audio_now * p / q))
-            cap = min(shapes.bucket(audio_now + job.text_tokens), buffers[-1])
+            st, cap = stages[g - 1], plan["stage_buffers"][g - 1]
             kw = dict(stage=st.static, positions=positions, capacity=cap, retention=float(rets[g - 1]))
             out = run(f"pool@{st.layer}", _piece("pool", _pool, tuple(kw)), (seq, jnp.float32(st.tau)), kw)
             if out is None:
@@ -422,12 +403,83 @@ def _compile_depth(hf_config: dict, mesh, job: JobShape, stages: tuple, rets: tu
             lens = [rows((B,), jnp.int32)] * len(groups)
             bias = [rows((B, n + extra), jnp.float32) if proportional and g > 0 else None
                     for g, n in enumerate(buffers)]
-            kw = dict(groups=c_groups, max_new=job.max_new_tokens, eos=(0,), pad_id=0)
-            run("decode", _piece("decode", E._decode_loop, tuple(kw)),
-                (logits, caches, lens, lens, bias, rows((B,), jnp.bool_)), kw, depth=(c_bounds[-1], n_text))
-    layout = {"groups": groups, "sequence_buffer": T, "stage_buffers": buffers[1:], "audio_tokens": audio_tokens,
-              "groups_compiled": list(c_groups), "audio_layers_compiled": c_audio}
-    return reports, layout
+            dec = dict(logits=logits, caches=caches, lens=lens, bias=bias, row_ok=rows((B,), jnp.bool_),
+                       groups=c_groups)
+            if decode:
+                _run_decode(run, graphdef, dec, job, depth=(c_bounds[-1], n_text))
+    layout = {**plan, "stage_buffers": buffers[1:], "groups_compiled": list(c_groups), "audio_layers_compiled": c_audio}
+    return reports, layout, dec
+
+
+def job_layout(hf_config: dict, job: JobShape, stages: tuple = (), rets: tuple = ()) -> dict:
+    """The buffers a job's programs run at, from arithmetic alone: the layer groups between stages,
+    the sequence buffer (the bucket of audio + text positions) and each stage's output buffer (the
+    bucket of its kept audio tokens at the retention cap, plus the text; never above the previous)."""
+    from affjax.pooling.affinity import retention_fraction
+    from affjax.runtime import shapes
+    from affjax.runtime.plan import audio_span
+
+    n_text = layer_counts(hf_config)[0]
+    bounds = [0] + [s.layer for s in stages] + [n_text]
+    groups = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+    if any(b < a for a, b in groups):
+        raise AotError(f"pooling stages at layers {[s.layer for s in stages]} are not in order")
+    # Qwen2-Audio: one clip cut at 30 s; Kimi-Audio: ceil(N / 30) windows of 30 s, each a feature row
+    span = audio_span(hf_config, job.audio_seconds)
+    audio_tokens = audio_now = span["positions"]
+    buffers = [shapes.bucket(audio_tokens + job.text_tokens)]
+    for r in rets:
+        p, q = retention_fraction(r)
+        audio_now = max(1, math.ceil(audio_now * p / q))
+        buffers.append(min(shapes.bucket(audio_now + job.text_tokens), buffers[-1]))
+    return {"groups": groups, "sequence_buffer": buffers[0], "stage_buffers": buffers[1:],
+            "audio_tokens": audio_tokens, "windows": job.batch * span["windows"]}
+
+
+def _run_decode(run, graphdef, dec: dict, job: JobShape, depth, label: str = "decode"):
+    """The greedy loop over every group's layers (`dec`: its abstract inputs)."""
+    from affjax.runtime import engine as E
+    kw = dict(groups=dec["groups"], max_new=job.max_new_tokens, eos=(0,), pad_id=0)
+    return run(label, _piece("decode", E._decode_loop, tuple(kw)),
+               (dec["logits"], dec["caches"], dec["lens"], dec["lens"], dec["bias"], dec["row_ok"]), kw, depth=depth)
+
+
+def _decode_variant(hf_config: dict, mesh, job: JobShape, dec: dict, g: int, log) -> "ProgramReport | None":
+    """The decode loop of a one-layer-per-group compile with group `g` at two layers (its cache
+    entry repeated): the per-layer cost of that group alone, for the two-point rule."""
+    groups = dec["groups"]
+    grown, shift = [], 0
+    for i, (a, b) in enumerate(groups):
+        grown.append((a + shift, b + shift + (1 if i == g else 0)))
+        shift += 1 if i == g else 0
+    caches = list(dec["caches"])
+    caches.insert(groups[g][0], caches[groups[g][0]])  # at depth 1, group g's one layer is cache groups[g][0]
+    graphdef, state, _ = abstract_model(hf_config, job.dtype, mesh, text_layers=grown[-1][1], audio_layers=1)
+    reports: dict[str, ProgramReport] = {}
+    _run_decode(_runner(reports, state, graphdef, mesh, None, log, outputs=False), graphdef,
+                {**dec, "caches": caches, "groups": tuple(grown)}, job, depth=None, label=f"decode (group {g} at 2)")
+    return next(iter(reports.values()))
+
+
+def _runner(reports: dict, state, graphdef, mesh, dump_dir, log, outputs: bool = True):
+    """run(label, jitted, args, kw, depth): compile one program into `reports` (logged) and return
+    its outputs as the next program's abstract inputs (None when it does not fit, or `outputs` is off)."""
+    import jax
+
+    def run(label, jitted, args, kw, depth=None):
+        rep, compiled = compile_program(label, jitted, (state,) + args, {**kw, "graphdef": graphdef}, mesh,
+                                        dump_dir=dump_dir)
+        rep.layers = depth
+        rep.input_bytes = chip_bytes(args)
+        reports[label] = rep
+        log(f"  {label}: " + (f"peak {rep.peak_bytes / GiB:.3f} GiB/chip, {rep.flops / 1e9:.2f} GFLOP/chip, "
+                              f"compiled in {rep.compile_seconds:.0f} s" if rep.fits else "does not fit in HBM"))
+        if compiled is None or not outputs:
+            return None
+        with jax.set_mesh(mesh):
+            out = jax.eval_shape(lambda *a: jitted(*a, **{**kw, "graphdef": graphdef}), state, *args)
+        return _like(out, compiled)
+    return run
 
 
 def _pool(model, seq, tau, **kw):
@@ -437,9 +489,21 @@ def _pool(model, seq, tau, **kw):
 
 
 def plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobShape, pooling=None, retention=None, *,
-             depth: str = "two-point", dump_dir: str | None = None, log=print) -> dict:
+             depth: str = "two-point", dump_dir: str | None = None, attention: str = "xla", log=print) -> dict:
     """Compile every program of one job for a TPU topology (module docstring) -> a JSON-friendly
-    report: per program and in total, per-chip peak HBM, whether it fits, FLOPs and collectives."""
+    report: per program and in total, per-chip peak HBM, whether it fits, FLOPs and collectives.
+    `attention`: the prefill attention the programs are traced with (affjax.models.layers): "xla"
+    (default: every FLOP is in the compiler's count) or "auto" (the Pallas splash kernel where a
+    TPU job runs it: the real memory, but XLA's cost analysis does not see inside the kernel, so
+    its attention FLOPs and bytes are missing from the figures)."""
+    from affjax.models.layers import attention_backend
+    with attention_backend(attention):
+        r = _plan_job(hf_config, topology, mesh_text, job, pooling, retention, depth=depth, dump_dir=dump_dir, log=log)
+    return {**r, "attention": attention}
+
+
+def _plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobShape, pooling, retention, *,
+              depth: str, dump_dir: str | None, log) -> dict:
     import jax
 
     if depth not in ("two-point", "full"):
@@ -458,31 +522,27 @@ def plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobShap
         return None if r.peak_bytes is None else r.peak_bytes - r.argument_bytes + r.input_bytes
 
     if depth == "full":
-        reps, layout = _compile_depth(hf_config, mesh, job, stages, rets, positions, proportional, None, dump_dir, log)
+        reps, layout, _ = _compile_depth(hf_config, mesh, job, stages, rets, positions, proportional, None,
+                                         dump_dir, log)
         programs = {k: {**r.to_json(), "peak_bytes_full": r.peak_bytes, "flops_full": r.flops,
                         "bytes_accessed_full": r.bytes_accessed, "own_bytes_full": own(r)} for k, r in reps.items()}
     else:
         log(" depth 1 (one layer per group):")
-        r1, layout = _compile_depth(hf_config, mesh, job, stages, rets, positions, proportional, 1, dump_dir, log)
+        r1, layout, dec = _compile_depth(hf_config, mesh, job, stages, rets, positions, proportional, 1, dump_dir,
+                                         log)
+        sizes = [b - a for a, b in layout["groups"]]
+        filled = [g for g, n in enumerate(sizes) if n]
+        per_group = dec is not None and "decode" in r1 and len(filled) > 1
         log(" depth 2:")
-        r2, _ = _compile_depth(hf_config, mesh, job, stages, rets, positions, proportional, 2, None, log)
-        n_text = layer_counts(hf_config)[0]
-        programs = {}
-        for label, a in r1.items():
-            b = r2.get(label)
-            d = a.to_json()
-            if a.fits and b is not None and b.fits and a.layers is not None:
-                n = a.layers[1] if label != "decode" else n_text / sum(b > a for a, b in layout["groups"])
-                d["peak_bytes_full"] = int(round(a.peak_bytes + (n - 1) * (b.peak_bytes - a.peak_bytes)))
-                d["flops_full"] = a.flops + (n - 1) * (b.flops - a.flops)
-                d["bytes_accessed_full"] = a.bytes_accessed + (n - 1) * (b.bytes_accessed - a.bytes_accessed)
-                d["own_bytes_full"] = int(round(own(a) + (n - 1) * (own(b) - own(a))))
-                d["collectives"] = {k: {f: int(round(c[f] + (n - 1) * (b.collectives.get(k, {}).get(f, 0) - c[f])))
-                                        for f in ("count", "bytes")} for k, c in a.collectives.items()}
-            else:
-                d["peak_bytes_full"], d["flops_full"], d["own_bytes_full"] = d["peak_bytes"], d["flops"], own(a)
-                d["bytes_accessed_full"] = d["bytes_accessed"]
-            programs[label] = d
+        r2, _, _ = _compile_depth(hf_config, mesh, job, stages, rets, positions, proportional, 2, None, log,
+                                  decode=not per_group)
+        # each program grows with its own layers; the decode loop with every group's, each at its
+        # own per-layer cost (its cache length differs), from one compile per group
+        variants = {label: [(r2.get(label), a.layers[1])] for label, a in r1.items() if a.layers is not None}
+        if per_group:
+            log(" decode, one group at a time at two layers:")
+            variants["decode"] = [(_decode_variant(hf_config, mesh, job, dec, g, log), sizes[g]) for g in filled]
+        programs = {label: _extrapolate(a, variants.get(label), own) for label, a in r1.items()}
     hbm = chip(topology)["hbm"]
     # every parameter stays in HBM for the whole job (each program reads only its own): the job's
     # need is the resident parameters plus the largest program's own footprint
@@ -492,8 +552,14 @@ def plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobShap
         d["fits"] = bool(d["fits"] and d["peak_bytes_full"] is not None and d["peak_bytes_full"] <= hbm)
     ok = [d for d in programs.values() if d["flops_full"] is not None]
     spec = chip(topology)
-    for d in programs.values():
+    # the analytic plan's figure for each program, beside the compiler's (affjax.runtime.plan.program_bytes)
+    from affjax.runtime.plan import program_bytes
+    est = program_bytes(hf_config, layout, batch=job.batch, data=int(mesh.shape["data"]), model=int(mesh.shape["model"]),
+                        dtype=job.dtype, extra=0 if job.score_tokens else job.max_new_tokens,
+                        score_tokens=job.score_tokens)
+    for label, d in programs.items():
         d["roofline"] = roofline_seconds(d, spec)
+        d["analytic_own_bytes"] = est.get(label)
     return {"topology": canonical_topology(topology), "mesh": {k: int(v) for k, v in mesh.shape.items()},
             "chip": chip(topology), "depth": depth, "job": dataclasses.asdict(job),
             "pooling": None if pooling is None else [dataclasses.asdict(s) for s in stages],
@@ -505,6 +571,189 @@ def plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobShap
             "roofline": roofline(programs, job),
             "compile_seconds": round(time.perf_counter() - t0, 1), "jax": jax.__version__,
             "programs_compiled": len(programs) * (1 if depth == "full" else 2) if ok else 0}
+
+
+def _extrapolate(a: "ProgramReport", variants, own) -> dict:
+    """A depth-1 report and its two-layer variants [(report, full layer count n)] -> the report at
+    full depth, each figure v(1) + sum over the variants of (n - 1) x (v(variant) - v(1))."""
+    d = a.to_json()
+    ok = a.fits and variants and all(b is not None and b.fits for b, _ in variants)
+    if not ok:
+        d["peak_bytes_full"], d["flops_full"], d["own_bytes_full"] = d["peak_bytes"], d["flops"], own(a)
+        d["bytes_accessed_full"] = d["bytes_accessed"]
+        return d
+
+    def full(f):
+        return f(a) + sum((n - 1) * (f(b) - f(a)) for b, n in variants)
+    d["peak_bytes_full"] = int(round(full(lambda r: r.peak_bytes)))
+    d["flops_full"] = full(lambda r: r.flops)
+    d["bytes_accessed_full"] = full(lambda r: r.bytes_accessed)
+    d["own_bytes_full"] = int(round(full(own)))
+    d["collectives"] = {k: {f: int(round(full(lambda r: r.collectives.get(k, {}).get(f, 0)))) for f in ("count", "bytes")}
+                        for k in a.collectives}
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Whisper transcription: the encoder and the greedy loop, data parallel
+
+
+def _whisper_compile(hf_config: dict, mesh, job: JobShape, layers: int | None, prompt_tokens: int, log) -> dict:
+    """Whisper's two transcription programs (affjax.models.whisper.decoding) compiled for the mesh:
+    `encode` (B windows of 30 s -> encoder states) and `greedy` (cross-attention K/V, the prompt,
+    then the lax.while_loop of up to max_new_tokens steps). Parameters are replicated and rows go
+    over 'data', as whisper-jax runs it; with `layers`, encoder and decoder at that depth."""
+    import copy
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+    from flax import nnx
+
+    from affjax.models.checkpoint import get_spec
+    from affjax.models.whisper.decoding import greedy_decode
+    from affjax.models.whisper.modeling import WhisperConfig
+
+    hf = copy.deepcopy(hf_config)
+    if layers is not None:
+        hf.update(encoder_layers=min(layers, hf["encoder_layers"]), decoder_layers=min(layers, hf["decoder_layers"]))
+    cfg = WhisperConfig.from_hf(hf)
+    graphdef, state = nnx.split(get_spec("whisper").abstract_model(cfg, jnp.dtype(job.dtype)))
+    whole = NamedSharding(mesh, PartitionSpec())
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), nnx.to_pure_dict(state))
+    B = job.batch
+    reports: dict[str, ProgramReport] = {}
+    run = _runner(reports, state, graphdef, mesh, None, log)
+    enc = run("encode", _piece("encode", lambda m, f: m.encoder(f)),
+              (_rows(mesh, (B, cfg.encoder.num_mel_bins, cfg.encoder.mel_frames), jnp.float32),), {},
+              depth=(cfg.encoder.layers, hf_config["encoder_layers"]))
+    if enc is not None:
+        def greedy(m, e, prompt, row_valid, *, max_new_tokens):
+            return greedy_decode(m.decoder, e, prompt, row_valid, max_new_tokens=max_new_tokens)
+        run("greedy", _piece("greedy", greedy, ("max_new_tokens",)),
+            (enc, jax.ShapeDtypeStruct((prompt_tokens,), jnp.int32, sharding=whole), _rows(mesh, (B,), jnp.bool_)),
+            {"max_new_tokens": job.max_new_tokens}, depth=(cfg.decoder_layers, hf_config["decoder_layers"]))
+    return reports
+
+
+def whisper_plan(hf_config: dict, topology: str, mesh_text: str | None, job: JobShape, *, prompt_tokens: int = 4,
+                 depth: str = "two-point", attention: str = "xla", log=print) -> dict:
+    """Whisper transcription compiled for a TPU topology (both programs, the two-point depth rule),
+    with its roofline as real-time factor: 30 s of audio per row, `job.max_new_tokens` greedy steps
+    per window (the loop's bound: a real window stops at its end-of-text). `attention` as plan_job's."""
+    from affjax.models.layers import attention_backend
+    with attention_backend(attention):
+        r = _whisper_plan(hf_config, topology, mesh_text, job, prompt_tokens=prompt_tokens, depth=depth, log=log)
+    return {**r, "attention": attention}
+
+
+def _whisper_plan(hf_config: dict, topology: str, mesh_text: str | None, job: JobShape, *, prompt_tokens: int,
+                  depth: str, log) -> dict:
+    import jax
+
+    mesh = tpu_mesh(topology, mesh_text)
+    if mesh.shape["model"] != 1:
+        raise AotError("Whisper plans are data parallel (whisper-jax's layout): give --mesh data=N,model=1")
+    t0 = time.perf_counter()
+    own = lambda r: None if r.peak_bytes is None else r.peak_bytes - r.argument_bytes + r.input_bytes  # noqa: E731
+    if depth == "full":
+        r1 = _whisper_compile(hf_config, mesh, job, None, prompt_tokens, log)
+        programs = {k: _extrapolate(r, [], own) for k, r in r1.items()}
+    else:
+        log(" depth 1:")
+        r1 = _whisper_compile(hf_config, mesh, job, 1, prompt_tokens, log)
+        log(" depth 2:")
+        r2 = _whisper_compile(hf_config, mesh, job, 2, prompt_tokens, log)
+        programs = {k: _extrapolate(a, [(r2.get(k), a.layers[1])], own) for k, a in r1.items()}
+    spec = chip(topology)
+    for d in programs.values():
+        d["roofline"] = roofline_seconds(d, spec)
+        d["fits"] = bool(d["fits"] and d["peak_bytes_full"] is not None and d["peak_bytes_full"] <= spec["hbm"])
+    times = [d["roofline"] for d in programs.values()]
+    seconds = sum(t[0] for t in times) if times and all(times) else None
+    audio = 30.0 * job.batch
+    return {"model": "whisper", "topology": canonical_topology(topology),
+            "mesh": {k: int(v) for k, v in mesh.shape.items()}, "chip": spec, "depth": depth,
+            "job": dataclasses.asdict(job), "prompt_tokens": prompt_tokens, "programs": programs,
+            "fits": all(d["fits"] for d in programs.values()) and len(programs) == 2,
+            "roofline": None if seconds is None else {
+                "batch_s": seconds, "audio_s": audio, "real_time_factor": seconds / audio,
+                "one_hour_s": 3600.0 * seconds / audio},
+            "compile_seconds": round(time.perf_counter() - t0, 1), "jax": jax.__version__}
+
+
+def format_whisper(r: dict) -> str:
+    lines = [f"Whisper on {r['topology']} mesh {r['mesh']}, {r['job']['dtype']}, batch {r['job']['batch']} windows "
+             f"of 30 s, up to {r['job']['max_new_tokens']} tokens each, depth {r['depth']}",
+             f"{'program':<10}{'fits':>5}{'peak GiB/chip':>15}{'GFLOP/chip':>12}{'GB moved':>10}{'roofline ms':>13}"]
+    for label, d in r["programs"].items():
+        rl = "-" if not d.get("roofline") else f"{1e3 * d['roofline'][0]:.1f} {d['roofline'][1][:3]}"
+        lines.append(f"{label:<10}{'yes' if d['fits'] else 'NO':>5}{d['peak_bytes_full'] / GiB:>15.3f}"
+                     f"{d['flops_full'] / 1e9:>12.1f}{d['bytes_accessed_full'] / 1e9:>10.2f}{rl:>13}")
+    rf = r["roofline"]
+    if rf:
+        lines.append(f"roofline: {1e3 * rf['batch_s']:.1f} ms for {rf['audio_s']:.0f} s of audio = real-time factor "
+                     f"{rf['real_time_factor']:.2e}; 1 h of audio in {rf['one_hour_s']:.1f} s")
+    lines.append(f"fits: {'yes' if r['fits'] else 'NO'}; compiled in {r['compile_seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def max_batch(hf_config: dict, topology: str, mesh_text: str | None, job: JobShape, pooling=None, retention=None,
+              *, depth: str = "two-point", budget: int | None = None, attention: str = "xla", log=print) -> dict:
+    """The largest batch whose job fits per chip, found by compiling. Two compiles (the job's batch
+    and twice it, multiples of the data axis) give each program's bytes per row a chip holds; the
+    batch where the first program reaches the budget by that line is compiled next, and from there
+    the compiler decides: the batches that fit and do not fit bracket the answer, and bisection
+    narrows it to one row per chip (the batch found fits; one more row per chip was compiled and
+    does not). `budget`: bytes per chip the job may use (default: the chip's HBM; less leaves
+    headroom for the runtime). -> {"max_batch", "rows_per_chip", "budget", "tried": [{"batch",
+    "fits", "job_bytes"}], "report" (the plan at max_batch)}."""
+    data = tpu_mesh(topology, mesh_text).shape["data"]
+    hbm = min(budget or chip(topology)["hbm"], chip(topology)["hbm"])
+    tried: dict[int, dict] = {}
+
+    def plan(b):
+        if b not in tried:
+            log(f"batch {b}:")
+            r = plan_job(hf_config, topology, mesh_text, dataclasses.replace(job, batch=b), pooling, retention,
+                         depth=depth, attention=attention, log=lambda s: None)
+            tried[b] = r = {**r, "fits": bool(r["fits"] and r["job_bytes"] <= hbm)}
+            log(f"  batch {b}: job {r['job_bytes'] / GiB:.2f} GiB/chip, fits: {'yes' if r['fits'] else 'no'}")
+        return tried[b]
+
+    b1 = max(data, -(-job.batch // data) * data)
+    while not plan(b1)["fits"] and b1 > data:  # even the first batch is too large: halve
+        b1 = max(data, b1 // 2 // data * data)
+    if not plan(b1)["fits"]:
+        return {"max_batch": 0, "rows_per_chip": 0, "budget": hbm, "tried": _tried(tried), "report": plan(b1)}
+    r1, r2 = plan(b1), plan(2 * b1)
+    own = lambda r: {k: d["own_bytes_full"] or 0 for k, d in r["programs"].items()}  # noqa: E731
+    o1, o2 = own(r1), own(r2)
+    per_row = {k: (o2[k] - o1[k]) / (b1 / data) for k in o1}
+    room = [(hbm - r1["param_bytes"] - o1[k]) / per_row[k] for k in o1 if per_row[k] > 0]
+    guess = max(2 * b1, b1 + int(min(room)) * data) if room else 4 * b1
+    # the line is a guess (a few rows pad to the chip's tiles, so small batches understate a row):
+    # bracket the answer by compiling, then halve the bracket down to one row per chip
+    lo = max(b for b, r in tried.items() if r["fits"])
+    hi = min((b for b, r in tried.items() if not r["fits"]), default=None)
+    while hi is None:
+        if plan(guess)["fits"]:
+            lo, guess = guess, 2 * guess
+        else:
+            hi = guess
+    while hi - lo > data:
+        mid = (lo + hi) // 2 // data * data
+        if plan(mid)["fits"]:
+            lo = mid
+        else:
+            hi = mid
+    best = max(b for b, r in tried.items() if r["fits"])
+    return {"max_batch": best, "rows_per_chip": best // data, "budget": hbm, "tried": _tried(tried),
+            "report": plan(best)}
+
+
+def _tried(tried: dict) -> list[dict]:
+    return [{"batch": b, "fits": r["fits"], "job_bytes": r["job_bytes"]} for b, r in sorted(tried.items())]
 
 
 def roofline_seconds(program: dict, spec: dict) -> tuple[float, str] | None:
@@ -539,16 +788,22 @@ def format_report(r: dict) -> str:
     gib = lambda b: "-" if b is None else f"{b / GiB:.3f}"  # noqa: E731
     hbm = r["chip"]["hbm"]
     lines = [f"{r['topology']} mesh {r['mesh']}, {r['job']['dtype']}, batch {r['job']['batch']}, "
-             f"{r['job']['audio_seconds']:g} s audio, depth {r['depth']}; HBM {hbm / GiB:.0f} GiB per chip",
-             f"{'program':<16}{'fits':>5}{'peak GiB/chip':>15}{'GFLOP/chip':>12}{'GB moved':>10}{'roofline ms':>13}"
-             f"  collectives (static count, MiB)"]
+             f"{r['job']['audio_seconds']:g} s audio, depth {r['depth']}, attention {r.get('attention', 'xla')}; "
+             f"HBM {hbm / GiB:.0f} GiB per chip",
+             f"{'program':<16}{'fits':>5}{'peak GiB/chip':>15}{'own MiB':>9}{'analytic':>9}{'GFLOP/chip':>12}"
+             f"{'GB moved':>10}{'roofline ms':>13}  collectives (static count, MiB)"]
     for label, d in r["programs"].items():
         coll = ", ".join(f"{k} {c['count']} ({c['bytes'] / 2**20:.1f})" for k, c in sorted(d["collectives"].items()))
         fl = "-" if d["flops_full"] is None else f"{d['flops_full'] / 1e9:.1f}"
         mv = "-" if d.get("bytes_accessed_full") is None else f"{d['bytes_accessed_full'] / 1e9:.2f}"
         rl = "-" if not d.get("roofline") else f"{1e3 * d['roofline'][0]:.2f} {d['roofline'][1][:3]}"
-        lines.append(f"{label:<16}{'yes' if d['fits'] else 'NO':>5}{gib(d['peak_bytes_full']):>15}{fl:>12}{mv:>10}"
-                     f"{rl:>13}  {coll or '-'}")
+        own, est = d.get("own_bytes_full"), d.get("analytic_own_bytes")
+        mib = "-" if own is None else f"{own / 2**20:.1f}"
+        ratio = "-" if not own or est is None else f"{est / own:.2f}x"
+        lines.append(f"{label:<16}{'yes' if d['fits'] else 'NO':>5}{gib(d['peak_bytes_full']):>15}{mib:>9}{ratio:>9}"
+                     f"{fl:>12}{mv:>10}{rl:>13}  {coll or '-'}")
+    lines.append("own MiB: what a program holds beyond the parameters it reads (inputs, outputs, caches, "
+                 "temporaries); analytic: affjax plan's arithmetic for it, as a ratio")
     lines.append(f"resident parameters {gib(r['param_bytes'])} GiB/chip + the largest program's activations and "
                  f"caches = {gib(r['job_bytes'])} GiB/chip of {hbm / GiB:.0f}")
     lines.append(f"fits: {'yes' if r['fits'] else 'NO'}; largest program peak {gib(r['peak_bytes_max'])} GiB/chip; "
@@ -576,6 +831,13 @@ def main_plan_aot(args) -> int:
             raise AotError("--aot takes one --topology, e.g. v5e:2x4")
         topology = canonical_topology(args.topology[0])
         cfg = load_hf_config(args.ckpt_config)
+        if cfg.get("model_type") == "whisper":
+            job = JobShape(batch=args.batch_size, max_new_tokens=args.max_new_tokens, dtype=args.dtype)
+            r = whisper_plan(cfg, topology, args.mesh, job, depth=args.depth, attention=args.attention)
+            print(format_whisper(r))
+            if args.json:
+                Path(args.json).write_text(json.dumps(r, indent=1, default=str))
+            return 0 if r["fits"] else 3
         pooling = parse_pooling(args.pooling, layer_counts(cfg)[0]) if args.pooling else None
         n_stages = len(pooling.stages) if pooling else 0
         retention = args.retention or ([0.5] * n_stages if n_stages else None)
@@ -583,11 +845,23 @@ def main_plan_aot(args) -> int:
             retention = list(retention) * n_stages
         job = JobShape(batch=args.batch_size, audio_seconds=args.audio_seconds, text_tokens=args.text_tokens,
                        max_new_tokens=args.max_new_tokens, score_tokens=args.score_tokens, dtype=args.dtype)
-        r = plan_job(cfg, topology, args.mesh, job, pooling, retention, depth=args.depth, dump_dir=args.dump_hlo)
+        if args.max_batch:
+            budget = None if args.hbm_budget is None else int(args.hbm_budget * GiB)
+            found = max_batch(cfg, topology, args.mesh, job, pooling, retention, depth=args.depth, budget=budget,
+                              attention=args.attention)
+            r = {**found["report"], "max_batch": {k: v for k, v in found.items() if k != "report"}}
+        else:
+            r = plan_job(cfg, topology, args.mesh, job, pooling, retention, depth=args.depth, dump_dir=args.dump_hlo,
+                         attention=args.attention)
     except (AotError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_report(r))
+    if args.max_batch:
+        m = r["max_batch"]
+        print(f"largest batch that fits: {m['max_batch']} ({m['rows_per_chip']} rows per chip); compiled: "
+              + ", ".join(f"{t['batch']} ({t['job_bytes'] / GiB:.2f} GiB, {'fits' if t['fits'] else 'does not fit'})"
+                          for t in m["tried"]))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1, default=str))
     return 0 if r["fits"] else 3

@@ -366,6 +366,80 @@ def _activations(audio, text, *, batch: int, seq_len: int, nbytes: int, model: i
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Per program: what one chip holds beyond the parameters, checked against the TPU compiler
+
+
+SEQ_SIDE_BYTES = 17  # per position, the running state's side arrays: valid (1), pos, size, span, slot_of (4 each)
+
+
+def _split(n: int, model: int) -> int:
+    """Heads (or widths) per chip: split over 'model' when it divides them, else whole (sharding's rule)."""
+    return n // model if n % model == 0 else n
+
+
+def program_bytes(hf_config: dict, layout: dict, *, batch: int, data: int, model: int, dtype: str = "bfloat16",
+                  extra: int = 0, score_tokens: int = 0) -> dict[str, int]:
+    """Per-chip bytes each program of a job holds beyond the parameters it reads (its inputs,
+    outputs, caches and largest temporaries), by arithmetic: {label: bytes}, the labels of
+    affjax.runtime.aot. `layout` is aot.job_layout's (groups, sequence and stage buffers, windows);
+    rows go over 'data' when it divides the batch (else every chip holds all), heads, MLP width and
+    vocabulary over 'model'. What the TPU compiler showed (affjax plan --aot), and these formulas keep:
+    attention keeps its float32 scores once (the softmax and the value product fuse into them, no
+    probability copy); the SwiGLU MLP keeps gate and up; norms write one normed copy; the pooling
+    stage works on a float32 copy of its input and float32 group sums; the head's row gather copies
+    the sequence; the decode loop holds the prefill's caches and its carried copy of them, plus one
+    step's logits."""
+    cfg = _model_config(hf_config)
+    a, t = cfg.audio, cfg.text
+    nb = DTYPE_BYTES[dtype]
+    b = -(-batch // data) if batch % data == 0 else batch
+    w = layout["windows"] // data if layout["windows"] % data == 0 else layout["windows"]
+    nh, kvh, inter = _split(t.heads, model), _split(t.kv_heads, model), _split(t.intermediate, model)
+    vocab = _split(t.vocab_size, model)
+
+    def seq(n):  # the running state of n positions: hidden states + side arrays
+        return b * n * (t.hidden * nb + SEQ_SIDE_BYTES)
+
+    def kv(n, slots):  # K and V of n layers
+        return 2 * n * b * slots * kvh * t.head_dim * nb
+
+    def layer(n):  # one decoder layer's largest temporaries over n positions
+        attn = b * n * (nh + 2 * kvh) * t.head_dim * nb + b * nh * n * n * 4
+        mlp = 2 * b * n * inter * nb
+        return b * n * t.hidden * nb + max(attn, mlp)
+
+    # embed: the audio encoder over w windows of f frames, then the model's input sequence
+    f, d, ah = a.max_source_positions, a.d_model, _split(a.heads, model)
+    stem = w * a.num_mel_bins * a.mel_frames * 4 + w * d * a.mel_frames * nb  # float32 mel, conv1 output
+    enc = w * f * d * nb + max(w * ah * f * f * 4 + 3 * w * f * ah * (d // a.heads) * nb,
+                               2 * w * f * _split(a.ffn_dim, model) * nb)
+    if getattr(cfg, "adaptor_input_dim", 0):  # Kimi-Audio: stacked frames and the adaptor's first output
+        enc = max(enc, w * cfg.tokens_per_window * (cfg.adaptor_input_dim + _split(t.hidden, model)) * nb)
+    T = layout["sequence_buffer"]
+    out = {"embed": max(stem, enc) + seq(T)}
+    buffers = [T] + list(layout["stage_buffers"])
+    slots = (lambda n: n + extra) if not score_tokens else (lambda n: 0)
+    for g, (lo, hi) in enumerate(layout["groups"]):
+        n = buffers[g]
+        if g > 0:
+            prev = buffers[g - 1]
+            out[f"pool@{lo}"] = seq(prev) + seq(n) + b * prev * t.hidden * 4 + b * n * t.hidden * 4
+        if hi > lo:
+            out[f"layers[{lo}:{hi})"] = 2 * seq(n) + kv(hi - lo, slots(n)) + layer(n)
+    last = buffers[-1]
+    logits = b * vocab * 4
+    if score_tokens:
+        from affjax.runtime import shapes
+        k = shapes.bucket(score_tokens, shapes.CONT_BUCKETS, "continuation")
+        out["score_head"] = 2 * seq(last) + 2 * b * k * vocab * 4
+    else:
+        out["last_head"] = 2 * seq(last) + logits
+        caches = sum(kv(hi - lo, buffers[g] + extra) for g, (lo, hi) in enumerate(layout["groups"]))
+        out["decode"] = 2 * caches + 2 * logits + b * extra * 4
+    return out
+
+
 def audio_span(hf_config: dict, seconds: float | None = None) -> dict | None:
     """What `seconds` of audio (one batch row's; None: one full window, 30 s) becomes: {"seconds" (as
     the model takes them: Qwen2-Audio cuts at 30 s), "windows" (encoder windows run),
@@ -563,8 +637,8 @@ def format_plan(result: dict, *, assumptions: bool = True) -> str:
 
 
 def load_hf_config(spec: str) -> dict:
-    """'qwen2-audio-7b', 'qwen2-audio-tiny', 'kimi-audio-7b', a config.json path, or a checkpoint
-    folder holding config.json. A Kimi-Audio config.json gets its Whisper config embedded as
+    """'qwen2-audio-7b', 'qwen2-audio-tiny', 'kimi-audio-7b', 'whisper-large-v3' (`plan --aot` only), a
+    config.json path, or a checkpoint folder holding config.json. A Kimi-Audio config.json gets its Whisper config embedded as
     "whisper_config" from the `whisper-large-v3/config.json` beside it (a release or a converted
     checkpoint), or, with none there, Whisper-large-v3's (the release's encoder)."""
     key = spec.lower().replace("_", "-")
@@ -574,6 +648,8 @@ def load_hf_config(spec: str) -> dict:
         return tiny_config()
     if key in ("kimi-audio-7b", "kimi-audio-7b-instruct"):
         return copy.deepcopy(KIMI_AUDIO_7B_CONFIG)
+    if key == "whisper-large-v3":
+        return copy.deepcopy(WHISPER_LARGE_V3_CONFIG)
     p = Path(spec)
     if p.is_dir():
         p = p / "config.json"

@@ -13,7 +13,8 @@ Kimi-Audio's Glm4Tokenizer calls GLM-4-Voice's utils.extract_speech_token: wavef
 30 s pieces, features from the folder's WhisperFeatureExtractor padded to the batch's longest piece
 rounded up to one code's worth of samples (1280), codes kept where the feature mask, sliced by 2
 (conv2) and by 4 (pooling), is set. `extract_features` and `tokenize` do the same on the host;
-the model runs with static shapes (a fixed frame count, 3000 = 30 s by default, and a fixed batch).
+the model runs with static shapes: a fixed batch of pieces, their frames cut to one of a few
+buckets (FRAME_BUCKETS: 8, 16 or 30 s), so a new clip length compiles nothing new.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from affjax.runtime.compiles import traced
 
 SEGMENT_SECONDS = 30  # extract_speech_token cuts audio into pieces of 30 s
 FE_BATCH = 128  # ... and extracts features 128 pieces at a time (each batch padded to its longest)
+# mel frames a batch of pieces is cut to (8, 16, 30 s; multiples of 8 mel frames = one code): the
+# smallest that holds the batch's codes, so short clips skip most of the 30 s window
+FRAME_BUCKETS = (800, 1600, 3000)
 CONV_STRIDE = 2  # conv1 stride 1 times conv2 stride 2: mel frames per encoder frame
 
 
@@ -303,28 +307,47 @@ def extract_features(fe, waves, cfg: SpeechTokenizerConfig, *, num_frames: int |
                           np.asarray([i for i, _ in pieces], np.int32))
 
 
-def encode_pieces(model: WhisperVQEncoder, sf: SpeechFeatures, *, batch_size: int = 8) -> SpeechCodes:
-    """`encode` over every piece of `sf`, `batch_size` pieces at a time (the last batch padded with
-    rows of no frames, so any waveforms compile once per (batch_size, frames)) -> numpy arrays."""
-    outs = []
-    for start in range(0, len(sf.lengths), batch_size):
-        feats, lengths = sf.features[start:start + batch_size], sf.lengths[start:start + batch_size]
-        pad = batch_size - len(lengths)
-        out = encode(model, np.pad(feats, ((0, pad), (0, 0), (0, 0))), np.pad(lengths, (0, pad)))
-        outs.append([np.asarray(a)[:len(lengths)] for a in out])
-    if not outs:
-        d = model.cfg.encoder.d_model
-        n = sf.features.shape[-1] // model.cfg.frames_per_code
-        return SpeechCodes(np.zeros((0, n), np.int32), np.zeros(0, np.int32), np.zeros((0, n, d), np.float32))
-    return SpeechCodes(*(np.concatenate(parts) for parts in zip(*outs)))
+def encode_pieces(model: WhisperVQEncoder, sf: SpeechFeatures, *, batch_size: int = 8,
+                  buckets: tuple[int, ...] = FRAME_BUCKETS) -> SpeechCodes:
+    """`encode` over every piece of `sf` -> numpy arrays in sf's order, F/8 code columns (-1 and
+    zeros past each row's count). Pieces run `batch_size` at a time, shortest first so that similar
+    lengths share a batch; a batch's frames are cut to the smallest bucket holding its longest
+    piece's codes (later frames never change them: see WhisperVQEncoder) and the last batch is
+    padded with rows of no frames. So any waveforms compile once per (batch_size, bucket)."""
+    cfg, per = model.cfg, model.cfg.frames_per_code
+    n, F = len(sf.lengths), sf.features.shape[-1]
+    sizes = sorted({min(b, F) for b in buckets} | {F})
+    if any(f % per for f in sizes):
+        raise ValueError(f"frame buckets {sizes} must be multiples of {per}")
+    codes = np.full((n, F // per), -1, np.int32)
+    counts = np.zeros(n, np.int32)
+    hidden = np.zeros((n, F // per, cfg.encoder.d_model), np.float32)
+    order = np.argsort(sf.lengths, kind="stable")
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        need = int(cfg.num_codes(sf.lengths[idx].max())) * per
+        f = next(s for s in sizes if s >= need)
+        pad = batch_size - len(idx)
+        out = encode(model, np.pad(sf.features[idx, :, :f], ((0, pad), (0, 0), (0, 0))),
+                     np.pad(sf.lengths[idx], (0, pad)))
+        c, k, h = (np.asarray(a)[:len(idx)] for a in out)
+        codes[idx, :f // per], counts[idx], hidden[idx, :f // per] = c, k, h
+    return SpeechCodes(codes, counts, hidden)
 
 
-def tokenize(model: WhisperVQEncoder, fe, waves, *, batch_size: int = 8, num_frames: int | None = None
-             ) -> list[np.ndarray]:
-    """Codes (Int32, 12.5 per second) of each 16 kHz waveform, its 30 s pieces' codes in order:
-    what the official extract_speech_token returns for the same list of waveforms."""
-    sf = extract_features(fe, waves, model.cfg, num_frames=num_frames)
-    out = encode_pieces(model, sf, batch_size=batch_size)
-    pieces = [out.codes[i, :out.counts[i]] for i in range(len(sf.lengths))]
-    return [np.concatenate([pieces[i] for i in np.flatnonzero(sf.owner == w)] or [np.zeros(0, np.int32)])
+def tokenize(model: WhisperVQEncoder, fe, waves, *, batch_size: int = 8,
+             buckets: tuple[int, ...] = FRAME_BUCKETS) -> list[np.ndarray]:
+    """Codes (Int32, 12.5 per second) of each 16 kHz waveform, its 30 s pieces' codes in order, as
+    Kimi-Audio's Glm4Tokenizer gives them: one extract_speech_token call per waveform (features
+    of its pieces padded together, to its longest piece). The pieces of all the waveforms then run
+    through the model together (encode_pieces), `batch_size` pieces per call: the codes are those
+    of one clip per call."""
+    parts = [extract_features(fe, [w], model.cfg) for w in waves]
+    if not parts:
+        return []
+    owner = np.concatenate([np.full(len(p.lengths), i, np.int32) for i, p in enumerate(parts)])
+    sf = SpeechFeatures(np.concatenate([p.features for p in parts]), np.concatenate([p.lengths for p in parts]), owner)
+    out = encode_pieces(model, sf, batch_size=batch_size, buckets=buckets)
+    pieces = [out.codes[i, :out.counts[i]] for i in range(len(owner))]
+    return [np.concatenate([pieces[i] for i in np.flatnonzero(owner == w)] or [np.zeros(0, np.int32)])
             for w in range(len(waves))]
