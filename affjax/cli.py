@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON")
     g.add_argument("--dump-hlo", default=None, metavar="DIR", help="write each compiled program's HLO text here")
     g.add_argument("--max-batch", action="store_true",
-                   help="find the largest batch that fits per chip by compiling (from --batch-size up); the "
+                   help="find the largest batch that fits per chip by compiling (starting from --batch-size); the "
                         "report is the plan at that batch")
     g.add_argument("--attention", default="xla", choices=("xla", "auto"),
                    help="prefill attention to compile: xla (every FLOP counted) or auto (the Pallas splash kernel "

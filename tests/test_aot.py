@@ -238,24 +238,30 @@ def test_kimi_audio_pooled_job_through_the_cli(tpu, tmp_path, capsys):
 
 
 def test_largest_batch_search_brackets_and_bisects(tpu, monkeypatch):
-    """`plan --aot --max-batch`'s search, with plan_job replaced by a stand-in whose bytes per row
-    grow past the first rows (as small batches pad to the chip's tiles, the line from the first
-    two compiles overshoots): the batch found fits, one more row per chip does not, both compiled."""
+    """`plan --aot --max-batch`'s search, with plan_job replaced by a stand-in: when bytes grow
+    linearly with the rows a chip holds, four compiles (two for the line, its answer, one row per
+    chip more); when they grow faster past the first rows (small batches pad to the chip's tiles)
+    the line overshoots, and stepping down and bisecting still find it. Either way the batch found
+    fits and one more row per chip was compiled and does not."""
     calls = []
 
-    def fake_plan(cfg, topology, mesh_text, job, pooling, retention, **kw):
-        calls.append(job.batch)
-        rows = job.batch // 4
-        need = (100 << 20) + (1 << 20) * rows + (3 << 20) * max(0, rows - 8)  # 1 MiB/row, then 4 MiB/row
-        return {"fits": need <= tpu.chip("v5e:2x2")["hbm"], "job_bytes": need, "param_bytes": 100 << 20,
-                "programs": {"p": {"own_bytes_full": need - (100 << 20)}}}
-    monkeypatch.setattr(tpu, "plan_job", fake_plan)
-    budget = 400 << 20
-    found = tpu.max_batch({}, "v5e:2x2", "data=4,model=1", tpu.JobShape(batch=16), budget=budget, log=lambda s: None)
-    # 100 + r + 3 (r - 8) <= 400 MiB  ->  r <= 81 rows per chip
-    assert found["rows_per_chip"] == 81 and found["max_batch"] == 324, found["tried"]
-    tried = {t["batch"]: t["fits"] for t in found["tried"]}
-    assert tried[324] and tried[328] is False and calls[:2] == [16, 32] and len(calls) < 14
+    def stand_in(extra_per_row):
+        def fake_plan(cfg, topology, mesh_text, job, pooling, retention, **kw):
+            calls.append(job.batch)
+            rows = job.batch // 4
+            need = (100 << 20) + (1 << 20) * rows + (extra_per_row << 20) * max(0, rows - 8)
+            return {"fits": need <= tpu.chip("v5e:2x2")["hbm"], "job_bytes": need, "param_bytes": 100 << 20,
+                    "programs": {"p": {"own_bytes_full": need - (100 << 20)}}}
+        return fake_plan
+
+    for extra, rows, most in ((0, 300, 4), (3, 81, 20)):  # 100 + r + extra (r - 8) <= 400 MiB
+        calls.clear()
+        monkeypatch.setattr(tpu, "plan_job", stand_in(extra))
+        found = tpu.max_batch({}, "v5e:2x2", "data=4,model=1", tpu.JobShape(batch=16), budget=400 << 20,
+                              log=lambda s: None)
+        assert found["rows_per_chip"] == rows and found["max_batch"] == 4 * rows, found["tried"]
+        tried = {t["batch"]: t["fits"] for t in found["tried"]}
+        assert tried[4 * rows] and tried[4 * rows + 4] is False and calls[:2] == [16, 32] and len(calls) <= most
 
 
 def test_whisper_transcription_plan_through_the_cli(tpu, tmp_path, capsys):

@@ -703,9 +703,9 @@ def max_batch(hf_config: dict, topology: str, mesh_text: str | None, job: JobSha
     """The largest batch whose job fits per chip, found by compiling. Two compiles (the job's batch
     and twice it, multiples of the data axis) give each program's bytes per row a chip holds; the
     batch where the first program reaches the budget by that line is compiled next, and from there
-    the compiler decides: the batches that fit and do not fit bracket the answer, and bisection
-    narrows it to one row per chip (the batch found fits; one more row per chip was compiled and
-    does not). `budget`: bytes per chip the job may use (default: the chip's HBM; less leaves
+    the compiler decides: steps of one row per chip, doubling while its verdict stays the same,
+    bracket the answer, and bisection narrows it to one row per chip (the batch found fits; one
+    more row per chip was compiled and does not). `budget`: bytes per chip the job may use (default: the chip's HBM; less leaves
     headroom for the runtime). -> {"max_batch", "rows_per_chip", "budget", "tried": [{"batch",
     "fits", "job_bytes"}], "report" (the plan at max_batch)}."""
     data = tpu_mesh(topology, mesh_text).shape["data"]
@@ -733,14 +733,24 @@ def max_batch(hf_config: dict, topology: str, mesh_text: str | None, job: JobSha
     room = [(hbm - r1["param_bytes"] - o1[k]) / per_row[k] for k in o1 if per_row[k] > 0]
     guess = max(2 * b1, b1 + int(min(room)) * data) if room else 4 * b1
     # the line is a guess (a few rows pad to the chip's tiles, so small batches understate a row):
-    # bracket the answer by compiling, then halve the bracket down to one row per chip
+    # from it, steps of one row per chip, doubling while the compiler's verdict stays the same,
+    # bracket the answer; then bisection narrows the bracket to one row per chip
     lo = max(b for b, r in tried.items() if r["fits"])
     hi = min((b for b, r in tried.items() if not r["fits"]), default=None)
-    while hi is None:
+    step = data
+    if hi is None or lo < guess < hi:
         if plan(guess)["fits"]:
-            lo, guess = guess, 2 * guess
+            lo = guess
+            while hi is None:
+                if plan(lo + step)["fits"]:
+                    lo, step = lo + step, 2 * step
+                else:
+                    hi = lo + step
         else:
             hi = guess
+            while hi - step > lo and not plan(hi - step)["fits"]:
+                hi, step = hi - step, 2 * step
+            lo = max(lo, hi - step)
     while hi - lo > data:
         mid = (lo + hi) // 2 // data * data
         if plan(mid)["fits"]:
