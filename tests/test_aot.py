@@ -156,11 +156,11 @@ def test_two_point_rule_takes_each_group_at_its_own_cost():
         return aot.ProgramReport("decode", fits=True, peak_bytes=peak, argument_bytes=0, input_bytes=0, flops=flops,
                                  bytes_accessed=flops, collectives={"all-reduce": {"count": 2, "bytes": 8}})
     base = rep(1000, 10.0)
-    d = aot._extrapolate(base, [(rep(1100, 12.0), 29), (rep(1010, 11.0), 3)], lambda r: r.peak_bytes)
+    d = aot._extrapolate(base, [(rep(1100, 12.0), 29), (rep(1010, 11.0), 3)])
     assert d["peak_bytes_full"] == 1000 + 28 * 100 + 2 * 10
     assert d["flops_full"] == 10.0 + 28 * 2.0 + 2 * 1.0 and d["own_bytes_full"] == d["peak_bytes_full"]
     assert d["collectives"] == {"all-reduce": {"count": 2, "bytes": 8}}
-    assert aot._extrapolate(base, [(None, 29)], lambda r: r.peak_bytes)["peak_bytes_full"] == 1000  # no variant
+    assert aot._extrapolate(base, [(None, 29)])["peak_bytes_full"] == 1000  # no variant
 
 
 def test_pooled_job_on_a_2d_mesh_and_the_cli(tpu, tmp_path, capsys):

@@ -190,6 +190,10 @@ class ProgramReport:
     layers: tuple[int, int] | None = None   # (compiled, full) layer count of the program's model part
     error: str | None = None
 
+    def own_bytes(self) -> int | None:
+        """What the program holds beyond the parameters it reads: activations, caches, temporaries."""
+        return None if self.peak_bytes is None else self.peak_bytes - self.argument_bytes + self.input_bytes
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -518,14 +522,11 @@ def _plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobSha
     positions = pooling.positions if pooling is not None else "first"
     proportional = bool(pooling is not None and pooling.proportional)
     t0 = time.perf_counter()
-    def own(r):  # what a program holds beyond the parameters it reads: activations, caches, temporaries
-        return None if r.peak_bytes is None else r.peak_bytes - r.argument_bytes + r.input_bytes
-
     if depth == "full":
         reps, layout, _ = _compile_depth(hf_config, mesh, job, stages, rets, positions, proportional, None,
                                          dump_dir, log)
         programs = {k: {**r.to_json(), "peak_bytes_full": r.peak_bytes, "flops_full": r.flops,
-                        "bytes_accessed_full": r.bytes_accessed, "own_bytes_full": own(r)} for k, r in reps.items()}
+                        "bytes_accessed_full": r.bytes_accessed, "own_bytes_full": r.own_bytes()} for k, r in reps.items()}
     else:
         log(" depth 1 (one layer per group):")
         r1, layout, dec = _compile_depth(hf_config, mesh, job, stages, rets, positions, proportional, 1, dump_dir,
@@ -542,7 +543,7 @@ def _plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobSha
         if per_group:
             log(" decode, one group at a time at two layers:")
             variants["decode"] = [(_decode_variant(hf_config, mesh, job, dec, g, log), sizes[g]) for g in filled]
-        programs = {label: _extrapolate(a, variants.get(label), own) for label, a in r1.items()}
+        programs = {label: _extrapolate(a, variants.get(label)) for label, a in r1.items()}
     hbm = chip(topology)["hbm"]
     # every parameter stays in HBM for the whole job (each program reads only its own): the job's
     # need is the resident parameters plus the largest program's own footprint
@@ -573,13 +574,13 @@ def _plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobSha
             "programs_compiled": len(programs) * (1 if depth == "full" else 2) if ok else 0}
 
 
-def _extrapolate(a: "ProgramReport", variants, own) -> dict:
+def _extrapolate(a: "ProgramReport", variants) -> dict:
     """A depth-1 report and its two-layer variants [(report, full layer count n)] -> the report at
     full depth, each figure v(1) + sum over the variants of (n - 1) x (v(variant) - v(1))."""
     d = a.to_json()
     ok = a.fits and variants and all(b is not None and b.fits for b, _ in variants)
     if not ok:
-        d["peak_bytes_full"], d["flops_full"], d["own_bytes_full"] = d["peak_bytes"], d["flops"], own(a)
+        d["peak_bytes_full"], d["flops_full"], d["own_bytes_full"] = d["peak_bytes"], d["flops"], a.own_bytes()
         d["bytes_accessed_full"] = d["bytes_accessed"]
         return d
 
@@ -588,7 +589,7 @@ def _extrapolate(a: "ProgramReport", variants, own) -> dict:
     d["peak_bytes_full"] = int(round(full(lambda r: r.peak_bytes)))
     d["flops_full"] = full(lambda r: r.flops)
     d["bytes_accessed_full"] = full(lambda r: r.bytes_accessed)
-    d["own_bytes_full"] = int(round(full(own)))
+    d["own_bytes_full"] = int(round(full(ProgramReport.own_bytes)))
     d["collectives"] = {k: {f: int(round(full(lambda r: r.collectives.get(k, {}).get(f, 0)))) for f in ("count", "bytes")}
                         for k in a.collectives}
     return d
@@ -655,16 +656,15 @@ def _whisper_plan(hf_config: dict, topology: str, mesh_text: str | None, job: Jo
     if mesh.shape["model"] != 1:
         raise AotError("Whisper plans are data parallel (whisper-jax's layout): give --mesh data=N,model=1")
     t0 = time.perf_counter()
-    own = lambda r: None if r.peak_bytes is None else r.peak_bytes - r.argument_bytes + r.input_bytes  # noqa: E731
     if depth == "full":
         r1 = _whisper_compile(hf_config, mesh, job, None, prompt_tokens, log)
-        programs = {k: _extrapolate(r, [], own) for k, r in r1.items()}
+        programs = {k: _extrapolate(r, []) for k, r in r1.items()}
     else:
         log(" depth 1:")
         r1 = _whisper_compile(hf_config, mesh, job, 1, prompt_tokens, log)
         log(" depth 2:")
         r2 = _whisper_compile(hf_config, mesh, job, 2, prompt_tokens, log)
-        programs = {k: _extrapolate(a, [(r2.get(k), a.layers[1])], own) for k, a in r1.items()}
+        programs = {k: _extrapolate(a, [(r2.get(k), a.layers[1])]) for k, a in r1.items()}
     spec = chip(topology)
     for d in programs.values():
         d["roofline"] = roofline_seconds(d, spec)
