@@ -4,6 +4,8 @@
 #   make test-fast   the same set-up, then the suite without the tests marked slow (the edit loop)
 #   make lslm     train lslm-tiny's weights from scratch (after make corpus; hours; resumable; see
 #                 docs/training.md) into affjax/train/weights/lslm-tiny.safetensors
+#   make lslm-carry   write the run in progress to affjax/train/weights/lslm-tiny-carry.safetensors, which
+#                 make lslm continues from on another machine (commit it; docs/training.md)
 #   make corpus   synthetic speech for training (affjax/data/corpus.py; resumable; installs its Debian
 #                 engines with apt-get when run as root, see docs/assets.md)
 PY ?= python3
@@ -12,7 +14,7 @@ BIN := $(VENV)/bin
 AFFJAX_CACHE ?= $(HOME)/.cache/affjax
 CORPUS_N ?= 20000
 
-.PHONY: setup assets main test test-fast bench corpus lslm
+.PHONY: setup assets main test test-fast bench corpus lslm lslm-carry
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -44,3 +46,6 @@ corpus: $(VENV)/.installed
 
 lslm: setup
 	$(BIN)/python -m affjax.train.lslm make --work $(AFFJAX_CACHE)/lslm --corpus $(AFFJAX_CACHE)/corpus
+
+lslm-carry: setup
+	$(BIN)/python -m affjax.train.lslm carry --work $(AFFJAX_CACHE)/lslm

@@ -130,8 +130,15 @@ def _run_train(args) -> int:
         enable_compile_cache()
     try:
         if args.cmd == "export":
-            from affjax.train.export import export_run
-            export_run(args.run, args.out)
+            from affjax.train.carry import write_carry
+            from affjax.train.export import export_run, run_trainer
+            if args.out is None and args.carry is None:
+                raise ValueError("export needs --out CKPT, --carry FILE or both")
+            if args.out is not None:
+                export_run(args.run, args.out)
+            if args.carry is not None:
+                tr = run_trainer(args.run)
+                print(f"carry of step {tr.step} -> {write_carry(tr, args.carry)}")
             return 0
         from affjax.train.trainer import TrainConfig, run
         cfg = TrainConfig(
@@ -142,7 +149,7 @@ def _run_train(args) -> int:
             proportional=args.proportional, tau_range=args.tau_range, prompt=args.prompt,
             save_every=args.save_every, keep=args.keep, log_every=args.log_every, eval_every=args.eval_every,
             eval_manifest=args.eval_manifest, eval_items=args.eval_items, mesh=args.mesh, cache_dir=args.cache_dir,
-            restart=args.restart, progress=not args.no_progress)
+            carry=args.carry, restart=args.restart, progress=not args.no_progress)
         cfg.validate()
         out = run(cfg)
     except (FileNotFoundError, ValueError) as e:
@@ -383,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=4,model=2")
     p.add_argument("--cache-dir", default=None, help="encoder-output cache (default ~/.cache/affjax/encoder)")
     p.add_argument("--restart", action="store_true", help="delete the run at --out and start over")
+    p.add_argument("--carry", default=None, help="a run folder without a checkpoint starts from this carry "
+                   "(`affjax export --carry`): the same run continued on another machine")
     p.add_argument("--no-compile-cache", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("Affinity Pooling in the loop")
@@ -401,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("export", help="a training run -> a checkpoint every command accepts (LoRA merged)")
     p.add_argument("--run", required=True, help="the run folder of `affjax train`")
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--out", default=None, help="checkpoint directory to write")
+    p.add_argument("--carry", default=None, help="also (or only) write the run's carry: one small file that "
+                   "`affjax train --carry` continues the run from on another machine (docs/training.md)")
 
     args = ap.parse_args(argv)
 

@@ -205,6 +205,7 @@ def _reference_row(fe, ref, manifest):
 
     wave = load_audio(manifest.parent / "a.wav")
     enc, _ = fe.encode("Please transcribe the spoken content into written text.", [wave])
+    enc = fe.fill_codes([enc])[0]  # the job fills the speech codes of a window's items in one run
     cont = fe.tokens("hello there").tolist()
     audio, text = enc.ids[:, 0].tolist(), enc.ids[:, 1].tolist()
     x = ref.embed(audio + [TEXT_BLANK] * len(cont), text + cont, enc.continuous.tolist() + [False] * len(cont),
@@ -248,3 +249,19 @@ def test_cli_score_generate_eval(tiny_kimi_ckpt, setup, manifest, tmp_path, caps
         rc, out = _cli(runs["generate"][:1] + base + runs["generate"][1:], capsys)
         assert rc == 0 and "3 of 3 items already done" in out.out
         assert (tmp_path / "g.jsonl").read_text() == before
+
+
+def test_speech_codes_filled_for_a_window_at_once(setup):
+    """The job leaves an item's speech codes pending and fills a window's in one tokenizer run: the
+    same audio stream as filling each item alone, codes at the continuous positions only."""
+    from affjax.testing import synth_speech_like
+
+    fe = setup.frontend
+    encs = [fe.encode("Transcribe.", [synth_speech_like(s, seed=i)])[0] for i, s in enumerate((2.0, 0.5, 31.0))]
+    assert all(e.pending is not None and not (e.ids[e.continuous, 0] > TOKEN_OFFSET).any() for e in encs)
+    together = fe.fill_codes(encs)
+    for e, t in zip(encs, together):
+        alone = fe.fill_codes([e])[0]
+        assert t.pending is None and np.array_equal(t.ids, alone.ids)
+        assert np.array_equal(t.ids[~t.continuous], e.ids[~e.continuous])
+        assert (t.ids[t.continuous, 0] >= TOKEN_OFFSET).all()

@@ -123,7 +123,7 @@ def test_activation_estimate_terms():
 def test_program_bytes_by_hand():
     """Per-program bytes of the 7B job on data=2,model=4 (docs/tpu.md compares them with the TPU
     compiler): 4 rows per chip, 8 of 32 heads, 2752 of 11008 MLP columns, bf16."""
-    from affjax.runtime.plan import SEQ_SIDE_BYTES, program_bytes
+    from affjax.runtime.plan import POOL_F32_COPIES, SEQ_SIDE_BYTES, program_bytes
     layout = {"groups": [(0, 0), (0, 29), (29, 32)], "sequence_buffer": 800, "stage_buffers": [640, 156],
               "windows": 8}
     est = program_bytes(QWEN2_AUDIO_7B_CONFIG, layout, batch=8, data=2, model=4, extra=128)
@@ -133,13 +133,13 @@ def test_program_bytes_by_hand():
     # a layer's float32 scores (8 heads) with q, k, v outweigh gate + up at 640 positions
     layer = b * 640 * 4096 * 2 + b * 640 * 24 * hd * 2 + b * 8 * 640 * 640 * 4
     assert est["layers[0:29)"] == 2 * seq(640) + kv(29, 640 + 128) + layer
-    assert est["pool@29"] == seq(640) + seq(156) + b * (640 + 156) * 4096 * 4
+    assert est["pool@29"] == seq(640) + seq(156) + int(POOL_F32_COPIES * b * 640 * 4096 * 4)
     assert est["last_head"] == 2 * seq(156) + b * (156032 // 4) * 4  # float32 logits, vocabulary over 'model'
     assert est["decode"] == 2 * (kv(29, 640 + 128) + kv(3, 156 + 128)) + 2 * b * (156032 // 4) * 4 + b * 128 * 4
     # the audio encoder: 4 windows per chip, 5 of 20 heads, float32 scores over 1500 frames
     enc = b * 1500 * 1280 * 2 + b * 5 * 1500 * 1500 * 4 + 3 * b * 1500 * 5 * 64 * 2
     assert est["embed"] == enc + seq(800)
-    assert est["pool@0"] == seq(800) + seq(640) + b * (800 + 640) * 4096 * 4  # the input stage
+    assert est["pool@0"] == seq(800) + seq(640) + int(POOL_F32_COPIES * b * 800 * 4096 * 4)  # the input stage
 
 
 @pytest.mark.slow

@@ -125,6 +125,8 @@ def test_resume_is_exact_and_export_merges_lora(tiny_qwen2_audio_ckpt, manifest,
     tr.run_step(0)  # one step, saved, then the process "dies"
     tr.step = 1
     tr.save()
+    from affjax.train.carry import write_carry
+    carry = write_carry(tr, tmp_path / "carry.safetensors")
     del tr
     msgs = []
     resumed = Trainer(cut, log=msgs.append)
@@ -136,7 +138,24 @@ def test_resume_is_exact_and_export_merges_lora(tiny_qwen2_audio_ckpt, manifest,
     # another setting on the same folder is refused
     with pytest.raises(ValueError, match="other settings"):
         Trainer(_cfg(tiny_qwen2_audio_ckpt, manifest, tmp_path / "cut", batch_size=2, lr=1e-2))
+    _check_carry(tiny_qwen2_audio_ckpt, manifest, tmp_path, carry, whole)
     _check_export(whole_trainer, tmp_path)
+
+
+def _check_carry(ckpt, manifest, tmp_path, carry, whole):
+    """A new run folder started from the carry of step 1 (another machine) is at step 1 with the exact
+    parameters, so its next loss is the unbroken run's; Adam's first moments restart at zero, so the
+    loss after differs a little; a carry of other settings is refused."""
+    msgs = []
+    moved = Trainer(_cfg(ckpt, manifest, tmp_path / "moved", batch_size=2, steps=3, carry=str(carry)),
+                    log=msgs.append)
+    assert moved.step == 1 and any("from the carry" in m for m in msgs)
+    moved.fit()
+    after = _log(moved.cfg.out)
+    assert abs(after[2] - whole[2]) <= 1e-6, (after[2], whole[2])
+    assert 0 < abs(after[3] - whole[3]) <= 0.05 * abs(whole[3]), (after[3], whole[3])
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        Trainer(_cfg(ckpt, manifest, tmp_path / "moved2", batch_size=2, steps=3, lr=1e-2, carry=str(carry)))
 
 
 def _check_export(tr, tmp_path):
@@ -231,6 +250,8 @@ def test_lora_dot_equals_the_split_form():
     (dict(steps=0), "--steps"), (dict(batch_size=0), "--batch-size"), (dict(trainable=("encoder",)), "--trainable"),
     (dict(lora_rank=0), "--lora-rank"), (dict(tau_range=(0.8, 0.9)), "needs --pooling"),
     (dict(eval_every=10), "--eval-manifest"), (dict(manifest="nope.jsonl"), "not found"),
+    (dict(carry="nope.safetensors"), "--carry nope.safetensors: not found"),
+    (dict(carry="nope.safetensors", accumulate=2), "--carry takes runs without --accumulate"),
 ])
 def test_bad_options_fail_before_loading(kw, match, tmp_path):
     (tmp_path / "m.jsonl").write_text("")
@@ -254,3 +275,9 @@ def test_bad_items_are_recorded_and_skipped(tiny_qwen2_audio_ckpt, manifest, tmp
     assert set(errors) == {"gone", "short", "notext", "line-8"}, errors
     assert "not found" in errors["gone"] and "too short" in errors["short"] and "target" in errors["notext"]
     assert len(tr.examples) == 4
+
+
+def test_export_needs_an_output(tmp_path, capsys):
+    from affjax.cli import main
+    assert main(["export", "--run", str(tmp_path)]) == 1
+    assert "export needs --out CKPT, --carry FILE or both" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Kimi-Audio against the official code itself (a one-off check, not part of the suite):
 
     python -m affjax.bench.kimi_official --official DIR [--glm4 DIR] [--kimia-infer DIR] [--pythonpath DIR]
+    python -m affjax.bench.kimi_official --official DIR --pythonpath DIR --time [--rounds N] [--out JSON]
 
 `--official DIR` holds Kimi-Audio's modeling file (`modeling_moonshot_kimia.py`, the Hugging Face
 remote code, or `modeling_kimia.py`, its copy in the official repository's finetune_codes/; not
@@ -40,6 +41,21 @@ What runs:
   (transformers' WhisperFeatureExtractor, 128 bins: its Slaney filter bank instead of the
   release's mel_filters.npz).
 
+--time (instead of the check): the prefill of the official model against affjax's on the same
+weights and input, CPU, float32, at the widths of `affjax bench --model kimi-audio`
+(affjax.bench.kimi.BENCH_CONFIG: text d512 x 8, adaptor 1536 -> 512, the release's vocabulary, no
+MIMO layers), batch 1 (the official embedding code takes one item per call), that bench's input (one
+30 s window: 375 speech codes, 40 text tokens, the control tokens). The LLM side only: the official
+model takes the adaptor's input (4 stacked Whisper frames per code) and so does affjax's side here,
+the same random features; no Whisper encoder on either side. Timed: affjax's engine (fused
+embeddings, then Engine.prefill_rest: decoder layers building the KV cache, last position's
+logits); the official model doing the same work (`model.model(...)`, its KV cache returned, then
+`lm_head` on the last position); and, reported apart, the official `forward` as its generation loop
+calls it first (kimia.py: both heads over every position). Each round times the three back to back
+(the child waits while the parent runs); ratios are medians of the per-round ratios. PyTorch runs
+--threads threads (default 1); XLA its own CPU client as `affjax bench` does. The flash_attn stub
+(below) runs torch's fused scaled_dot_product_attention here, not its explicit softmax.
+
 Shims (the official files are not edited; the child says which ran): `flash_attn` is a stub
 module, because the official Kimi attention has no other path: its `flash_attn_func` is exact
 softmax attention (causal, grouped-query) computed in float32 or wider and returned in the
@@ -56,9 +72,11 @@ import argparse
 import importlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import types
 from pathlib import Path
 
@@ -68,6 +86,7 @@ SECONDS = (2.0, 12.0, 45.0)
 PROMPT_TOKENS = (300, 100, 180)
 EVERY = 17  # compared positions: every 17th and the last
 SEED = 0
+TIME_AUDIO_SECONDS, TIME_TEXT_TOKENS = 30.0, 40  # --time: the input of `affjax bench --model kimi-audio`
 
 # a tiny config.json with the release's fields (MoonshotKimiaForCausalLM); the vocabulary is the
 # release's, so that the control ids and speech codes (152064 + code) index it
@@ -111,7 +130,9 @@ def _import_from(folder: Path, package: str, module: str):
     return importlib.import_module(f"{package}.{module}")
 
 
-def _flash_attn_stub(shims: list[str]) -> None:
+def _flash_attn_stub(shims: list[str], fused: bool = False) -> None:
+    """`fused` (--time): torch's scaled_dot_product_attention where it gives the same result (its
+    fused CPU kernel, faster than the explicit softmax below), as flash attention is fused."""
     import torch
 
     def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **_):
@@ -119,6 +140,10 @@ def _flash_attn_stub(shims: list[str]) -> None:
         dtype = q.dtype
         wide = torch.promote_types(dtype, torch.float32)
         q, k, v = (t.to(wide).transpose(1, 2) for t in (q, k, v))
+        if fused and q.shape[2] == k.shape[2]:  # SDPA's causal mask is top-left: equal lengths only
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale,
+                                                                   enable_gqa=True)
+            return out.transpose(1, 2).to(dtype)
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         s = (q @ k.transpose(-1, -2)) * (softmax_scale or q.shape[-1] ** -0.5)
@@ -137,7 +162,8 @@ def _flash_attn_stub(shims: list[str]) -> None:
     bp.index_first_axis = bp.pad_input = bp.unpad_input = unused
     fa.bert_padding = bp
     sys.modules.update({"flash_attn": fa, "flash_attn.bert_padding": bp})
-    shims.append("flash_attn: stub module, flash_attn_func = exact causal GQA softmax attention (float32 or wider)")
+    shims.append("flash_attn: stub module, flash_attn_func = exact causal GQA softmax attention (float32 or wider)"
+                 + (", torch's scaled_dot_product_attention" if fused else ""))
 
 
 def _randomize(model, seed: int) -> None:
@@ -159,10 +185,9 @@ def _randomize(model, seed: int) -> None:
                 p.copy_(noise * p.shape[1] ** -0.5)
 
 
-def _child_kimi(official: Path, work: Path, shims: list[str]) -> None:
-    import torch
+def _import_official(official: Path, shims: list[str], fused: bool = False):
+    """The official (configuration, modeling) modules of folder `official`, with the shims."""
     import transformers.utils
-    from safetensors.torch import save_file
 
     name = next((n for n in ("modeling_moonshot_kimia", "modeling_kimia") if (official / f"{n}.py").is_file()), None)
     if name is None or not (official / "configuration_moonshot_kimia.py").is_file():
@@ -170,7 +195,7 @@ def _child_kimi(official: Path, work: Path, shims: list[str]) -> None:
                          "configuration_moonshot_kimia.py")
     # transformers' own modules first, so that they see flash attention as unavailable (it is)
     importlib.import_module("transformers.models.qwen2.modeling_qwen2")
-    _flash_attn_stub(shims)
+    _flash_attn_stub(shims, fused)
     available = transformers.utils.is_flash_attn_2_available
     transformers.utils.is_flash_attn_2_available = lambda: True
     try:
@@ -182,13 +207,30 @@ def _child_kimi(official: Path, work: Path, shims: list[str]) -> None:
             sys.modules.pop(m, None)
     shims.append("transformers.utils.is_flash_attn_2_available: true while the modeling file is imported")
     shims.append(f"imported {official / name}.py")
+    return config_mod, modeling
 
+
+def _official_model(official: Path, work: Path, shims: list[str], fused: bool = False):
+    """The official MoonshotKimiaForCausalLM of work/config.json (float32, random O(1) weights),
+    its weights saved to work/kimi.safetensors for affjax."""
+    import torch
+    from safetensors.torch import save_file
+
+    config_mod, modeling = _import_official(official, shims, fused)
     c = json.loads((work / "config.json").read_text())
-    config = config_mod.KimiAudioConfig(**{k: v for k, v in c.items() if k not in ("architectures", "model_type")})
+    drop = ("architectures", "model_type", "whisper_config")
+    config = config_mod.KimiAudioConfig(**{k: v for k, v in c.items() if k not in drop})
     torch.manual_seed(SEED)
     model = modeling.MoonshotKimiaForCausalLM(config).float().eval()
     _randomize(model, SEED)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(work / "kimi.safetensors"))
+    return model
+
+
+def _child_kimi(official: Path, work: Path, shims: list[str]) -> None:
+    import torch
+
+    model = _official_model(official, work, shims)
 
     inp = np.load(work / "kimi_inputs.npz")
     out = {}
@@ -289,6 +331,53 @@ def _child_mel(root: Path, work: Path, shims: list[str]) -> None:
     np.savez(work / "mel_official.npz", **out)
 
 
+def _timed(fn) -> tuple[float, float]:
+    """(wall, CPU) seconds of fn(): the CPU time of all the process's threads shows how many cores
+    a side kept busy."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _child_time(official: Path, work: Path, shims: list[str], threads: int) -> None:
+    """The official side of --time: after a warm-up, one timed round per line "round" read from
+    stdin, answered by a line "@times {...}" on stdout. The parent times affjax between rounds, so
+    the two processes never run at once."""
+    import torch
+
+    torch.set_num_threads(threads)
+    model = _official_model(official, work, shims, fused=True)
+    inp = np.load(work / "time_inputs.npz")
+    t = lambda key: torch.from_numpy(inp[key])[None]  # noqa: E731  (batch 1: one item per call)
+    kw = dict(input_ids=t("audio").long(), text_input_ids=t("text").long(), whisper_input_feature=[t("feats")],
+              is_continuous_mask=t("continuous"), position_ids=torch.arange(inp["audio"].shape[0])[None])
+
+    @torch.inference_mode()
+    def prefill():
+        # affjax's prefill's work: the official model (fused embeddings, decoder layers returning
+        # their KV cache, final norm), then lm_head on the last position
+        out = model.model(**kw, use_cache=True, return_dict=True)
+        return model.lm_head(out.last_hidden_state[0][:, -1])
+
+    @torch.inference_mode()
+    def forward():
+        # the official generation loop's first call (kimia.py): both heads at every position
+        return model(**kw, return_dict=False)
+
+    calls = {"prefill": prefill, "forward": forward}
+    first = {name: _timed(f)[0] for name, f in calls.items()}
+    np.save(work / "official_logits.npy", prefill().numpy())
+    (work / "shims.json").write_text(json.dumps(shims))
+    print("@ready " + json.dumps(first), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "round":
+            break
+        times = {}
+        for name, f in calls.items():
+            times[f"official_{name}_s"], times[f"official_{name}_cpu_s"] = _timed(f)
+        print("@times " + json.dumps(times), flush=True)
+
+
 def child(args) -> None:
     import torch
     import transformers
@@ -300,6 +389,9 @@ def child(args) -> None:
     torch.cuda.current_device = lambda: "cpu"
     shims.append('torch.cuda.current_device() -> "cpu"')
     work = Path(args.child)
+    if args.time:
+        _child_time(Path(args.official), work, shims, args.threads)
+        return
     _child_kimi(Path(args.official), work, shims)
     if args.glm4:
         _child_glm4(Path(args.glm4), work, shims)
@@ -334,8 +426,9 @@ def kimi_inputs(rng) -> dict:
     return out
 
 
-def ours_kimi(work: Path, inp: dict) -> dict:
-    import jax.numpy as jnp
+def _load_ours(work: Path, config: dict):
+    """affjax's KimiAudio of `config` (a config.json with its whisper_config) holding the official
+    model's weights (work/kimi.safetensors) and a random audio tower."""
     import torch
     from flax import nnx
     from safetensors.numpy import load_file
@@ -347,15 +440,22 @@ def ours_kimi(work: Path, inp: dict) -> dict:
     from affjax.models.layers import abstract_module
     from affjax.models.weights import KeyTable, iter_state_dict, load_streaming
 
-    cfg = KimiAudioConfig.from_hf({**KIMI_CONFIG, "whisper_config": WHISPER_CONFIG})
+    cfg = KimiAudioConfig.from_hf(config)
     torch.manual_seed(SEED)  # the audio tower is required by the key table, unused here
-    whisper = WhisperEncoder(WhisperConfig(**WHISPER_CONFIG)).state_dict()
+    whisper = WhisperEncoder(WhisperConfig(**config["whisper_config"])).state_dict()
     sd = {f"{kimi_params.WHISPER_DIR}/model.encoder.{k}": v for k, v in whisper.items()}
     sd.update(load_file(str(work / "kimi.safetensors")))
     abstract = abstract_module(lambda rngs: KimiAudio(cfg, rngs=rngs))
     state = load_streaming(abstract, KeyTable(kimi_params.KEYS, kimi_params.KEY_ALIASES), iter_state_dict(sd),
                            ignore=kimi_params.skipped)
-    model = nnx.merge(nnx.split(abstract)[0], state)
+    return nnx.merge(nnx.split(abstract)[0], state)
+
+
+def ours_kimi(work: Path, inp: dict) -> dict:
+    import jax.numpy as jnp
+    from flax import nnx
+
+    model = _load_ours(work, {**KIMI_CONFIG, "whisper_config": WHISPER_CONFIG})
 
     # the features as a batch of "windows", one per item, and each code position's index into them
     B, T = inp["audio"].shape
@@ -395,6 +495,131 @@ def ours_glm4(work: Path, waves: list[np.ndarray]) -> list[np.ndarray]:
     return tokenize(model, WhisperFeatureExtractor.from_pretrained(str(work / "glm4")), waves)
 
 
+# ----------------------------------------------------------------------------------------------
+# --time: prefill against the official model, side by side
+
+
+def time_inputs(cfg, seed: int = SEED):
+    """One item as `affjax bench --model kimi-audio` builds it (one 30 s window: 375 speech codes,
+    40 text tokens, the prompt's control tokens), random 12.5 Hz features for the window (the
+    adaptor's input: what the official model takes) and the official side's arrays of the item."""
+    from affjax.bench import kimi
+
+    batch = kimi.inputs(cfg, 1, TIME_AUDIO_SECONDS, TIME_TEXT_TOKENS, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    feats = rng.standard_normal((len(batch.feature_lengths), cfg.tokens_per_window, cfg.adaptor_input_dim))
+    feats = feats.astype(np.float32)
+    cont = batch.span[0] > 0
+    official = {"audio": batch.ids[0, :, 0], "text": batch.ids[0, :, 1], "continuous": cont,
+                "feats": feats.reshape(-1, feats.shape[-1])[batch.audio_index[0, cont]]}  # in code order
+    return batch, feats, official
+
+
+def _embed_features(model, ids, valid, span, audio_index, feats):
+    """The engine's embed_seq with the adaptor's input given (no Whisper encoder, as the official
+    model's input)."""
+    from affjax.runtime.engine import start_seq
+
+    x = model.embed_inputs(ids[..., 0], ids[..., 1], model.vq_adaptor(feats), audio_index, span > 0)
+    return start_seq(x, valid, span)
+
+
+def _read_marker(proc, marker: str) -> dict:
+    """The JSON after `marker` on the child's next such line; other lines go to stderr."""
+    for line in proc.stdout:
+        if line.startswith(marker):
+            return json.loads(line[len(marker):])
+        sys.stderr.write(line)
+    raise SystemExit(f"error: the official side ended (exit status {proc.wait()}) before {marker.strip()!r}")
+
+
+def time_prefill(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from affjax.bench.kimi import BENCH_CONFIG
+    from affjax.models.kimi_audio.modeling import KimiAudioConfig
+    from affjax.runtime.engine import Engine
+
+    cfg = KimiAudioConfig.from_hf(BENCH_CONFIG)
+    batch, feats, official = time_inputs(cfg)
+    with tempfile.TemporaryDirectory(prefix="kimi_official_time_") as tmp:
+        work = Path(tmp)
+        (work / "config.json").write_text(json.dumps(BENCH_CONFIG))
+        np.savez(work / "time_inputs.npz", **official)
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        if args.pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.pythonpath, env.get("PYTHONPATH")]))
+        cmd = [sys.executable, "-m", "affjax.bench.kimi_official", "--official", args.official, "--child", tmp,
+               "--time", "--threads", str(args.threads)]
+        with subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+            official_first = _read_marker(proc, "@ready ")
+            shims = json.loads((work / "shims.json").read_text())
+            engine = Engine(_load_ours(work, BENCH_CONFIG))
+            embed = engine.jitted("embed_features", _embed_features)
+            arrays = tuple(jnp.asarray(a) for a in (batch.ids, batch.valid, batch.span, batch.audio_index, feats))
+
+            def ours():
+                out = engine.prefill_rest(embed(engine.state, *arrays), batch.n_prompt, [], extra=0)
+                jax.block_until_ready((out.logits, out.caches))
+                return out.logits
+
+            first = _timed(ours)[0]  # compilation included
+            # both sides on the same weights and inputs: the last position's text logits
+            theirs = np.load(work / "official_logits.npy")
+            diff = float(np.abs(np.asarray(ours()) - theirs).max())
+            rounds = []
+            load = [os.getloadavg()]
+            # round-robin, as affjax.bench.prefill: a slow spell of this shared machine hits both sides
+            for _ in range(args.rounds):
+                wall, cpu = _timed(ours)
+                proc.stdin.write("round\n")
+                proc.stdin.flush()
+                rounds.append({"affjax_s": wall, "affjax_cpu_s": cpu, **_read_marker(proc, "@times ")})
+            load.append(os.getloadavg())
+            proc.stdin.close()
+    ratio = lambda key: statistics.median(r[key] / r["affjax_s"] for r in rounds)  # noqa: E731
+    med = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
+    t = cfg.text
+    return {"what": "Kimi-Audio LLM-side prefill, affjax vs the official MoonshotKimiaForCausalLM, CPU float32",
+            "config": f"affjax.bench.kimi.BENCH_CONFIG: text d{t.hidden} x {t.layers}, {t.heads} heads, MLP "
+                      f"{t.intermediate}, adaptor {cfg.adaptor_input_dim} -> {t.hidden}, vocab {t.vocab_size}, "
+                      "no MIMO layers",
+            "tokens": int(batch.valid[0].sum()), "speech_codes": int(official["continuous"].sum()), "batch": 1,
+            "rounds": args.rounds, "torch_threads": args.threads, "xla": "default CPU client (its own thread pool)",
+            "cpu_count": os.cpu_count(), "cpus_allowed": len(os.sched_getaffinity(0)),
+            "load_average_1_5_15_before_after": load,
+            "jax": jax.__version__, "torch": torch.__version__, "official side": shims,
+            "last_logits_max_abs_diff": diff, "last_logits_max_abs": float(np.abs(theirs).max()),
+            "first_call_s": {"affjax (compiles)": first, **{f"official {k}": v for k, v in official_first.items()}},
+            "median_s": {k: med(k) for k in rounds[0]},
+            "official_prefill_over_affjax": ratio("official_prefill_s"),
+            "official_forward_over_affjax": ratio("official_forward_s"),
+            "rounds_s": rounds}
+
+
+def format_time(r: dict) -> str:
+    m, load = r["median_s"], r["load_average_1_5_15_before_after"]
+    lines = [f"{r['what']}: {r['config']}; {r['tokens']} tokens ({r['speech_codes']} speech codes), batch 1, "
+             f"{r['rounds']} rounds, torch {r['torch_threads']} thread(s), {r['cpus_allowed']} CPU(s) allowed; "
+             f"load average {load[0][0]:.1f} -> {load[1][0]:.1f}",
+             f"last-position logits: max abs diff {r['last_logits_max_abs_diff']:.2e} (max abs "
+             f"{r['last_logits_max_abs']:.2f}); CPU s / wall s (cores kept busy), median: affjax "
+             f"{m['affjax_cpu_s'] / m['affjax_s']:.2f}, official prefill "
+             f"{m['official_prefill_cpu_s'] / m['official_prefill_s']:.2f}",
+             "| round | affjax s | official prefill s | ratio | official forward s | ratio |",
+             "|---|---|---|---|---|---|"]
+    for i, x in enumerate(r["rounds_s"], 1):
+        a = x["affjax_s"]
+        lines.append(f"| {i} | {a:.3f} | {x['official_prefill_s']:.3f} | {x['official_prefill_s'] / a:.2f}x | "
+                     f"{x['official_forward_s']:.3f} | {x['official_forward_s'] / a:.2f}x |")
+    lines.append(f"| median | {m['affjax_s']:.3f} | {m['official_prefill_s']:.3f} | "
+                 f"{r['official_prefill_over_affjax']:.2f}x | {m['official_forward_s']:.3f} | "
+                 f"{r['official_forward_over_affjax']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -402,10 +627,21 @@ def main(argv=None) -> int:
     ap.add_argument("--glm4", help="a GLM-4-Voice checkout (speech_tokenizer/modeling_whisper.py)")
     ap.add_argument("--kimia-infer", help="a MoonshotAI/Kimi-Audio checkout (kimia_infer's log-mel code)")
     ap.add_argument("--pythonpath", help="put first on the official side's path (a transformers 4.x)")
+    ap.add_argument("--time", action="store_true",
+                    help="time the prefill against the official model instead of the check (see the docstring)")
+    ap.add_argument("--rounds", type=int, default=7, help="--time: timed rounds (each runs both sides)")
+    ap.add_argument("--threads", type=int, default=1, help="--time: PyTorch's threads")
+    ap.add_argument("--out", help="--time: write the JSON here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         child(args)
+        return 0
+    if args.time:
+        r = time_prefill(args)
+        print(format_time(r))
+        if args.out:
+            Path(args.out).write_text(json.dumps(r, indent=1))
         return 0
 
     from affjax.testing import synth_speech_like

@@ -11,6 +11,7 @@ become text. The engine (affjax.runtime.engine) and the job code are the same fo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -154,14 +155,21 @@ class KimiAudioFrontend:
         return choice  # the assistant's text: its own turn, not a continuation of the instruction
 
     def encode(self, prompt: str, waves: list[np.ndarray]) -> tuple[kimi_inputs.Encoded, int]:
-        """(encoded prompt, number of 30 s windows). Raises ValueError naming the cause."""
+        """(encoded prompt, number of 30 s windows). Raises ValueError naming the cause. The speech
+        codes are left pending (their count is known from the clip's length): `fill_codes` runs the
+        speech tokenizer over many items at once."""
         if len(waves) != 1:
             raise ValueError(f"a Kimi-Audio item takes one audio clip, this one has {len(waves)}")
-        codes = speech_codes(self.speech, self.speech_fe, waves, batch_size=1)[0]
-        if len(codes) == 0:
-            raise ValueError("the clip gives no speech codes")
-        enc = kimi_inputs.encode(self.tokenizer, self.fe, prompt, waves[0], codes)
-        return enc, len(enc.features)
+        wave = np.asarray(waves[0], np.float32)
+        todo = np.zeros(kimi_inputs.code_count(wave, self.sampling_rate), np.int32)
+        enc = kimi_inputs.encode(self.tokenizer, self.fe, prompt, wave, todo)
+        return dataclasses.replace(enc, pending=wave), len(enc.features)
+
+    def fill_codes(self, encs: list) -> list:
+        """Encoded items with their pending speech codes filled: one tokenizer run over all their
+        clips (its batches of 30 s pieces)."""
+        codes = speech_codes(self.speech, self.speech_fe, [e.pending for e in encs])
+        return [kimi_inputs.with_codes(e, c) for e, c in zip(encs, codes)]
 
     def collate(self, encs: list, batch_size: int) -> kimi_inputs.Batch:
         return kimi_inputs.collate(encs, batch_size=batch_size, tokens_per_window=self.cfg.tokens_per_window)

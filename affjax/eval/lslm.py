@@ -190,6 +190,7 @@ class LslmTask:
     # -- a window of prepared items ---------------------------------------------------------------------
     def run_window(self, items: list[_Item], sink: runner.Sink) -> None:
         self.sink = sink
+        self._fill_codes(items)
         if self.two_pass:
             self._encode_pass(items)
         units = []
@@ -230,10 +231,21 @@ class LslmTask:
         b = self.frontend.empty_batch(self.bs, score)
         self.engine.score(b) if score else self.engine.generate(b, self.cfg.max_new_tokens)
 
+    def _fill_codes(self, items: list[_Item]) -> None:
+        """The speech codes a frontend left pending (Kimi-Audio), for the whole window at once."""
+        todo = [it for it in items if getattr(it.enc, "pending", None) is not None]
+        if not todo:
+            return
+
+        def fill(its):
+            return self.clock.timed(lambda: self.frontend.fill_codes([it.enc for it in its]))
+        for it, enc in runner.run_batch(fill, todo, self._fail, retry=not self.multi, log=self.log):
+            it.enc = enc
+
     def _encode_pass(self, items: list[_Item]) -> None:
         """Pass 1: encoder, embeddings and input stage for every item, shortest first; each row is
         kept on the host (its valid prefix only)."""
-        order = sorted(items, key=lambda it: len(it.enc.ids))
+        order = sorted((it for it in items if not it.failed), key=lambda it: len(it.enc.ids))
         chunks = [order[i:i + self.bs] for i in range(0, len(order), self.bs)]
         for chunk in chunks:
             def front(its):

@@ -378,6 +378,12 @@ def _split(n: int, model: int) -> int:
     return n // model if n % model == 0 else n
 
 
+# float32 copies of its input a pooling stage holds at its peak on TPU: the compiler's buffer
+# information shows three input-sized float32 buffers live at pool@0's peak (Qwen2-Audio-7B, v5e);
+# its totals fit two to three over the stages and topologies compiled (docs/tpu.md)
+POOL_F32_COPIES = 2.5
+
+
 def program_bytes(hf_config: dict, layout: dict, *, batch: int, data: int, model: int, dtype: str = "bfloat16",
                   extra: int = 0, score_tokens: int = 0) -> dict[str, int]:
     """Per-chip bytes each program of a job holds beyond the parameters it reads (its inputs,
@@ -387,7 +393,7 @@ def program_bytes(hf_config: dict, layout: dict, *, batch: int, data: int, model
     vocabulary over 'model'. What the TPU compiler showed (affjax plan --aot), and these formulas keep:
     attention keeps its float32 scores once (the softmax and the value product fuse into them, no
     probability copy); the SwiGLU MLP keeps gate and up; norms write one normed copy; the pooling
-    stage works on a float32 copy of its input and float32 group sums; the head's row gather copies
+    stage holds POOL_F32_COPIES float32 copies of its input; the head's row gather copies
     the sequence; the decode loop holds the prefill's caches and its carried copy of them, plus one
     step's logits."""
     cfg = _model_config(hf_config)
@@ -424,7 +430,7 @@ def program_bytes(hf_config: dict, layout: dict, *, batch: int, data: int, model
         n = buffers[g]
         if g > 0:
             prev = buffers[g - 1]
-            out[f"pool@{lo}"] = seq(prev) + seq(n) + b * prev * t.hidden * 4 + b * n * t.hidden * 4
+            out[f"pool@{lo}"] = seq(prev) + seq(n) + int(POOL_F32_COPIES * b * prev * t.hidden * 4)
         if hi > lo:
             out[f"layers[{lo}:{hi})"] = 2 * seq(n) + kv(hi - lo, slots(n)) + layer(n)
     last = buffers[-1]

@@ -143,8 +143,8 @@ def save_checkpoint(model, like: str | Path, dst: str | Path, *, note: dict | No
     return dst
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, log=print) -> Path:
-    """The latest checkpoint of a training run -> `out` (merged) and RUN/trained.safetensors."""
+def run_trainer(run_dir: str | Path, *, log=print):
+    """A Trainer (no data) at the latest checkpoint of a training run, from its run.json."""
     from affjax.train.trainer import TrainConfig, Trainer
 
     run_dir = Path(run_dir)
@@ -157,6 +157,13 @@ def export_run(run_dir: str | Path, out: str | Path, *, log=print) -> Path:
     trainer = Trainer(TrainConfig(out=str(run_dir), progress=False, **kw), log=log, data=False)
     if trainer.step == 0:
         raise ValueError(f"{run_dir}: no saved training step to export")
+    return trainer
+
+
+def export_run(run_dir: str | Path, out: str | Path, *, log=print) -> Path:
+    """The latest checkpoint of a training run -> `out` (merged) and RUN/trained.safetensors."""
+    run_dir = Path(run_dir)
+    trainer = run_trainer(run_dir, log=log)
     trained = write_trained(trainer, run_dir / TRAINED_FILE)
     model = merge_lora(trainer.model())
     dst = save_checkpoint(model, trainer.cfg.ckpt, out, note={"trained": {"run": run_dir.resolve().name,

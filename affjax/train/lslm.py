@@ -38,6 +38,9 @@ ASR_PROMPT = "<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and recogni
 
 # The committed result of `make lslm` (projector + LoRA adapters, a few MB; affjax.train.export).
 WEIGHTS = Path(__file__).parent / "weights" / "lslm-tiny.safetensors"
+# The run in progress, carried between machines (affjax.train.carry; `python -m affjax.train.lslm carry`):
+# `make` continues the run from it when the run folder has no checkpoint. Removed once WEIGHTS is made.
+CARRY = WEIGHTS.parent / "lslm-tiny-carry.safetensors"
 # The training run that made WEIGHTS: `affjax train` options over the corpus of `make corpus`
 # (affjax.data.corpus: train.jsonl / test.jsonl, held-out voices and texts), base seed 0.
 RECIPE = dict(steps=3000, batch_size=8, lr=1e-3, warmup=200, lora_rank=8, trainable=("projector", "lora"),
@@ -189,12 +192,16 @@ def make(work: str | Path, corpus: str | Path, *, log=print) -> Path:
     base = _base_checkpoint(work / "base", log=log)
     run = work / "run"
     cfg = TrainConfig(ckpt=str(base), manifest=str(corpus / "train.jsonl"), out=str(run),
-                      eval_manifest=str(corpus / "test.jsonl"), **RECIPE)
+                      eval_manifest=str(corpus / "test.jsonl"), carry=str(CARRY) if CARRY.is_file() else None,
+                      **RECIPE)
     Trainer(cfg, log=log).fit()
     export_run(run, work / "trained", log=log)
     WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(run / TRAINED_FILE, WEIGHTS)
     log(f"trained weights -> {WEIGHTS}")
+    if CARRY.is_file():  # the run is finished: nothing left to carry
+        CARRY.unlink()
+        log(f"removed {CARRY}")
     return WEIGHTS
 
 
@@ -207,12 +214,20 @@ def main(argv=None) -> None:
     p = sub.add_parser("make", help="assemble, train (RECIPE) and export lslm-tiny's weights (resumable)")
     p.add_argument("--work", default=None, help="base checkpoint and training run (default ~/.cache/affjax/lslm)")
     p.add_argument("--corpus", default=None, help="the corpus of `make corpus` (default ~/.cache/affjax/corpus)")
+    p = sub.add_parser("carry", help=f"write the run's carry to {CARRY.name} (to continue it on another machine)")
+    p.add_argument("--work", default=None, help="as for make")
     a = ap.parse_args(argv)
+    from affjax.eval.runner import cache_root
+    work = Path(a.work or cache_root() / "lslm") if a.cmd != "base" else None
     if a.cmd == "base":
         print(build_base(a.out, seed=a.seed))
+    elif a.cmd == "carry":
+        from affjax.train.carry import write_carry
+        from affjax.train.export import run_trainer
+        tr = run_trainer(work / "run")
+        print(f"step {tr.step} -> {write_carry(tr, CARRY)}")
     else:
-        from affjax.eval.runner import cache_root
-        print(make(a.work or cache_root() / "lslm", a.corpus or cache_root() / "corpus"))
+        print(make(work, a.corpus or cache_root() / "corpus"))
 
 
 if __name__ == "__main__":

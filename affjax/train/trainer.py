@@ -93,6 +93,7 @@ class TrainConfig:
     max_new_tokens: int = 64
     mesh: str | None = None
     cache_dir: str | None = None
+    carry: str | None = None                       # a run folder without a checkpoint starts from it
     restart: bool = False
     progress: bool = True
 
@@ -116,7 +117,8 @@ class TrainConfig:
             need(lo <= hi, f"--tau-range {lo},{hi}: low end above the high end")
             need(self.pooling, "--tau-range needs --pooling")
         need(self.eval_every == 0 or self.eval_manifest, "--eval-every needs --eval-manifest")
-        for name in ("ckpt", "manifest"):
+        need(self.carry is None or self.accumulate == 1, "--carry takes runs without --accumulate")
+        for name in ("ckpt", "manifest") + (("carry",) if self.carry else ()):
             need(Path(getattr(self, name)).exists(), f"--{name} {getattr(self, name)}: not found")
 
 
@@ -226,7 +228,7 @@ class Trainer:
     def _settings(self) -> dict:
         c = dataclasses.asdict(self.cfg)
         for k in ("out", "restart", "progress", "steps", "save_every", "keep", "log_every", "eval_every",
-                  "eval_items", "max_new_tokens", "cache_dir"):
+                  "eval_items", "max_new_tokens", "cache_dir", "carry"):
             c.pop(k)
         # the same content fingerprints the eval runs record (affjax.eval.results)
         c["ckpt_fingerprint"] = fingerprint_checkpoint(self.cfg.ckpt)
@@ -255,6 +257,11 @@ class Trainer:
             restored = self.ckpts.restore(latest, args=ocp.args.StandardRestore(abstract))
             self.train, self.opt_state, self.step = restored["train"], restored["opt"], int(latest)
             self.log(f"resumed {self.out} at step {latest}")
+        elif self.cfg.carry:
+            from affjax.train.carry import seed_from_carry
+
+            step = seed_from_carry(self, self.cfg.carry)
+            self.log(f"started {self.out} from the carry {self.cfg.carry} at step {step}")
 
     def save(self) -> None:
         self.ckpts.save(self.step, args=ocp.args.StandardSave({"train": self.train, "opt": self.opt_state}))

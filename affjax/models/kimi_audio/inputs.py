@@ -100,6 +100,18 @@ class Encoded:
     features: np.ndarray           # Float32['w n_mels F'] one row per 30 s window, in order
     feature_lengths: np.ndarray    # Int32['w'] valid mel frames
     cont_ids: np.ndarray | None = None  # Int32['k'] continuation text ids (score)
+    pending: np.ndarray | None = None   # the clip, while its speech codes are still to be filled (with_codes)
+
+
+def with_codes(enc: Encoded, codes: Sequence[int], *, token_offset: int = TOKEN_OFFSET) -> Encoded:
+    """`enc` with its speech codes (0.., one per continuous position, in order) in the audio stream."""
+    codes = np.asarray(codes, np.int64)
+    want = int(enc.continuous.sum())
+    if len(codes) != want:
+        raise ValueError(f"{len(codes)} speech codes for {want} speech positions")
+    ids = enc.ids.copy()
+    ids[enc.continuous, 0] = token_offset + codes
+    return dataclasses.replace(enc, ids=ids, pending=None)
 
 
 def encode(tokenizer, feature_extractor, instruction: str, wave: np.ndarray, codes: Sequence[int],
