@@ -237,6 +237,27 @@ def test_kimi_audio_pooled_job_through_the_cli(tpu, tmp_path, capsys):
     assert "fits: yes" in text and "pool@1" in text
 
 
+def test_kimi_audio_encoder_runs_many_windows_in_steps(tpu, monkeypatch):
+    """Long audio (two windows a row, 16 windows per data shard): the audio encoder runs them
+    AUDIO_WINDOWS_PER_STEP per shard at a time, in a loop, with the same FLOPs and no collective
+    added (each step keeps the rows' split over 'data'); all at once when the step is larger."""
+    from affjax.models.kimi_audio import modeling as kimi
+    cfg = _kimi_config()
+    job = tpu.JobShape(batch=16, audio_seconds=8.0, text_tokens=16, max_new_tokens=4)
+
+    def embed(per_step):
+        monkeypatch.setattr(kimi, "AUDIO_WINDOWS_PER_STEP", per_step)
+        r = tpu.plan_job(cfg, "v5e:2x2", "data=2,model=2", job, depth="full", log=lambda s: None)
+        assert r["layout"]["windows"] == 32
+        return r["programs"]["embed"]
+    steps, once = embed(8), embed(1 << 20)
+    assert (steps["loops"], once["loops"]) == (1, 0)
+    assert abs(steps["flops"] - once["flops"]) <= 1e-3 * once["flops"]
+    assert {k: v["count"] for k, v in steps["collectives"].items()} == \
+        {k: v["count"] for k, v in once["collectives"].items()}
+    assert steps["peak_bytes"] <= once["peak_bytes"] + (1 << 20)
+
+
 def test_largest_batch_search_brackets_and_bisects(tpu, monkeypatch):
     """`plan --aot --max-batch`'s search, with plan_job replaced by a stand-in: when bytes grow
     linearly with the rows a chip holds, four compiles (two for the line, its answer, one row per

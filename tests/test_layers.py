@@ -79,6 +79,21 @@ def test_map_rows_equals_the_batched_call():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(fn(x, n)))
 
 
+def test_map_groups_equals_the_batched_call():
+    """Sequential steps of strided rows (map_rows' rows_per_step) give the rows back in order."""
+    from affjax.models.layers import map_groups
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((12, 5, 4)).astype(np.float32))
+    n = jnp.asarray(rng.integers(1, 6, 12))
+    fn = lambda x, n: (jnp.cumsum(x, axis=1) * (jnp.arange(5)[None, :, None] < n[:, None, None]),  # noqa: E731
+                       x.sum((1, 2)) * n)
+    want = fn(x, n)
+    for steps in (1, 3, 4, 12):
+        got = jax.jit(lambda x, n: map_groups(fn, (x, n), steps))(x, n)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_gelu_matches_torch_exact_gelu():
     x = np.linspace(-12, 12, 20001, dtype=np.float32)
     ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()

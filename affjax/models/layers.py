@@ -84,14 +84,47 @@ class Conv1d(nnx.Module):
         return y + self.bias[...]
 
 
-def map_rows(fn, *xs: jax.Array) -> jax.Array:
+def map_rows(fn, *xs: jax.Array, rows_per_step: int | None = None) -> jax.Array:
     """fn over the leading (batch) axis of xs. On one CPU device, one row at a time (lax.map), so a
     row's activations stay in cache: the 4-clip audio encoder ran about 15 % faster so, while the
     decoder, whose weights dominate, is faster batched. Elsewhere (accelerators, or under a mesh
-    that shards the rows) the rows go through together."""
-    if xs[0].shape[0] == 1 or jax.default_backend() != "cpu" or not jax.sharding.get_abstract_mesh().empty:
+    that shards the rows) the rows go through together, or, with `rows_per_step`, in sequential
+    steps of at most that many rows per data shard (map_groups): what the program holds at once is
+    then one step's activations (the audio encoder over many 30 s windows)."""
+    n = xs[0].shape[0]
+    mesh = jax.sharding.get_abstract_mesh()
+    if n == 1:
         return fn(*xs)
-    return jax.lax.map(lambda row: fn(*(x[None] for x in row))[0], xs)
+    if jax.default_backend() == "cpu" and mesh.empty:
+        return jax.lax.map(lambda row: fn(*(x[None] for x in row))[0], xs)
+    if rows_per_step is None:
+        return fn(*xs)
+    shards = 1 if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes)).get("data", 1)
+    if n % shards:
+        return fn(*xs)
+    return map_groups(fn, xs, row_steps(n // shards, rows_per_step))
+
+
+def row_steps(rows: int, rows_per_step: int) -> int:
+    """The fewest equal sequential steps of at most `rows_per_step` rows that `rows` splits into."""
+    steps = -(-rows // rows_per_step)
+    while rows % steps:
+        steps += 1
+    return steps
+
+
+def map_groups(fn, xs: tuple, steps: int):
+    """fn over the leading axis of xs in `steps` sequential calls (lax.map), step j taking rows j,
+    j + steps, j + 2 steps, ...: where a mesh splits the rows in contiguous blocks over 'data',
+    every step takes an equal share of each block, so the split is kept and no rows move."""
+    if steps <= 1:
+        return fn(*xs)
+
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // steps, steps, *x.shape[1:]), 0, 1)
+
+    out = jax.lax.map(lambda parts: fn(*parts), tuple(split(x) for x in xs))
+    return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[2:]), out)
 
 
 def rope_cos_sin(pos: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:

@@ -25,9 +25,10 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from affjax.models.kimi_audio.modeling import ARCHITECTURE as KIMI_ARCHITECTURE
+from affjax.models.kimi_audio.modeling import AUDIO_WINDOWS_PER_STEP
 from affjax.models.kimi_audio.modeling import MODEL_TYPES as KIMI_MODEL_TYPES
 from affjax.models.kimi_audio.modeling import KimiAudio, KimiAudioConfig
-from affjax.models.layers import abstract_module
+from affjax.models.layers import abstract_module, row_steps
 from affjax.models.qwen2.modeling import Qwen2ForCausalLM, TextConfig
 from affjax.models.qwen2_audio.modeling import Qwen2Audio, Qwen2AudioConfig
 from affjax.runtime.aot import CHIPS
@@ -415,13 +416,18 @@ def program_bytes(hf_config: dict, layout: dict, *, batch: int, data: int, model
         mlp = 2 * b * n * inter * nb
         return b * n * t.hidden * nb + max(attn, mlp)
 
-    # embed: the audio encoder over w windows of f frames, then the model's input sequence
+    # embed: the audio encoder over w windows of f frames (Kimi-Audio's we at a time: its encoder
+    # steps through many windows, KimiAudio.encode_audio), then the model's input sequence
+    adaptor = getattr(cfg, "adaptor_input_dim", 0)
+    we = w // row_steps(w, AUDIO_WINDOWS_PER_STEP) if adaptor else w
     f, d, ah = a.max_source_positions, a.d_model, _split(a.heads, model)
-    stem = w * a.num_mel_bins * a.mel_frames * 4 + w * d * a.mel_frames * nb  # float32 mel, conv1 output
-    enc = w * f * d * nb + max(w * ah * f * f * 4 + 3 * w * f * ah * (d // a.heads) * nb,
-                               2 * w * f * _split(a.ffn_dim, model) * nb)
-    if getattr(cfg, "adaptor_input_dim", 0):  # Kimi-Audio: stacked frames and the adaptor's first output
-        enc = max(enc, w * cfg.tokens_per_window * (cfg.adaptor_input_dim + _split(t.hidden, model)) * nb)
+    stem = we * a.num_mel_bins * a.mel_frames * 4 + we * d * a.mel_frames * nb  # float32 mel, conv1 output
+    enc = we * f * d * nb + max(we * ah * f * f * 4 + 3 * we * f * ah * (d // a.heads) * nb,
+                                2 * we * f * _split(a.ffn_dim, model) * nb)
+    if adaptor:  # Kimi-Audio: stacked frames and the adaptor's first output, then every window's output
+        # three times: as the loop stacks it, back in row order, masked past each window's tokens
+        enc = (max(enc, we * cfg.tokens_per_window * (adaptor + _split(t.hidden, model)) * nb)
+               + 3 * w * cfg.tokens_per_window * t.hidden * nb)
     T = layout["sequence_buffer"]
     out = {"embed": max(stem, enc) + seq(T)}
     buffers = [T] + list(layout["stage_buffers"])
