@@ -5,7 +5,7 @@
 #   make lslm     train lslm-tiny's weights from scratch (after make corpus; hours; resumable; see
 #                 docs/training.md) into affjax/train/weights/lslm-tiny.safetensors
 #   make lslm-carry   write the run in progress to affjax/train/weights/lslm-tiny-carry.safetensors, which
-#                 make lslm continues from on another machine (commit it; docs/training.md)
+#                 make lslm continues from (16 MB: over the 5 MiB tracked-file limit, so not committed; docs/training.md)
 #   make corpus   synthetic speech for training (affjax/data/corpus.py; resumable; installs its Debian
 #                 engines with apt-get when run as root, see docs/assets.md)
 PY ?= python3
