@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from affjax.train.export import _flat, _unflat
+from affjax.train.export import flat_params, unflat_params
 
 CARRY_FORMAT = "affjax-train-carry/1"
 # settings that may differ between the machines: the same recipe over regenerated data
@@ -48,8 +48,8 @@ def write_carry(trainer, path: str | Path) -> Path:
 
     if trainer.cfg.accumulate > 1:
         raise ValueError("a carry is for runs without --accumulate (its partial sums are not carried)")
-    params = _flat(nnx.to_pure_dict(trainer.train))
-    nu = _flat(nnx.to_pure_dict(_adam(trainer.opt_state).nu))
+    params = flat_params(nnx.to_pure_dict(trainer.train))
+    nu = flat_params(nnx.to_pure_dict(_adam(trainer.opt_state).nu))
     tensors = {f"params.{k}": jnp.asarray(v, jnp.float32) for k, v in params.items()}
     tensors.update({f"nu.{k}": jnp.asarray(v, jnp.bfloat16) for k, v in nu.items()})
     meta = {"format": CARRY_FORMAT, "step": str(trainer.step), "settings": json.dumps(trainer._settings())}
@@ -77,14 +77,14 @@ def read_carry(path: str | Path) -> tuple[int, dict, dict[str, np.ndarray], dict
 
 
 def _load_into(state, flat: dict[str, np.ndarray], what: str):
-    """`flat` (names as export._flat writes them) into an nnx.State of the same parameters, on the
+    """`flat` (names as export.flat_params writes them) into an nnx.State of the same parameters, on the
     state's own shardings."""
     pure = nnx.to_pure_dict(state)
-    have, got = set(_flat(pure)), set(flat)
+    have, got = set(flat_params(pure)), set(flat)
     if have != got:
         raise ValueError(f"{what}: the carry's parameters differ from the run's "
                          f"(missing {sorted(have - got)[:3]}, unknown {sorted(got - have)[:3]})")
-    new = _unflat(flat)
+    new = unflat_params(flat)
 
     def put(old, key_path):
         v = new

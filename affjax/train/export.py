@@ -50,18 +50,18 @@ def transcribe(model, processor, items: list[dict], *, prompt: str | None, pooli
     return hyps
 
 
-def _flat(pure: dict, prefix: str = "") -> dict[str, np.ndarray]:
+def flat_params(pure: dict, prefix: str = "") -> dict[str, np.ndarray]:
     out = {}
     for k, v in pure.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
+            out.update(flat_params(v, key + "."))
         else:
             out[key] = np.asarray(jax.device_get(v))
     return out
 
 
-def _unflat(flat: dict[str, np.ndarray]) -> dict:
+def unflat_params(flat: dict[str, np.ndarray]) -> dict:
     out: dict = {}
     for key, v in flat.items():
         node = out
@@ -81,7 +81,7 @@ def write_trained(trainer, path: str | Path) -> Path:
             "lora_alpha": "" if c.lora_alpha is None else str(c.lora_alpha),
             "lora_layers": "" if c.lora_layers is None else ",".join(map(str, c.lora_layers)),
             "step": str(trainer.step)}
-    save_file(_flat(nnx.to_pure_dict(trainer.train)), str(path), metadata=meta)
+    save_file(flat_params(nnx.to_pure_dict(trainer.train)), str(path), metadata=meta)
     return Path(path)
 
 
@@ -99,7 +99,7 @@ def apply_trained(base_ckpt: str | Path, trained: str | Path, dst: str | Path, *
                  layers=layers)
     state = nnx.state(model)
     pure = nnx.to_pure_dict(state)
-    _assign(pure, _unflat(flat), str(trained))
+    _assign(pure, unflat_params(flat), str(trained))
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
     merge_lora(model)
