@@ -3,7 +3,7 @@
 #   make test   install everything, then run the test suite
 #   make test-fast   the same set-up, then the suite without the tests marked slow (the edit loop)
 #   make lslm     train lslm-tiny's weights from scratch (after make corpus; hours; resumable; see
-#                 docs/training.md) into affjax/train/weights/lslm-tiny.safetensors
+#                 docs/training.md) into affjax/train/weights/lslm-tiny.safetensors and lslm-tiny-lora.safetensors
 #   make lslm-carry   write the run in progress to affjax/train/weights/lslm-tiny-carry.safetensors, which
 #                 make lslm continues from (16 MB: over the 5 MiB tracked-file limit, so not committed; docs/training.md)
 #   make corpus   synthetic speech for training (affjax/data/corpus.py; resumable; installs its Debian

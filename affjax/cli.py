@@ -192,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--text-tokens", type=int, default=40)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--score-tokens", type=int, default=0, help="> 0: a scoring job (continuations of this length)")
-    g.add_argument("--depth", default="two-point", choices=("two-point", "full"),
-                   help="two-point: compile 1 and 2 layers per group and extrapolate (fast); full: the real depth")
+    g.add_argument("--depth", default="full", choices=("full", "two-point"),
+                   help="full: every program at the real depth (exact); two-point: compile 1 and 2 layers per group "
+                        "and extrapolate (FLOPs exact, peak bytes off by the on-chip memory's changes; docs/tpu.md)")
     g.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON")
     g.add_argument("--dump-hlo", default=None, metavar="DIR", help="write each compiled program's HLO text here")
     g.add_argument("--max-batch", action="store_true",
@@ -202,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--attention", default="xla", choices=("xla", "auto"),
                    help="prefill attention to compile: xla (every FLOP counted) or auto (the Pallas splash kernel "
                         "a TPU job runs: its memory, but its FLOPs are invisible to the compiler's count)")
+    g.add_argument("--vmem-mib", type=int, default=None, metavar="MIB",
+                   help="cap the on-chip vector memory (VMEM) the compiler may use: its peak counts VMEM buffers "
+                        "beside HBM, so 16 gives nearly HBM alone (default: the chip's own, 128 MiB on v5e)")
     g.add_argument("--hbm-budget", type=float, default=None, metavar="GIB",
                    help="with --max-batch: GiB per chip the job may use (default: all of the chip's HBM)")
 
@@ -426,7 +430,11 @@ def main(argv: list[str] | None = None) -> int:
         return main_report(args)
     if args.cmd == "plan" and args.aot:
         from affjax.runtime import aot
-        aot.prepare_env()  # before jax loads: the host on CPU, the TPU devices compile-only
+        try:  # before jax loads: the host on CPU, the TPU devices compile-only
+            aot.prepare_env(args.vmem_mib)
+        except aot.AotError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         return aot.main_plan_aot(args)
     if args.cmd == "plan":
         from affjax.runtime.plan import main_plan

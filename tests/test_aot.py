@@ -80,6 +80,38 @@ def test_hbm_overflow_is_does_not_fit(tpu):
     assert compiled is None and not rep.fits and "HBM" in rep.error
 
 
+_VMEM_PROBE = """
+import sys
+from affjax.runtime import aot
+aot.prepare_env(int(sys.argv[1]) if len(sys.argv) > 1 else None)
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = aot.tpu_mesh("v5e:2x2", "data=4")
+w = jax.ShapeDtypeStruct((2048, 8192), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+x = jax.ShapeDtypeStruct((64, 2048), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
+rep, _ = aot.compile_program("w twice", jax.jit(lambda w, x: jnp.tanh(x @ w) @ w.T), (w, x), {}, mesh)
+print(rep.peak_bytes, rep.argument_bytes)
+"""
+
+
+def test_compiler_peak_counts_on_chip_vmem(tpu):
+    """The TPU compiler's peak counts what it places in on-chip VMEM: a 32 MiB weight read twice is
+    prefetched whole into VMEM (peak = 2 x the argument); with VMEM capped at 16 MiB (--vmem-mib, a
+    libtpu flag read once per process, hence the child processes) the peak is the argument alone."""
+    import subprocess
+    import sys
+
+    def peak(*cap):
+        out = subprocess.run([sys.executable, "-c", _VMEM_PROBE, *cap], capture_output=True, text=True, check=True)
+        return [int(v) for v in out.stdout.split()[-2:]]
+    (full, arg), (capped, arg2) = peak(), peak("16")
+    assert arg == arg2 == 2048 * 8192 * 2 + 16 * 2048 * 2
+    assert full > 1.9 * arg, (full, arg)
+    assert capped < 1.05 * arg, (capped, arg)
+    with pytest.raises(tpu.AotError, match="positive"):
+        tpu.prepare_env(0)
+
+
 @pytest.fixture(scope="module")
 def unpooled_full(tpu):
     job = tpu.JobShape(batch=4, audio_seconds=3.0, text_tokens=24, max_new_tokens=8)
@@ -188,6 +220,26 @@ def test_pooled_job_on_a_2d_mesh_and_the_cli(tpu, tmp_path, capsys):
     assert "unknown TPU topology" in capsys.readouterr().err
 
 
+def test_a_program_that_does_not_fit_ends_the_job_plan(tpu, monkeypatch):
+    """A middle program over HBM (as at the largest batches): the plan says so, compiles nothing after
+    it, and still gives the analytic figures (they come from the job's layout, not from what compiled)."""
+    real = tpu.compile_program
+
+    def compile_program(label, *a, **kw):
+        if label == "layers[1:3)":
+            return tpu.ProgramReport(label, fits=False, error="RESOURCE_EXHAUSTED: Ran out of memory on HBM"), None
+        return real(label, *a, **kw)
+    monkeypatch.setattr(tpu, "compile_program", compile_program)
+    from affjax.pooling.spec import parse_pooling
+    pooling = parse_pooling("1:tau=0.9,window=2;3:tau=0.9,window=2", 4)
+    job = tpu.JobShape(batch=2, audio_seconds=3.0, text_tokens=16, max_new_tokens=8)
+    r = tpu.plan_job(_small_config(), "v5e:2x2", "data=2,model=2", job, pooling, [0.5, 0.5], log=lambda s: None)
+    assert not r["fits"] and list(r["programs"]) == ["embed", "layers[0:1)", "pool@1", "layers[1:3)"]
+    assert not r["programs"]["layers[1:3)"]["fits"] and r["programs"]["pool@1"]["analytic_own_bytes"] > 0
+    assert r["layout"]["stage_buffers"] == tpu.job_layout(_small_config(), job, tuple(pooling.stages),
+                                                          (0.5, 0.5))["stage_buffers"]
+
+
 def test_loop_bound_parser_reads_lt_constants():
     from affjax.runtime.flops import _cond_bound
     lines = ["%cond.1 (p: (s32[], f32[4])) -> pred[] {",
@@ -271,14 +323,19 @@ def test_largest_batch_search_brackets_and_bisects(tpu, monkeypatch):
             calls.append(job.batch)
             rows = job.batch // 4
             need = (100 << 20) + (1 << 20) * rows + (extra_per_row << 20) * max(0, rows - 8)
-            return {"fits": need <= tpu.chip("v5e:2x2")["hbm"], "job_bytes": need, "param_bytes": 100 << 20,
-                    "programs": {"p": {"own_bytes_full": need - (100 << 20)}}}
+            over = need > budget
+            # a batch over HBM stops at its first program that does not fit: no figure for it
+            return {"fits": not over, "job_bytes": need, "param_bytes": 100 << 20,
+                    "programs": {"p": {"own_bytes_full": None}} if over else
+                    {"p": {"own_bytes_full": need - (100 << 20)}, "q": {"own_bytes_full": 1 << 20}}}
         return fake_plan
 
-    for extra, rows, most in ((0, 300, 4), (3, 81, 20)):  # 100 + r + extra (r - 8) <= 400 MiB
+    # 100 + r + extra (r - 8) <= budget MiB; the last: twice the first batch is already over
+    for extra, rows, most, mib in ((0, 300, 4, 400), (3, 81, 20, 400), (0, 5, 5, 105)):
         calls.clear()
+        budget = mib << 20
         monkeypatch.setattr(tpu, "plan_job", stand_in(extra))
-        found = tpu.max_batch({}, "v5e:2x2", "data=4,model=1", tpu.JobShape(batch=16), budget=400 << 20,
+        found = tpu.max_batch({}, "v5e:2x2", "data=4,model=1", tpu.JobShape(batch=16), budget=budget,
                               log=lambda s: None)
         assert found["rows_per_chip"] == rows and found["max_batch"] == 4 * rows, found["tried"]
         tried = {t["batch"]: t["fits"] for t in found["tried"]}

@@ -192,6 +192,23 @@ def _check_export(tr, tmp_path):
     np.testing.assert_allclose(logits(again), adapter, atol=1e-4, rtol=1e-4)
     assert not np.allclose(logits(checkpoint.load(cfg.ckpt)[0]), adapter, atol=1e-3)  # training changed it
 
+    # the adapters in a float16 file of their own (lslm-tiny's committed form): same model within
+    # float16's rounding, and a changed adapters file is refused
+    from affjax.train.export import write_trained
+    split = write_trained(tr, tmp_path / "split.safetensors", adapters=tmp_path / "split-lora.safetensors")
+    half, _, _ = checkpoint.load(apply_trained(cfg.ckpt, split, tmp_path / "half"))
+    np.testing.assert_allclose(logits(half), adapter, atol=2e-3, rtol=2e-3)
+    with pytest.raises(ValueError, match="beside"):
+        write_trained(tr, tmp_path / "x.safetensors", adapters=tmp_path / "sub" / "x-lora.safetensors")
+    from safetensors.numpy import load_file, save_file
+    side = load_file(str(tmp_path / "split-lora.safetensors"))
+    save_file({k: v * 2 for k, v in side.items()}, str(tmp_path / "split-lora.safetensors"))
+    with pytest.raises(ValueError, match="SHA-256"):
+        apply_trained(cfg.ckpt, split, tmp_path / "half2")
+    (tmp_path / "split-lora.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="adapters file"):
+        apply_trained(cfg.ckpt, split, tmp_path / "half3")
+
     # `--model lslm-tiny`'s install: base (here the tiny one, already in place) + weights, rebuilt only
     # when the weights file changes
     import shutil
@@ -202,7 +219,6 @@ def _check_export(tr, tmp_path):
     np.testing.assert_allclose(logits(checkpoint.load(dst)[0]), adapter, atol=1e-4, rtol=1e-4)
     assert install(models / "lslm-tiny", weights=trained, log=msgs.append) == dst and len(msgs) == 1, msgs
     from safetensors import safe_open
-    from safetensors.numpy import load_file, save_file
     other = tmp_path / "other.safetensors"
     with safe_open(str(trained), "np") as f:  # same tensors, another file: a new fingerprint
         save_file(load_file(str(trained)), str(other), metadata={**f.metadata(), "note": "a copy"})

@@ -4,8 +4,9 @@ machine without a TPU.
 The `libtpu` wheel (`pip install -e ".[tpu]"`) gives compile-only TPU devices through
 `jax.experimental.topologies`: nothing can be placed on them, but `jit(...).lower(abstract sharded
 inputs).compile()` runs the real TPU compiler. So a plan made here is the TPU compiler's own:
-per-chip peak HBM (`memory_analysis().peak_memory_in_bytes`; an HBM overflow is a compile error,
-reported as "does not fit"), FLOPs, and the collectives it inserted.
+per-chip peak memory (`memory_analysis().peak_memory_in_bytes`: HBM plus what it places in on-chip
+VMEM, VMEM_NOTE; an HBM overflow is a compile error, reported as "does not fit"), FLOPs, and the
+collectives it inserted.
 
 What is compiled (`job_programs`), as a job runs it in fixed-capacity mode (one buffer size per
 stage, from the retention cap, as `affjax score/generate --pool-mode fixed` does):
@@ -19,16 +20,17 @@ Inputs and parameters are `ShapeDtypeStruct`s sharded by the logical-axis table
 (affjax.runtime.sharding); each program's outputs are compiled with the shardings the compiler
 chose and feed the next program, as the arrays of a real run would.
 
-Depth (`depth="two-point"`). A 7B model's 32 layers unrolled in one program take 10+ minutes to
-compile on 2 cores. Every layer of a group has the same shapes, so a program's FLOPs and peak bytes
-are linear in its layer count: the job is compiled twice, with one layer per group (and one audio
-encoder layer) and with two, and each program's figure v is extrapolated to its full depth n:
+Depth (`depth="full"`, the default): every program at the model's real depth, one compile each
+(a 7B job: 4-6 minutes on 2 cores). `depth="two-point"` compiles every group with one layer and with
+two and extrapolates each figure v to the group's n layers:
     v(n) = v(1) + (n - 1) x (v(2) - v(1))
-(n = the group's layers for `layers[a:b)`, the encoder's for `embed`; programs without layers have
-v(2) = v(1)). The decode loop runs every group, each at its own cost per layer (its cache length):
-with several groups it is compiled once more per group, that group at two layers and the others at
-one, and v(1) + sum over groups of (n_g - 1) x (v_g - v(1)). `depth="full"` compiles the real
-depth; `tests/test_aot.py` checks the rule against it.
+(n = the group's layers for `layers[a:b)`, the encoder's for `embed`; the decode loop, which runs
+every group at its own cache length, takes one more compile per group, that group at two layers and
+the others at one: v(1) + sum over groups of (n_g - 1) x (v_g - v(1))). FLOPs and bytes moved are
+linear in depth, so they come out exact; the peak is not, at full size: the compiler's peak counts
+on-chip VMEM (VMEM_NOTE), whose share changes from one to two layers, and the rule multiplies that
+change by n - 1 (Kimi-Audio-7B's decode loop: 747 MiB of own bytes by the rule, 158 compiled whole).
+`tests/test_aot.py` checks the rule against the full depth on tiny configs, where it holds.
 
 Also here: `max_batch` (the largest batch that fits per chip, by compiling) and `whisper_plan`
 (Whisper transcription's two programs, data parallel, and its real-time factor by the roofline).
@@ -71,6 +73,11 @@ ALIASES: dict[str, str] = {
     "v6e-1": "v6e:1x1", "v6e-4": "v6e:2x2", "v6e-8": "v6e:2x4", "v6e-16": "v6e:4x4",
 }
 _TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+x\d+(x\d+)?)$")
+# What the compiler's peak counts (shown with a 32 MiB weight read twice: peak = 2 x the argument, and
+# = the argument once the on-chip memory is capped at 16 MiB; tests/test_aot.py).
+VMEM_NOTE = ("the compiler's peak counts the buffers it places in the chip's on-chip vector memory (VMEM: "
+             "weights prefetched whole, a short program's activations) as well as HBM, so a program's figure can "
+             "exceed its HBM use by up to the VMEM size (128 MiB on v5e); --vmem-mib 16 caps that share")
 INSTALL = 'pip install -e ".[tpu]"   (the libtpu wheel jax[tpu] pins; compile-only, no TPU needed)'
 
 
@@ -99,9 +106,15 @@ def chip(topology: str) -> dict:
     return {key: v // k if key == "hbm" else v / k for key, v in CHIPS[name].items()}
 
 
-def prepare_env() -> None:
+def prepare_env(vmem_mib: int | None = None) -> None:
     """Before JAX starts: keep the host on CPU and tell libtpu it is not on a TPU VM (it would
-    otherwise probe for one and print errors)."""
+    otherwise probe for one and print errors). `vmem_mib`: the on-chip vector memory (VMEM) the
+    compiler may place buffers in (default: the chip's own, 128 MiB on v5e); see VMEM_NOTE."""
+    if vmem_mib is not None:
+        if vmem_mib <= 0:
+            raise AotError(f"--vmem-mib must be positive, got {vmem_mib}")
+        flags = os.environ.get("LIBTPU_INIT_ARGS", "")
+        os.environ["LIBTPU_INIT_ARGS"] = f"{flags} --xla_tpu_override_vmem_size_kib={int(vmem_mib) * 1024}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -411,7 +424,7 @@ def _compile_depth(hf_config: dict, mesh, job: JobShape, stages: tuple, rets: tu
                        groups=c_groups)
             if decode:
                 _run_decode(run, graphdef, dec, job, depth=(c_bounds[-1], n_text))
-    layout = {**plan, "stage_buffers": buffers[1:], "groups_compiled": list(c_groups), "audio_layers_compiled": c_audio}
+    layout = {**plan, "groups_compiled": list(c_groups), "audio_layers_compiled": c_audio}
     return reports, layout, dec
 
 
@@ -493,9 +506,9 @@ def _pool(model, seq, tau, **kw):
 
 
 def plan_job(hf_config: dict, topology: str, mesh_text: str | None, job: JobShape, pooling=None, retention=None, *,
-             depth: str = "two-point", dump_dir: str | None = None, attention: str = "xla", log=print) -> dict:
+             depth: str = "full", dump_dir: str | None = None, attention: str = "xla", log=print) -> dict:
     """Compile every program of one job for a TPU topology (module docstring) -> a JSON-friendly
-    report: per program and in total, per-chip peak HBM, whether it fits, FLOPs and collectives.
+    report: per program and in total, per-chip peak memory, whether it fits, FLOPs and collectives.
     `attention`: the prefill attention the programs are traced with (affjax.models.layers): "xla"
     (default: every FLOP is in the compiler's count) or "auto" (the Pallas splash kernel where a
     TPU job runs it: the real memory, but XLA's cost analysis does not see inside the kernel, so
@@ -638,7 +651,7 @@ def _whisper_compile(hf_config: dict, mesh, job: JobShape, layers: int | None, p
 
 
 def whisper_plan(hf_config: dict, topology: str, mesh_text: str | None, job: JobShape, *, prompt_tokens: int = 4,
-                 depth: str = "two-point", attention: str = "xla", log=print) -> dict:
+                 depth: str = "full", attention: str = "xla", log=print) -> dict:
     """Whisper transcription compiled for a TPU topology (both programs, the two-point depth rule),
     with its roofline as real-time factor: 30 s of audio per row, `job.max_new_tokens` greedy steps
     per window (the loop's bound: a real window stops at its end-of-text). `attention` as plan_job's."""
@@ -699,7 +712,7 @@ def format_whisper(r: dict) -> str:
 
 
 def max_batch(hf_config: dict, topology: str, mesh_text: str | None, job: JobShape, pooling=None, retention=None,
-              *, depth: str = "two-point", budget: int | None = None, attention: str = "xla", log=print) -> dict:
+              *, depth: str = "full", budget: int | None = None, attention: str = "xla", log=print) -> dict:
     """The largest batch whose job fits per chip, found by compiling. Two compiles (the job's batch
     and twice it, multiples of the data axis) give each program's bytes per row a chip holds; the
     batch where the first program reaches the budget by that line is compiled next, and from there
@@ -727,10 +740,12 @@ def max_batch(hf_config: dict, topology: str, mesh_text: str | None, job: JobSha
     if not plan(b1)["fits"]:
         return {"max_batch": 0, "rows_per_chip": 0, "budget": hbm, "tried": _tried(tried), "report": plan(b1)}
     r1, r2 = plan(b1), plan(2 * b1)
-    own = lambda r: {k: d["own_bytes_full"] or 0 for k, d in r["programs"].items()}  # noqa: E731
+    # (a batch that does not fit stops at its first program over HBM: the line takes the programs
+    # both batches compiled)
+    own = lambda r: {k: d["own_bytes_full"] for k, d in r["programs"].items() if d["own_bytes_full"]}  # noqa: E731
     o1, o2 = own(r1), own(r2)
-    per_row = {k: (o2[k] - o1[k]) / (b1 / data) for k in o1}
-    room = [(hbm - r1["param_bytes"] - o1[k]) / per_row[k] for k in o1 if per_row[k] > 0]
+    per_row = {k: (o2[k] - o1[k]) / (b1 / data) for k in o1 if k in o2}
+    room = [(hbm - r1["param_bytes"] - o1[k]) / per_row[k] for k in per_row if per_row[k] > 0]
     guess = max(2 * b1, b1 + int(min(room)) * data) if room else 4 * b1
     # the line is a guess (a few rows pad to the chip's tiles, so small batches understate a row):
     # from it, steps of one row per chip, doubling while the compiler's verdict stays the same,
@@ -814,6 +829,8 @@ def format_report(r: dict) -> str:
                      f"{fl:>12}{mv:>10}{rl:>13}  {coll or '-'}")
     lines.append("own MiB: what a program holds beyond the parameters it reads (inputs, outputs, caches, "
                  "temporaries); analytic: affjax plan's arithmetic for it, as a ratio")
+    vm = r.get("vmem_mib")
+    lines.append(f"on-chip VMEM {'capped at ' + str(vm) + ' MiB' if vm else 'the chip default'}: {VMEM_NOTE}")
     lines.append(f"resident parameters {gib(r['param_bytes'])} GiB/chip + the largest program's activations and "
                  f"caches = {gib(r['job_bytes'])} GiB/chip of {hbm / GiB:.0f}")
     lines.append(f"fits: {'yes' if r['fits'] else 'NO'}; largest program peak {gib(r['peak_bytes_max'])} GiB/chip; "
@@ -866,6 +883,7 @@ def main_plan_aot(args) -> int:
     except (AotError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    r["vmem_mib"] = getattr(args, "vmem_mib", None)
     print(format_report(r))
     if args.max_batch:
         m = r["max_batch"]

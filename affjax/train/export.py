@@ -72,26 +72,59 @@ def unflat_params(flat: dict[str, np.ndarray]) -> dict:
     return out
 
 
-def write_trained(trainer, path: str | Path) -> Path:
-    """The trained parameters (adapters unmerged) as safetensors, with what `apply_trained` needs."""
+def _is_adapter(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
+
+
+def write_trained(trainer, path: str | Path, *, adapters: str | Path | None = None) -> Path:
+    """The trained parameters (adapters unmerged) as safetensors, with what `apply_trained` needs.
+    `adapters`: a second file, beside `path`, for the LoRA factors in float16 (half the bytes; a
+    repository that keeps each file small), named with its SHA-256 in `path`'s metadata."""
     from safetensors.numpy import save_file
+
+    from affjax.eval.results import fingerprint_file
 
     c = trainer.cfg
     meta = {"trainable": ",".join(c.trainable), "lora_rank": str(c.lora_rank),
             "lora_alpha": "" if c.lora_alpha is None else str(c.lora_alpha),
             "lora_layers": "" if c.lora_layers is None else ",".join(map(str, c.lora_layers)),
             "step": str(trainer.step)}
-    save_file(flat_params(nnx.to_pure_dict(trainer.train)), str(path), metadata=meta)
+    flat = flat_params(nnx.to_pure_dict(trainer.train))
+    if adapters is not None:
+        adapters = Path(adapters)
+        if adapters.parent.resolve() != Path(path).parent.resolve():
+            raise ValueError(f"the adapters file must sit beside {path}, not in {adapters.parent}")
+        save_file({k: v.astype(np.float16) for k, v in flat.items() if _is_adapter(k)}, str(adapters))
+        flat = {k: v for k, v in flat.items() if not _is_adapter(k)}
+        meta.update(adapters=adapters.name, adapters_sha256=fingerprint_file(adapters))
+    save_file(flat, str(path), metadata=meta)
     return Path(path)
+
+
+def read_trained(trained: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """(flat parameters, metadata) of a file of `write_trained`, with its adapters file if it has one."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    from affjax.eval.results import fingerprint_file
+
+    trained = Path(trained)
+    with safe_open(str(trained), "np") as f:
+        meta = f.metadata() or {}
+        flat = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("adapters"):
+        side = trained.parent / meta["adapters"]
+        if not side.is_file():
+            raise FileNotFoundError(f"{trained}: its LoRA adapters file {side} is missing")
+        if fingerprint_file(side) != meta.get("adapters_sha256"):
+            raise ValueError(f"{trained}: {side.name} is not the adapters file it was written with (SHA-256 differs)")
+        flat.update(load_file(str(side)))
+    return flat, meta
 
 
 def apply_trained(base_ckpt: str | Path, trained: str | Path, dst: str | Path, *, note: dict | None = None) -> Path:
     """Base checkpoint + trained.safetensors -> a merged checkpoint at `dst`."""
-    from safetensors import safe_open
-
-    with safe_open(str(trained), "np") as f:
-        meta = f.metadata() or {}
-        flat = {k: f.get_tensor(k) for k in f.keys()}
+    flat, meta = read_trained(trained)
     model, _, base_meta = checkpoint.load(base_ckpt, dtype="float32")
     if "lora" in meta.get("trainable", "").split(","):
         layers = tuple(int(x) for x in meta["lora_layers"].split(",")) if meta.get("lora_layers") else None
@@ -115,7 +148,7 @@ def _assign(pure: dict, new: dict, what: str, path: str = "") -> None:
         else:
             if tuple(np.shape(pure[k])) != tuple(v.shape):
                 raise ValueError(f"{what}: {path}{k} has shape {v.shape}, the model {np.shape(pure[k])}")
-            pure[k] = v
+            pure[k] = np.asarray(v).astype(pure[k].dtype)  # float16 adapters back to the model's dtype
 
 
 def save_checkpoint(model, like: str | Path, dst: str | Path, *, note: dict | None = None) -> Path:
