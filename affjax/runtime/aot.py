@@ -21,7 +21,7 @@ Inputs and parameters are `ShapeDtypeStruct`s sharded by the logical-axis table
 chose and feed the next program, as the arrays of a real run would.
 
 Depth (`depth="full"`, the default): every program at the model's real depth, one compile each
-(a 7B job: 4-6 minutes on 2 cores). `depth="two-point"` compiles every group with one layer and with
+(a whole 7B job: 1-6 minutes on 2 cores, docs/tpu.md). `depth="two-point"` compiles every group with one layer and with
 two and extrapolates each figure v to the group's n layers:
     v(n) = v(1) + (n - 1) x (v(2) - v(1))
 (n = the group's layers for `layers[a:b)`, the encoder's for `embed`; the decode loop, which runs
@@ -652,7 +652,7 @@ def _whisper_compile(hf_config: dict, mesh, job: JobShape, layers: int | None, p
 
 def whisper_plan(hf_config: dict, topology: str, mesh_text: str | None, job: JobShape, *, prompt_tokens: int = 4,
                  depth: str = "full", attention: str = "xla", log=print) -> dict:
-    """Whisper transcription compiled for a TPU topology (both programs, the two-point depth rule),
+    """Whisper transcription compiled for a TPU topology (both programs, at `depth` as plan_job's),
     with its roofline as real-time factor: 30 s of audio per row, `job.max_new_tokens` greedy steps
     per window (the loop's bound: a real window stops at its end-of-text). `attention` as plan_job's."""
     from affjax.models.layers import attention_backend
