@@ -297,3 +297,51 @@ def test_export_needs_an_output(tmp_path, capsys):
     from affjax.cli import main
     assert main(["export", "--run", str(tmp_path)]) == 1
     assert "export needs --out CKPT, --carry FILE or both" in capsys.readouterr().err
+
+
+def test_make_lslm_trains_validates_and_exports(tiny_qwen2_audio_ckpt, manifest, tmp_path, monkeypatch):
+    """`make lslm` end to end, with the tiny checkpoint for the assembly and RECIPE cut to 2 steps:
+    the run logs its validation WER, the weights land in the two committed files, which rebuild the
+    exported checkpoint, and a rerun trains nothing more."""
+    import shutil
+
+    from flax import nnx
+
+    from affjax.models import checkpoint
+    from affjax.train import lslm
+    from affjax.train.export import apply_trained
+
+    monkeypatch.setenv("AFFJAX_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    shutil.copytree(Path(manifest).parent, corpus)
+    shutil.copy(corpus / "train.jsonl", corpus / "test.jsonl")
+    weights = tmp_path / "weights" / "lslm-tiny.safetensors"
+    monkeypatch.setattr(lslm, "WEIGHTS", weights)
+    monkeypatch.setattr(lslm, "ADAPTERS", weights.with_name("lslm-tiny-lora.safetensors"))
+    monkeypatch.setattr(lslm, "CARRY", weights.with_name("lslm-tiny-carry.safetensors"))
+    monkeypatch.setattr(lslm, "_base_checkpoint", lambda dst, log=print: Path(tiny_qwen2_audio_ckpt))
+    monkeypatch.setattr(lslm, "RECIPE", dict(steps=2, batch_size=2, lr=3e-3, warmup=1, lora_rank=4,
+                                             trainable=("projector", "lora"), seed=0, save_every=1, log_every=1,
+                                             eval_every=2, eval_items=2, progress=False))
+    work = tmp_path / "work"
+    assert lslm.make(work, corpus, log=lambda *a: None) == weights
+    rows = [json.loads(x) for x in (work / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    (val,) = [r for r in rows if "wer" in r]
+    assert val["step"] == 2 and val["items"] == 2 and val["wer"] >= 0
+    assert weights.is_file() and lslm.ADAPTERS.is_file()
+
+    exported, _, meta = checkpoint.load(work / "trained")
+    assert meta["trained"]["step"] == 2
+    rebuilt, _, _ = checkpoint.load(apply_trained(tiny_qwen2_audio_ckpt, weights, tmp_path / "rebuilt"))
+    base, _, _ = checkpoint.load(tiny_qwen2_audio_ckpt)
+    want, got = jax.tree.leaves(nnx.state(exported)), jax.tree.leaves(nnx.state(rebuilt))
+    assert len(want) == len(got)
+    for w, g in zip(want, got):  # the adapters are float16 in the committed form
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-3, rtol=1e-3)
+    assert any(not np.array_equal(np.asarray(w), np.asarray(b))  # trained: not the base
+               for w, b in zip(want, jax.tree.leaves(nnx.state(base))))
+
+    lslm.make(work, corpus, log=lambda *a: None)  # finished: resumes at the last step, trains nothing
+    again = [json.loads(x) for x in (work / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again if "loss" in r] == [1, 2]

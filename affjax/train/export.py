@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from affjax.eval.results import fingerprint_file
 from affjax.models import checkpoint
 from affjax.models.qwen2_audio import inputs
 from affjax.runtime.engine import Engine
@@ -82,8 +83,6 @@ def write_trained(trainer, path: str | Path, *, adapters: str | Path | None = No
     repository that keeps each file small), named with its SHA-256 in `path`'s metadata."""
     from safetensors.numpy import save_file
 
-    from affjax.eval.results import fingerprint_file
-
     c = trainer.cfg
     meta = {"trainable": ",".join(c.trainable), "lora_rank": str(c.lora_rank),
             "lora_alpha": "" if c.lora_alpha is None else str(c.lora_alpha),
@@ -105,8 +104,6 @@ def read_trained(trained: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     """(flat parameters, metadata) of a file of `write_trained`, with its adapters file if it has one."""
     from safetensors import safe_open
     from safetensors.numpy import load_file
-
-    from affjax.eval.results import fingerprint_file
 
     trained = Path(trained)
     with safe_open(str(trained), "np") as f:

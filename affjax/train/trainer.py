@@ -294,7 +294,8 @@ class Trainer:
         return ex, errors
 
     def _load_data(self) -> None:
-        root = self.cfg.cache_dir or str(Path.home() / ".cache" / "affjax" / "encoder")
+        from affjax.eval.runner import cache_root
+        root = self.cfg.cache_dir or str(cache_root() / "encoder")
         model = nnx.merge(self.graphdef, self.train, self.frozen)
         self.cache = tdata.EncoderCache(root, model, self.processor.feature_extractor)
         self.examples, errors = self._examples(self.cfg.manifest, self.cache)
