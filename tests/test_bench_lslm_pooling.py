@@ -98,6 +98,17 @@ def test_every_cell_and_the_outputs(cfg, doc):
     assert set(_transcripts(cfg)) == set(keys)
     table = open(f"{cfg.out}/sweep_table.md").read()
     assert "### Stage: input + layer 1 at tau - 0" in table and "| 0.88 |" in table and "Largest cut" in table
+    assert "### Largest cut per stage within +1.0 WER (absolute) of unpooled, on the manifest's items" in table
+    # per-item word errors: their sum over the reference words is the cell's corpus WER
+    words = saved["setup"]["ref_words"]
+    for c in [saved["unpooled"], *saved["cells"].values()]:
+        assert len(c["errors"]) == 3 and sum(c["errors"]) / sum(words) == pytest.approx(c["wer"], abs=1e-5)
+    assert "### Affinity Pooling against the controls at equal retention (paired over the manifest's items)" in table
+    for method, name in (("avg", "uniform average"), ("drop", "uniform drop")):
+        sim, ctl = saved["cells"]["dual/tau0.88/sim"], saved["cells"][f"dual/tau0.88/{method}"]
+        paired = table.split("### Affinity Pooling against the controls")[1]
+        row = next(line for line in paired.splitlines() if f"| 0.88 | {100 * ctl['retention']:.1f} % | {name} |" in line)
+        assert f"| {100 * sim['wer']:.2f} % | {100 * ctl['wer']:.2f} % | {100 * (sim['wer'] - ctl['wer']):+.2f} (" in row
     assert open(f"{cfg.out}/sweep.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -210,6 +221,51 @@ def test_cells_with_proportional_too():
                            (("0.9", ("sim", "sim+prop")), ("0.8", ("sim", "sim+prop", "avg", "avg+prop", "drop")))
                            for m in ms]
     assert specs["7/tau0.8/avg+prop"] == "7/tau0.8/sim+prop" and specs["7/tau0.8/drop"] == "7/tau0.8/sim"
+
+
+def test_stage_cuts_within_the_goal_margin():
+    """Per stage and method, the lowest retention whose held-out WER is within +1.0 of unpooled (the
+    margin itself counts); the other source's WER is not what is judged; methods not run get no row."""
+    from affjax.bench import lslm_pooling as bl
+
+    def cell(stage, tau, method, retention, wer_manifest, wer_librivox=0.0):
+        return dict(stage=stage, tau=tau, method=method, proportional=False, retention=retention,
+                    wer_manifest=wer_manifest, wer_librivox=wer_librivox, wer=wer_manifest, lm_flops_rel=retention)
+
+    cells = [cell("input", 0.95, "sim", 0.9, 0.205), cell("input", 0.9, "sim", 0.7, 0.21),
+             cell("input", 0.8, "sim", 0.5, 0.25), cell("input", 0.9, "avg", 0.7, 0.2101),
+             cell("3", 0.9, "sim", 0.6, 0.19, wer_librivox=0.9), cell("3", 0.8, "sim", 0.4, 0.3)]
+    doc = {"unpooled": {"wer": 0.2, "wer_manifest": 0.2, "wer_librivox": 0.0},
+           "setup": {"stages": {"input": "input embeddings", "3": "after decoder layer 3", "dual": "dual"}},
+           "cells": {f"{c['stage']}/{c['tau']}/{c['method']}": c for c in cells}}
+    lines = bl.stage_cuts_table(doc)
+    assert "on the manifest's items (unpooled 20.00 %)" in lines[0]
+    rows = [line for line in lines if line.startswith("| input") or line.startswith("| after")]
+    assert rows == ["| input embeddings | Affinity Pooling | 70.0 % | 0.9 | 21.00 % | 70.0 % |",
+                    "| input embeddings | uniform average | none | - | - | - |",
+                    "| after decoder layer 3 | Affinity Pooling | 60.0 % | 0.9 | 19.00 % | 60.0 % |"]
+
+
+def test_paired_delta():
+    """The paired comparison: the corpus WER difference over the chosen items, its bootstrap interval
+    around it, the items each side wins; items without a reference or a result do not count."""
+    from affjax.bench.sweep import paired_delta
+
+    rng = np.random.default_rng(0)
+    words = rng.integers(5, 20, 60).tolist()
+    b = [int(rng.integers(0, w // 2)) for w in words]
+    a = [max(0, e - 1) if i % 4 else e + 1 for i, e in enumerate(b)]  # a wins most items, loses a few
+    a[3], words[5] = None, 0
+    d = paired_delta(a, b, words, list(range(50)))
+    keep = [i for i in range(50) if a[i] is not None and words[i]]
+    assert d["items"] == len(keep) == 48
+    want = (sum(a[i] for i in keep) - sum(b[i] for i in keep)) / sum(words[i] for i in keep)
+    assert d["delta"] == pytest.approx(want) and d["a"] - d["b"] == pytest.approx(want)
+    assert d["lo"] < d["delta"] < d["hi"] < 0  # clearly better: the interval excludes 0
+    assert d["better"] == sum(a[i] < b[i] for i in keep) and d["worse"] == sum(a[i] > b[i] for i in keep)
+    same = paired_delta(b, b, words, list(range(60)))
+    assert same["delta"] == same["lo"] == same["hi"] == 0 and same["better"] == same["worse"] == 0
+    assert paired_delta(a, b, words, [3, 5])["delta"] is None
 
 
 def test_stage_names():

@@ -40,7 +40,8 @@ rewritten after each cell, and a rerun skips the cells it holds (its checkpoint,
 decoding settings must match; new stages or taus add cells).
 
 Outputs in ``--out``: ``NAME.json``, ``NAME_table.md`` (per stage and tau, every method's WER; the
-largest cuts within +0.5 WER), ``NAME.png`` (WER vs retention per stage, the controls drawn too);
+largest cuts within +0.5 WER; per stage, the largest cuts within +1.0 WER on the manifest's items),
+``NAME.png`` (WER vs retention per stage, the controls drawn too);
 ``--work`` (default ``runs/NAME``) gets ``transcripts.jsonl`` (every cell's transcripts).
 """
 
@@ -73,6 +74,7 @@ __all__ = ["SweepConfig", "run_sweep", "cell_specs", "default_stages", "stage_se
 
 TAUS = (0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7, 0.6)
 CONTROL_TAUS = (0.98, 0.95, 0.9, 0.85, 0.8, 0.7)
+GOAL_MARGIN = 0.01  # lslm-tiny's goal: the largest cut at <= +1.0 WER (absolute), per stage
 REFERENCE_FIELDS = ("reference", "target") + REFERENCE_NAMES  # `target`: the training manifests' field
 
 
@@ -276,7 +278,8 @@ def run_sweep(cfg: SweepConfig, log=print, loaded=None) -> dict:
     bsz = max(len(b) for b in batches)
     labels = {**doc["setup"].get("stages", {}), **{s: stage_label(s, cfg, L) for s in stages}}  # earlier runs' too
     setup.update(model=ckpt.resolve().name, layers=L, batch_rows=bsz, stages=labels,
-                 durations_s=[it["seconds"] for it in items], references=[it["reference"] for it in items])
+                 durations_s=[it["seconds"] for it in items], references=[it["reference"] for it in items],
+                 sources=sources, ref_words=[len(r.split()) for r in norm_refs])
 
     def save():
         doc["setup"] = setup
@@ -341,7 +344,7 @@ def run_sweep(cfg: SweepConfig, log=print, loaded=None) -> dict:
 
 def write_table(doc: dict, path: Path) -> str:
     """Markdown: per stage, one row per tau with every method's WER; then the largest cuts within
-    +0.5 WER."""
+    +0.5 WER, and per stage within +1.0 WER on the held-out items."""
     cells, un, setup = doc["cells"], doc["unpooled"], doc["setup"]
     per_source = ", ".join(f"{k[4:]} {pct(v, 2)} %" for k, v in un.items() if k.startswith("wer_"))
     lines = [f"Unpooled: WER {pct(un['wer'], 2)} % ({len(setup['items'])} items; {per_source}).", ""]
@@ -363,10 +366,65 @@ def write_table(doc: dict, path: Path) -> str:
         lines.append("")
     lines += cuts_table(doc, lambda c: f"{setup['stages'][c['stage']]}, tau {c['tau']:g}",
                         [("LM prefill FLOPs", "lm_flops_rel")])
+    lines += [""] + stage_cuts_table(doc) + [""] + paired_table(doc)
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return text
+
+
+def stage_cuts_table(doc: dict, margin: float = GOAL_MARGIN) -> list[str]:
+    """Markdown lines: per stage and method, the largest cut within +``margin`` (absolute) of unpooled
+    on the manifest's items (the held-out speech; all items when there is no manifest)."""
+    un, setup = doc["unpooled"], doc["setup"]
+    field = "wer_manifest" if un.get("wer_manifest") is not None else "wer"
+    where = "the manifest's items" if field == "wer_manifest" else "all items"
+    lines = [f"### Largest cut per stage within +{100 * margin:.1f} WER (absolute) of unpooled, on {where} "
+             f"(unpooled {pct(un[field], 2)} %)", "",
+             "| stage | method | lowest retention | tau | WER | LM prefill FLOPs |", "|---|---|---|---|---|---|"]
+    for stage, label in setup["stages"].items():
+        if not any(c["stage"] == stage for c in doc["cells"].values()):
+            continue
+        for r in sweep.largest_cuts(doc, margin, field=field, stage=stage):
+            c, name = r["cell"], sweep.method_name(r["method"], r["proportional"])
+            if not any(x["stage"] == stage and x["method"] == r["method"] and x["proportional"] == r["proportional"]
+                       for x in doc["cells"].values()):
+                continue  # a method this sweep did not run
+            lines.append(f"| {label} | {name} | none | - | - | - |" if c is None else
+                         f"| {label} | {name} | {pct(c['retention'])} % | {c['tau']:g} | {pct(c[field], 2)} % "
+                         f"| {pct(c['lm_flops_rel'])} % |")
+    return lines
+
+
+def paired_table(doc: dict) -> list[str]:
+    """Markdown lines: Affinity Pooling against each fixed-rate control at equal retention, paired
+    item by item over the manifest's items (all items without a manifest): the WER difference with
+    its 95 % bootstrap interval, and the items each side transcribed with fewer word errors."""
+    setup, cells = doc["setup"], doc["cells"]
+    if "ref_words" not in setup:
+        return []  # a JSON from before per-item errors were kept
+    sources = setup["sources"]
+    held_out = "manifest" in sources
+    items = [i for i, s in enumerate(sources) if s == "manifest" or not held_out]
+    where = "the manifest's items" if held_out else "all items"
+    lines = [f"### Affinity Pooling against the controls at equal retention (paired over {where})", "",
+             "Negative: Affinity Pooling has the lower WER. Interval: 95 %, paired bootstrap over items.", "",
+             "| stage | tau | retention | control | WER sim | WER control | sim - control (95 % interval) "
+             "| items sim better / worse |", "|---|---|---|---|---|---|---|---|"]
+    for c in cells.values():
+        if c["method"] == "sim" or "errors" not in c:
+            continue
+        sim = cells.get(cell_key(c["stage"], c["tau"], "sim", c["proportional"]))
+        if sim is None or "errors" not in sim:
+            continue
+        d = sweep.paired_delta(sim["errors"], c["errors"], setup["ref_words"], items)
+        if d["delta"] is None:
+            continue
+        lines.append(f"| {setup['stages'][c['stage']]} | {c['tau']:g} | {pct(c['retention'])} % "
+                     f"| {sweep.method_name(c['method'], c['proportional'])} | {pct(d['a'], 2)} % "
+                     f"| {pct(d['b'], 2)} % | {100 * d['delta']:+.2f} ({100 * d['lo']:+.2f} .. {100 * d['hi']:+.2f}) "
+                     f"| {d['better']} / {d['worse']} |")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------

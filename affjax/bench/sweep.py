@@ -15,9 +15,10 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from affjax.eval.metrics import corpus_wer
+from affjax.eval.metrics import corpus_wer, word_errors
 
 # (method, proportional) in table order; "sim" = Affinity Pooling (similarity threshold)
 METHODS = (("sim", False), ("sim", True), ("avg", False), ("avg", True), ("drop", False))
@@ -34,16 +35,35 @@ def pct(x, digits=1) -> str:
 
 
 def wer_metrics(norm_refs: list[str], norm_hyps: list[str], base_norm: list[str], sources: list[str]) -> dict:
-    """Corpus WER of normalised transcripts (and per source: ``wer_<source>``), and ``changed``:
-    the transcripts that differ from unpooled after normalisation."""
+    """Corpus WER of normalised transcripts (and per source: ``wer_<source>``), ``changed``: the
+    transcripts that differ from unpooled after normalisation, and ``errors``: each item's word
+    errors (for paired comparisons, ``paired_delta``)."""
     def wer(idx):
         w = corpus_wer([norm_refs[i] for i in idx], [norm_hyps[i] for i in idx])
         return None if w is None else round(w, 5)
 
-    out = {"wer": wer(range(len(norm_refs))), "changed": int(sum(h != b for h, b in zip(norm_hyps, base_norm)))}
+    out = {"wer": wer(range(len(norm_refs))), "changed": int(sum(h != b for h, b in zip(norm_hyps, base_norm))),
+           "errors": word_errors(norm_refs, norm_hyps)}
     for src in sorted(set(sources)):
         out[f"wer_{src}"] = wer([i for i, s in enumerate(sources) if s == src])
     return out
+
+
+def paired_delta(errors_a: list, errors_b: list, ref_words: list[int], items: list[int], *, n_boot: int = 2000,
+                 seed: int = 0) -> dict:
+    """Corpus WERs of a and b over the same ``items`` (indices) and their difference (a - b), with a
+    95 % interval from a paired bootstrap (items resampled with replacement, both methods together), and the items where
+    a made fewer (``better``) or more (``worse``) word errors than b."""
+    idx = [i for i in items if errors_a[i] is not None and errors_b[i] is not None and ref_words[i]]
+    if not idx:
+        return {"a": None, "b": None, "delta": None, "lo": None, "hi": None, "better": 0, "worse": 0, "items": 0}
+    a, b, n = (np.asarray([v[i] for i in idx], np.float64) for v in (errors_a, errors_b, ref_words))
+    draw = np.random.default_rng(seed).integers(0, len(idx), (n_boot, len(idx)))
+    boot = (a[draw].sum(1) - b[draw].sum(1)) / n[draw].sum(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"a": float(a.sum() / n.sum()), "b": float(b.sum() / n.sum()), "delta": float((a.sum() - b.sum()) / n.sum()),
+            "lo": float(lo), "hi": float(hi),
+            "better": int((a < b).sum()), "worse": int((a > b).sum()), "items": len(idx)}
 
 
 def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -127,14 +147,16 @@ def main(run_sweep, cfg, errors=(FileNotFoundError, ValueError)) -> int:
     return 0
 
 
-def largest_cuts(doc: dict, margin: float = WER_MARGIN) -> list[dict]:
-    """Per (method, proportional): the cell with the lowest retention whose WER is within
-    ``margin`` (absolute) of unpooled."""
-    base = doc["unpooled"]["wer"]
+def largest_cuts(doc: dict, margin: float = WER_MARGIN, *, field: str = "wer", stage: str | None = None) -> list[dict]:
+    """Per (method, proportional): the cell (of ``stage``, or any) with the lowest retention whose
+    WER ``field`` (``wer``, or one source's ``wer_<source>``) is within ``margin`` (absolute) of
+    unpooled's."""
+    base = doc["unpooled"][field]
     out = []
     for method, prop in METHODS:
         ok = [c for c in doc["cells"].values()
-              if c["method"] == method and c["proportional"] == prop and c["wer"] <= base + margin]
+              if c["method"] == method and c["proportional"] == prop and (stage is None or c["stage"] == stage)
+              and c[field] is not None and c[field] <= base + margin]
         best = min(ok, key=lambda c: (c["retention"], c["wer"]), default=None)
         out.append({"method": method, "proportional": prop, "cell": best})
     return out

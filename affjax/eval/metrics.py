@@ -176,6 +176,20 @@ def corpus_wer(refs: list[str], hyps: list[str]) -> float | None:
     return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]))
 
 
+def word_errors(refs: list[str], hyps: list[str]) -> list[int | None]:
+    """Per pair of normalised transcripts: substitutions + deletions + insertions (None for an empty
+    reference, which corpus_wer skips). Their sum over the reference words is corpus_wer."""
+    import jiwer
+
+    def errors(r, h):
+        if not r.strip():
+            return None
+        m = jiwer.process_words(r, h)
+        return m.substitutions + m.deletions + m.insertions
+
+    return [errors(r, h) for r, h in zip(refs, hyps)]
+
+
 def wer(refs: Sequence[str], hyps: Sequence[str], normalizer: Callable[[str], str] | None = None) -> float | None:
     """Corpus WER of ``hyps`` against ``refs`` after ``normalizer`` (None: Whisper's English one).
     None when no reference has a word left after normalisation."""
