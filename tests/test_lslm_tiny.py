@@ -1,5 +1,6 @@
 """lslm-tiny's user side: `--data librivox` for speech-LM checkpoints (the real read speech, scored
-against its transcripts) and `--model lslm-tiny` refusing clearly while its weights are absent.
+against its transcripts), `--model lslm-tiny` refusing clearly while its weights are absent, and the
+committed weights being RECIPE's full run.
 (Building the model from the trained weights is tested with a real training run in test_train.py.)"""
 
 from __future__ import annotations
@@ -38,3 +39,29 @@ def test_model_lslm_tiny_names_make_lslm_without_weights(monkeypatch, tmp_path, 
     err = capsys.readouterr().err
     assert rc != 0 and "make lslm" in err and "absent.safetensors" in err, (rc, err)
     assert not (tmp_path / "cache" / "models" / "lslm-tiny").exists()
+
+
+def test_committed_weights_are_the_recipes():
+    """The committed files are one trained run of RECIPE: the adapters file is the one the projector
+    file names (SHA-256), the run went the recipe's full length, and every tensor has the shape the
+    assembly (Whisper base 512 wide -> SmolLM2 576 wide, 30 layers, 7 projections) gives it."""
+    import numpy as np
+
+    from affjax.train import export, lslm
+
+    for f in (lslm.WEIGHTS, lslm.WEIGHTS.with_name("lslm-tiny-lora.safetensors")):
+        assert f.stat().st_size < 5 * 2**20, f  # the repository's tracked-file limit
+    flat, meta = export.read_trained(lslm.WEIGHTS)
+    assert int(meta["step"]) == lslm.RECIPE["steps"]
+    assert int(meta["lora_rank"]) == lslm.RECIPE["lora_rank"]
+    assert tuple(meta["trainable"].split(",")) == lslm.RECIPE["trainable"]
+    assert flat["multi_modal_projector.kernel"].shape == (512, 576)
+    assert flat["multi_modal_projector.bias"].shape == (576,)
+    lora = {k: v for k, v in flat.items() if k.endswith((".lora_a", ".lora_b"))}
+    assert len(lora) == 30 * 7 * 2 and len(flat) == len(lora) + 2
+    r = lslm.RECIPE["lora_rank"]
+    for k, v in lora.items():
+        assert (v.shape[1] if k.endswith("lora_a") else v.shape[0]) == r, (k, v.shape)
+        assert np.isfinite(v).all(), k
+    # trained, not initial: LoRA's B factors start at zero
+    assert all(np.abs(v).max() > 0 for k, v in lora.items() if k.endswith("lora_b"))
