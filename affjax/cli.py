@@ -363,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="eval output directories (each with summary.json)")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     p.add_argument("--plot", default=None, help="write a PNG plot here")
+    p.add_argument("--by", default=None, metavar="FIELD",
+                   help="also WER per value of this manifest field (e.g. engine, voice); needs --manifest")
+    p.add_argument("--manifest", default=None, help="the JSONL the runs were evaluated on (with --by)")
 
     p = sub.add_parser("train", help="fine-tune a Qwen2-Audio-format checkpoint (projector, LoRA) with optax, "
                                      "pooling optionally in the loop (docs/training.md)")

@@ -93,3 +93,44 @@ def test_summary_that_is_not_an_object(tmp_path, capsys):
     d = write_run(tmp_path, "odd", "[1, 2]")
     assert main(["report", str(d)]) == 1
     assert "odd" in capsys.readouterr().err
+
+
+def test_breakdown_by_manifest_field(tmp_path, capsys):
+    """WER per manifest field value: errors / reference words within each group, hand-counted here."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in [
+        {"id": "a", "engine": "espeak"}, {"id": "b", "engine": "espeak"}, {"id": "c", "engine": "piper"},
+        {"id": "d", "engine": "piper"}, {"id": "f"}]))
+    rows = [{"id": "a", "reference": "the cat sat", "text": "The cat sat."},           # 0 of 3
+            {"id": "b", "reference": "red green blue black", "text": "red green glue black"},  # 1 of 4
+            {"id": "c", "reference": "hello world", "text": "hello"},                  # 1 of 2
+            {"id": "d", "error": "AudioError: unreadable"},                            # counted, not scored
+            {"id": "e", "reference": "go now", "text": "go"},                          # 1 of 2, no manifest row
+            {"id": "f", "reference": "stop", "text": "stop"}]                          # 0 of 1, no field
+    run = write_run(tmp_path / "runs", "lslm", runner_summary(items=6, ok=5, errors=1))
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    wh = write_run(tmp_path / "runs", "wh", {"runs": [{"task": "asr", "wer": 0.5, "setting": "unpooled",
+                                                        "normalizer": "basic"}]})
+    (wh / "unpooled").mkdir()
+    (wh / "unpooled" / "results.jsonl").write_text(json.dumps({"id": "c", "reference": "a b", "text": "a c"}) + "\n")
+    bare = write_run(tmp_path / "runs", "bare", runner_summary())
+
+    from affjax.eval.report import breakdown
+    got, errors = breakdown([run, wh, bare], manifest, "engine")
+    assert len(errors) == 1 and "bare" in errors[0] and "results.jsonl" in errors[0]
+    table = {(r["run"], r["value"]): (r["items"], r["failed"], r["words"], r["wer"]) for r in got}
+    assert table[("lslm", "espeak")] == (2, 0, 7, pytest.approx(1 / 7))
+    assert table[("lslm", "piper")] == (2, 1, 2, pytest.approx(1 / 2))
+    assert table[("lslm", "(not in the manifest)")] == (1, 0, 2, pytest.approx(1 / 2))
+    assert table[("lslm", "-")] == (1, 0, 1, 0.0)
+    assert table[("lslm", "all")] == (6, 1, 12, pytest.approx(3 / 12))
+    assert table[("wh/unpooled", "piper")] == (1, 0, 2, pytest.approx(1 / 2))
+
+    rc = main(["report", str(run), "--by", "engine", "--manifest", str(manifest)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| lslm | espeak | 2 | 0 | 7 | 14.29% |" in out
+    assert main(["report", str(run), "--by", "engine"]) == 1
+    assert "--by needs --manifest" in capsys.readouterr().err
+    manifest.write_text('{"id": "a"}\nnot json\n')
+    assert main(["report", str(run), "--by", "engine", "--manifest", str(manifest)]) == 1
+    assert "line 2" in capsys.readouterr().err

@@ -15,6 +15,11 @@ Missing keys print as ``-``. A RUN_DIR without a readable ``summary.json`` is re
 status is 1. The plot (matplotlib, Agg) has one row of panels per headline metric (WER, CER, BLEU,
 accuracy ...): that metric against final retention (left) and against the FLOPs ratio (right), one
 series per task / data set / model, points joined in x order and labelled with their pooling setting.
+
+``--by FIELD --manifest M`` adds a table of WER per value of a manifest field (e.g. the corpus'
+``engine`` or ``voice``): each run's ``results.jsonl`` (``RUN_DIR/SETTING/results.jsonl`` for the
+Whisper form) is joined to the manifest by ``id`` and scored with the run's normaliser; items with an
+error are counted, not scored.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from pathlib import Path
 
 from affjax.eval.metrics import primary
 
-__all__ = ["load_runs", "run_rows", "format_table", "plot_runs", "main_report", "COLUMNS"]
+__all__ = ["load_runs", "run_rows", "format_table", "plot_runs", "breakdown", "format_breakdown", "main_report",
+           "COLUMNS"]
 
 # (header, key in the row dict)
 COLUMNS = (
@@ -200,11 +206,102 @@ def plot_runs(rows: list[dict], path) -> Path:
     return out
 
 
+def _manifest_field(path: Path, field: str) -> dict[str, str]:
+    """id -> the field's value (``-`` where an item lacks it); a bad line is an error naming it."""
+    out = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SummaryError(f"--manifest {path}: cannot read ({type(e).__name__}: {e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            out[str(item["id"])] = str(item.get(field, "-"))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SummaryError(f"--manifest {path} line {n}: not an item with an id ({type(e).__name__})") from None
+    return out
+
+
+def _score_groups(results: Path, groups: dict[str, str], normalizer: str) -> dict[str, dict]:
+    from affjax.eval.metrics import make_normalizer, word_errors  # deferred: transformers, jiwer
+
+    norm, _ = make_normalizer(kind="basic" if normalizer.startswith("basic") else "english")
+    acc: dict[str, dict] = {}
+    for n, line in enumerate(results.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            key = groups.get(str(r["id"]), "(not in the manifest)")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SummaryError(f"{results} line {n}: not a result row ({type(e).__name__})") from None
+        for k in (key, "all"):
+            g = acc.setdefault(k, {"items": 0, "failed": 0, "words": 0, "errors": 0})
+            g["items"] += 1
+            if "error" in r or "text" not in r:
+                g["failed"] += 1
+                continue
+            ref, hyp = norm(r.get("reference") or ""), norm(r["text"] or "")
+            e = word_errors([ref], [hyp])[0]
+            if e is not None:
+                g["words"] += len(ref.split())
+                g["errors"] += e
+    return acc
+
+
+def breakdown(run_dirs, manifest, field: str) -> tuple[list[dict], list[str]]:
+    """(rows: run, value, items, failed, words, wer; error messages): each run's WER per value of
+    the manifest's ``field``, and over all its items."""
+    try:
+        groups = _manifest_field(Path(manifest), field)
+    except SummaryError as e:
+        return [], [str(e)]
+    rows, errors = [], []
+    for d in map(Path, run_dirs):
+        try:
+            summary = _read_summary(d)
+            for r in run_rows(d, summary):
+                sub = summary if "/" not in r["run"] else next(
+                    s for s in summary["runs"] if f"{d.name}/{s.get('setting')}" == r["run"])
+                results = d / "results.jsonl" if sub is summary else d / str(sub.get("setting")) / "results.jsonl"
+                if not results.is_file():
+                    raise SummaryError(f"{d}: no {results.relative_to(d)} to break down")
+                normalizer = sub.get("normalizer") or (sub.get("metrics") or {}).get("normalizer") or "english"
+                acc = _score_groups(results, groups, normalizer)
+                for value in sorted(acc, key=lambda v: (v == "all", v)):
+                    g = acc[value]
+                    rows.append({"run": r["run"], "value": value, **g,
+                                 "wer": g["errors"] / g["words"] if g["words"] else None})
+        except SummaryError as e:
+            errors.append(str(e))
+    return rows, errors
+
+
+def format_breakdown(rows: list[dict], field: str) -> str:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.2f}%"
+
+    head = f"| run | {field} | items | failed | words | WER |\n|---|---|---|---|---|---|"
+    return "\n".join([head] + [f"| {r['run']} | {r['value']} | {r['items']} | {r['failed']} | {r['words']} | "
+                                f"{pct(r['wer'])} |" for r in rows])
+
+
 def main_report(args) -> int:
     rows, errors = load_runs(args.run_dirs)
+    by = getattr(args, "by", None)
+    if by and not getattr(args, "manifest", None):
+        errors.append("--by needs --manifest (the JSONL whose field groups the items)")
+    elif by:
+        brows, berrors = breakdown(args.run_dirs, args.manifest, by)
+        errors += [e for e in berrors if e not in errors]
     for e in errors:
         print(f"report: {e}", file=sys.stderr)
     table = format_table(rows) if rows else "(no runs to report)"
+    if by and getattr(args, "manifest", None):
+        table += f"\n\nWER by {by} (manifest {Path(args.manifest).name}):\n\n" + (
+            format_breakdown(brows, by) if brows else "(nothing to break down)")
     print(table)
     if getattr(args, "out", None):
         text = "# affjax report\n\n" + table + "\n"
