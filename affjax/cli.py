@@ -312,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile-cache", action="store_true", help="disable JAX's persistent compilation cache")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("compare-cuts", help="the largest pooling cut per stage at one WER ceiling across "
+                                            "bench-lslm-pooling sweeps of several models (e.g. training-free vs "
+                                            "fine-tuned)")
+    p.add_argument("sweeps", nargs="+", metavar="[LABEL=]JSON[,JSON...]",
+                   help="one model's sweep JSONs, comma-joined (merged); the first model sets the ceiling")
+    p.add_argument("--margin", type=float, default=1.0, help="WER points above the first model's unpooled WER")
+    p.add_argument("--out", default=None, help="also write the markdown table here")
+
     p = sub.add_parser("eval", help="accuracy jobs: Whisper asr (WER; with no --pooling, unpooled and the default "
                                     "pooled setting) and Qwen2-Audio / Kimi-Audio asr / qa / st (WER or CER, accuracy, "
                                     "BLEU)")
@@ -463,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "bench-whisper-pooling":
         from affjax.bench.whisper_pooling import main_bench_whisper_pooling
         return main_bench_whisper_pooling(args)
+    if args.cmd == "compare-cuts":
+        from affjax.bench.lslm_pooling import main_compare_cuts
+        return main_compare_cuts(args)
     if args.cmd == "bench-lslm-pooling":
         from affjax.bench.lslm_pooling import main_bench_lslm_pooling
         return main_bench_lslm_pooling(args)

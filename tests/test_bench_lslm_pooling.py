@@ -290,3 +290,46 @@ def test_cli_refuses_a_bad_stage_before_loading(tiny_qwen2_audio_ckpt, manifest,
     assert rc == 1 and "stage '2': expected input, a decoder layer 1 .. 1" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
+
+
+def test_compare_cuts_at_one_ceiling(tmp_path, capsys):
+    """compare-cuts: every model is judged at the first model's unpooled WER + margin (a fine-tuned
+    model with a worse unpooled WER gets no credit for it); sweeps of one model merge, other
+    checkpoints do not; deeper = removed-token and kept-token ratios against the first model."""
+    from affjax.bench import lslm_pooling as bl
+    from affjax.cli import main
+
+    def doc(ckpt, unpooled, cells):
+        return {"unpooled": {"wer": unpooled, "wer_manifest": unpooled},
+                "setup": {"ckpt": ckpt, "items": ["a", "b"], "stages": {"input": "input embeddings"}},
+                "cells": {f"input/tau{t}/{m}": dict(stage="input", tau=t, method=m.split("+")[0],
+                                                    proportional=m.endswith("+prop"), retention=r,
+                                                    wer=w, wer_manifest=w, lm_flops_rel=r)
+                          for t, m, r, w in cells}}
+
+    files = {"free": doc("A", 0.30, [(0.95, "sim", 0.9, 0.305), (0.9, "sim", 0.8, 0.33)]),
+             "free_more": doc("A", 0.30, [(0.9, "sim+prop", 0.8, 0.309)]),
+             "ft": doc("B", 0.32, [(0.95, "sim", 0.9, 0.32), (0.9, "sim", 0.8, 0.31), (0.8, "sim", 0.6, 0.311),
+                                   (0.9, "sim+prop", 0.8, 0.40)]),
+             "other": doc("C", 0.30, [])}
+    for name, d in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(d))
+    j = lambda n: str(tmp_path / f"{n}.json")  # noqa: E731
+
+    lines = bl.compare_cuts([bl.merge_docs(f"free={j('free')},{j('free_more')}"), bl.merge_docs(j("ft"))], 0.01)
+    assert lines[0].startswith("WER ceiling: 31.00 % (unpooled free 30.00 % + 1.0")
+    rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| input")}
+    # plain: 90 % kept training-free (30.5 <= 31); the fine-tuned model's 60 % cell is at 31.1 > 31,
+    # so its deepest within the ceiling is 80 % kept: 2x the removed tokens, 1.125x fewer kept
+    assert rows["Affinity Pooling"] == ("| input embeddings | Affinity Pooling | 90.0 %, 0.95, 30.50 % "
+                                        "| 80.0 %, 0.9, 31.00 % | 2.00x, 1.12x |")
+    assert rows["Affinity Pooling + proportional"].endswith("| 80.0 %, 0.9, 30.90 % | none | - |")
+    assert "uniform average" not in rows  # run by neither
+
+    with pytest.raises(ValueError, match="another ckpt"):
+        bl.merge_docs(f"{j('free')},{j('other')}")
+    out = tmp_path / "cmp.md"
+    assert main(["compare-cuts", j("free"), f"tuned={j('ft')}", "--out", str(out)]) == 0
+    assert "tuned: retention, tau, WER" in out.read_text()
+    assert main(["compare-cuts", j("free"), str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err

@@ -43,12 +43,16 @@ Outputs in ``--out``: ``NAME.json``, ``NAME_table.md`` (per stage and tau, every
 largest cuts within +0.5 WER; per stage, the largest cuts within +1.0 WER on the manifest's items),
 ``NAME.png`` (WER vs retention per stage, the controls drawn too);
 ``--work`` (default ``runs/NAME``) gets ``transcripts.jsonl`` (every cell's transcripts).
+
+``affjax compare-cuts`` (:func:`compare_cuts`) reads several models' sweep JSONs and lists, per
+stage and method, each model's largest cut at the first model's unpooled WER + margin.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -70,7 +74,7 @@ from affjax.pooling.spec import PoolingConfig, Stage
 from affjax.runtime.engine import Control, Engine
 
 __all__ = ["SweepConfig", "run_sweep", "cell_specs", "default_stages", "stage_settings", "write_table",
-           "main_bench_lslm_pooling", "TAUS", "CONTROL_TAUS"]
+           "merge_docs", "compare_cuts", "main_bench_lslm_pooling", "main_compare_cuts", "TAUS", "CONTROL_TAUS"]
 
 TAUS = (0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7, 0.6)
 CONTROL_TAUS = (0.98, 0.95, 0.9, 0.85, 0.8, 0.7)
@@ -427,6 +431,65 @@ def paired_table(doc: dict) -> list[str]:
     return lines
 
 
+def merge_docs(arg: str) -> tuple[str, dict]:
+    """(label, one sweep document) from ``[LABEL=]JSON[,JSON...]``: sweep JSONs of one checkpoint (e.g.
+    a grid and a later run of more taus), their cells joined; the checkpoint and the items must agree.
+    The label defaults to the files' stems."""
+    label, _, paths = arg.rpartition("=")
+    docs = [(Path(p), json.loads(Path(p).read_text())) for p in paths.split(",")]
+    (p0, d0), rest = docs[0], docs[1:]
+    cells = dict(d0["cells"])
+    for p, d in rest:
+        for key in ("ckpt", "items"):
+            if d["setup"][key] != d0["setup"][key]:
+                raise ValueError(f"{p}: another {key} than {p0} (sweeps of one model on the same items merge)")
+        cells.update(d["cells"])
+    return label or "+".join(p.stem for p, _ in docs), {**d0, "cells": cells}
+
+
+def compare_cuts(models: list[tuple[str, dict]], margin: float = GOAL_MARGIN) -> list[str]:
+    """Markdown lines: per stage and method, each model's largest cut at a WER no higher than the
+    first model's unpooled + ``margin`` (on the manifest's items): the same WER ceiling for all, so a
+    model whose own unpooled WER is higher gets no credit for it. For the later models, how much
+    deeper the cut is: removed tokens / the first model's removed tokens, and the first model's kept
+    tokens / its kept tokens."""
+    base_label, base = models[0]
+    field = "wer_manifest" if base["unpooled"].get("wer_manifest") is not None else "wer"
+    ceiling = base["unpooled"][field] + margin
+    lines = [f"WER ceiling: {pct(ceiling, 2)} % (unpooled {base_label} {pct(base['unpooled'][field], 2)} % + "
+             f"{100 * margin:.1f}; {'the manifest items' if field == 'wer_manifest' else 'all items'}). "
+             f"Unpooled: " + ", ".join(f"{label} {pct(d['unpooled'][field], 2)} %" for label, d in models) + ".", "",
+             "| stage | method | " + " | ".join(f"{label}: retention, tau, WER" for label, _ in models)
+             + "".join(f" | deeper ({label}): removed x, kept /" for label, _ in models[1:]) + " |",
+             "|---" * (2 + 2 * len(models) - 1) + "|"]
+    stages = {}
+    for _, d in models:
+        stages.update(d["setup"]["stages"])
+    for stage, label in stages.items():
+        for method, prop in METHODS:
+            best = []
+            for _, d in models:
+                ok = [c for c in d["cells"].values() if c["stage"] == stage and c["method"] == method
+                      and c["proportional"] == prop and c[field] is not None and c[field] <= ceiling]
+                ran = any(c["stage"] == stage and c["method"] == method and c["proportional"] == prop
+                          for c in d["cells"].values())
+                best.append(min(ok, key=lambda c: (c["retention"], c[field]), default=None) if ran else "n/a")
+            if all(b == "n/a" for b in best):
+                continue
+            row = [label, sweep.method_name(method, prop)]
+            row += ["not run" if b == "n/a" else "none" if b is None else
+                    f"{pct(b['retention'])} %, {b['tau']:g}, {pct(b[field], 2)} %" for b in best]
+            b0 = best[0]
+            for b in best[1:]:
+                if not isinstance(b, dict) or not isinstance(b0, dict):
+                    row.append("-")
+                else:
+                    removed = (1 - b["retention"]) / (1 - b0["retention"]) if b0["retention"] < 1 else float("inf")
+                    row.append(f"{removed:.2f}x, {b0['retention'] / b['retention']:.2f}x")
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------
 # command line
 
@@ -442,3 +505,20 @@ def main_bench_lslm_pooling(args) -> int:
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, dtype=args.dtype, out=args.out,
                       work=args.work, name=args.name, progress=not args.no_progress)
     return sweep.main(run_sweep, cfg)
+
+
+def main_compare_cuts(args) -> int:
+    models = []
+    for arg in args.sweeps:
+        try:
+            models.append(merge_docs(arg))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"compare-cuts: {arg}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+    text = "\n".join(compare_cuts(models, args.margin / 100)) + "\n"
+    print(text, end="")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"written to {args.out}")
+    return 0
