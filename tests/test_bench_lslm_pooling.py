@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,14 +171,17 @@ def test_resume_runs_only_missing_cells(cfg, doc, model, monkeypatch):
         runs.append(args)
         return real(*args, **kw)
     monkeypatch.setattr(bl, "run_cell", counted)
-    again = bl.run_sweep(cfg, log=lambda *a: None, loaded=model)
-    assert again["last_run"]["cells_run"] == 0 and len(runs) == 1  # the unpooled reference only
+    again = bl.run_sweep(cfg, log=lambda *a: None, loaded=None)  # every cell there: no model, no decode
+    assert again["last_run"]["cells_run"] == 0 and runs == []
+    assert Path(cfg.out, "sweep_table.md").is_file()
     assert {k: c["seconds"] for k, c in again["cells"].items()} == {k: c["seconds"] for k, c in doc["cells"].items()}
 
     runs.clear()  # another threshold that merges nothing: one new cell (and no new compile)
     more = bl.run_sweep(dataclasses.replace(cfg, taus=(NOTHING, 1.2, HALF)), log=lambda *a: None, loaded=model)
     assert [k for k in more["cells"] if k not in doc["cells"]] == ["dual/tau1.2/sim"]
-    assert more["last_run"]["cells_run"] == 1 and len(runs) == 2
+    assert more["last_run"]["cells_run"] == 1 and len(runs) == 1  # the new cell; unpooled from the JSON
+    assert more["unpooled"]["texts"] == doc["unpooled"]["texts"]
+    assert more["cells"]["dual/tau1.2/sim"]["changed"] == 0  # judged against the stored unpooled run
     with pytest.raises(ValueError, match="another setup"):
         bl.run_sweep(dataclasses.replace(cfg, max_new_tokens=MAX_NEW + 1), log=lambda *a: None)
 

@@ -37,7 +37,8 @@ of an unpooled engine, kept on the host), sorted by length and cut into batches;
 the stored rows again (``Engine.pack_rows``) and runs its stages, layers and decoding
 (``Engine.run_packed``). The unpooled run gives the reference transcripts. Resumable: the JSON is
 rewritten after each cell, and a rerun skips the cells it holds (its checkpoint, items and
-decoding settings must match; new stages or taus add cells).
+decoding settings must match; new stages or taus add cells), and judges the new cells against the
+unpooled transcripts the JSON holds; with every cell there it only writes the table and plot.
 
 Outputs in ``--out``: ``NAME.json``, ``NAME_table.md`` (per stage and tau, every method's WER; the
 largest cuts within +0.5 WER; per stage, the largest cuts within +1.0 WER on the manifest's items),
@@ -273,6 +274,13 @@ def run_sweep(cfg: SweepConfig, log=print, loaded=None) -> dict:
              "window_input": cfg.window_input, "window_deep": cfg.window_deep, "dual_offset": cfg.dual_offset,
              "normalizer": norm_name}
     doc = open_doc(json_path, setup)  # before the model: a mismatch costs nothing
+    specs = cell_specs(cfg, stages)
+    labels = {**doc["setup"].get("stages", {}), **{s: stage_label(s, cfg, L) for s in stages}}  # earlier runs' too
+    if "tokens" in doc.get("unpooled", {}) and all(s["key"] in doc["cells"] for s in specs):
+        log(f"{json_path}: every cell is there; writing the table and plot only")
+        doc["setup"]["stages"] = labels
+        doc["last_run"] = {"cells_run": 0, "seconds": round(time.perf_counter() - t_start, 1), "compiles": 0}
+        return _write_outputs(doc, cfg, out_dir, json_path)
 
     model, _, frontend = loaded or frontends.load(ckpt, cfg.dtype)
     encs = encode_items(items, frontend)
@@ -280,7 +288,6 @@ def run_sweep(cfg: SweepConfig, log=print, loaded=None) -> dict:
     norm_refs = [norm(it["reference"]) for it in items]
     batches = length_batches([len(e.ids) for e in encs], cfg.batch_size)
     bsz = max(len(b) for b in batches)
-    labels = {**doc["setup"].get("stages", {}), **{s: stage_label(s, cfg, L) for s in stages}}  # earlier runs' too
     setup.update(model=ckpt.resolve().name, layers=L, batch_rows=bsz, stages=labels,
                  durations_s=[it["seconds"] for it in items], references=[it["reference"] for it in items],
                  sources=sources, ref_words=[len(r.split()) for r in norm_refs])
@@ -303,17 +310,21 @@ def run_sweep(cfg: SweepConfig, log=print, loaded=None) -> dict:
     t_front = time.perf_counter() - t0
     setup["front_seconds"] = round(t_front, 2)
 
-    t0 = time.perf_counter()
-    res = run_cell(plain, fronts, batches, bsz, cfg.max_new_tokens)
-    texts = [frontend.text(t) for t in res["tokens"]]
-    unpooled = _metrics(res, texts, (), mcfg.text, norm, norm_refs, None, sources, cfg.max_new_tokens)
-    unpooled.update(seconds=round(time.perf_counter() - t0, 2), texts=texts, tokens=res["tokens"],
-                    audio_tokens=[a[0] for a in res["audio"]], lm_tokens=[n[0] for n in res["lm"]])
-    base = {"tokens": res["tokens"], "norm": [norm(t) for t in texts]}
-    store_unpooled(doc, unpooled, log)
-    save()
-    log(f"unpooled: WER {pct(unpooled['wer'], 2)} % over {len(items)} items ({unpooled['unfinished']} reached "
-        f"--max-new-tokens; encoding {t_front:.0f} s, unpooled decoding {unpooled['seconds']:.0f} s)")
+    if "tokens" in doc.get("unpooled", {}):  # a resumed sweep: its cells were judged against these
+        unpooled = doc["unpooled"]
+        log(f"unpooled: WER {pct(unpooled['wer'], 2)} % (from {json_path}; encoding {t_front:.0f} s)")
+    else:
+        t0 = time.perf_counter()
+        res = run_cell(plain, fronts, batches, bsz, cfg.max_new_tokens)
+        texts = [frontend.text(t) for t in res["tokens"]]
+        unpooled = _metrics(res, texts, (), mcfg.text, norm, norm_refs, None, sources, cfg.max_new_tokens)
+        unpooled.update(seconds=round(time.perf_counter() - t0, 2), texts=texts, tokens=res["tokens"],
+                        audio_tokens=[a[0] for a in res["audio"]], lm_tokens=[n[0] for n in res["lm"]])
+        store_unpooled(doc, unpooled, log)
+        save()
+        log(f"unpooled: WER {pct(unpooled['wer'], 2)} % over {len(items)} items ({unpooled['unfinished']} reached "
+            f"--max-new-tokens; encoding {t_front:.0f} s, unpooled decoding {unpooled['seconds']:.0f} s)")
+    base = {"tokens": unpooled["tokens"], "norm": [norm(t) for t in unpooled["texts"]]}
 
     def run_one(spec):
         st = stage_settings(spec["stage"], spec["tau"], cfg, L)
@@ -331,14 +342,19 @@ def run_sweep(cfg: SweepConfig, log=print, loaded=None) -> dict:
         cell.update(seconds=round(seconds, 2), audio_tokens=r["audio"], lm_tokens=r["lm"])
         return cell, texts
 
-    n_run = run_cells(doc, cell_specs(cfg, stages), run_one, save, work / "transcripts.jsonl", cfg.progress)
+    n_run = run_cells(doc, specs, run_one, save, work / "transcripts.jsonl", cfg.progress)
     doc["last_run"] = {"cells_run": n_run, "seconds": round(time.perf_counter() - t_start, 1),
                        "compiles": compiles_since(traces0)}
-    save()
+    doc["setup"] = setup
+    return _write_outputs(doc, cfg, out_dir, json_path)
+
+
+def _write_outputs(doc: dict, cfg: SweepConfig, out_dir: Path, json_path: Path) -> dict:
+    save_doc(doc, json_path)
     write_table(doc, out_dir / f"{cfg.name}_table.md")
     sweep.write_plot(doc, out_dir / f"{cfg.name}.png",
-                     f"{setup['model']}: WER vs audio tokens kept ({len(items)} utterances; the controls keep "
-                     "the same tokens per item and stage)")
+                     f"{doc['setup']['model']}: WER vs audio tokens kept ({len(doc['setup']['items'])} utterances; "
+                     "the controls keep the same tokens per item and stage)")
     return doc
 
 
