@@ -176,8 +176,12 @@ def test_resume_runs_only_missing_cells(cfg, doc, model, monkeypatch):
     assert Path(cfg.out, "sweep_table.md").is_file()
     assert {k: c["seconds"] for k, c in again["cells"].items()} == {k: c["seconds"] for k, c in doc["cells"].items()}
 
-    runs.clear()  # another threshold that merges nothing: one new cell (and no new compile)
+    runs.clear()  # another threshold that merges nothing: one new cell, its compiled programs dropped after it
+    import jax
+    cleared = []
+    monkeypatch.setattr(jax, "clear_caches", lambda: cleared.append(1))
     more = bl.run_sweep(dataclasses.replace(cfg, taus=(NOTHING, 1.2, HALF)), log=lambda *a: None, loaded=model)
+    assert len(cleared) == 1
     assert [k for k in more["cells"] if k not in doc["cells"]] == ["dual/tau1.2/sim"]
     assert more["last_run"]["cells_run"] == 1 and len(runs) == 1  # the new cell; unpooled from the JSON
     assert more["unpooled"]["texts"] == doc["unpooled"]["texts"]

@@ -108,10 +108,17 @@ def store_unpooled(doc: dict, unpooled: dict, log=print) -> None:
     doc["unpooled"] = unpooled
 
 
-def run_cells(doc: dict, specs: list[dict], run_one, save, transcripts: Path, progress: bool = True) -> int:
+def run_cells(doc: dict, specs: list[dict], run_one, save, transcripts: Path, progress: bool = True,
+              free_compiled: bool = True) -> int:
     """Run the cells of ``specs`` (dicts with a ``key``) that ``doc["cells"]`` lacks, in order:
     ``run_one(spec) -> (cell, texts)``; after each, the cell is stored, ``save()`` called and its
-    transcripts appended to ``transcripts`` (JSON lines). Returns the number of cells run."""
+    transcripts appended to ``transcripts`` (JSON lines). Returns the number of cells run.
+
+    ``free_compiled``: drop JAX's in-memory compiled programs after each cell. Every cell brings new
+    sequence buckets after its stages, so kept programs pile up: a 100-item lslm-tiny sweep reached
+    20 GB and died in LLVM after 19 cells, where with this it stays near its first cell's footprint.
+    The next cell reloads what it shares from the persistent compilation cache."""
+    import jax  # deferred: the reporting half of this module runs without jax
     todo = [s for s in specs if s["key"] not in doc["cells"]]
     bar = tqdm(total=len(specs), initial=len(specs) - len(todo), unit="cell", disable=not progress, desc="sweep")
     transcripts.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +129,8 @@ def run_cells(doc: dict, specs: list[dict], run_one, save, transcripts: Path, pr
             save()
             tf.write(json.dumps({"key": spec["key"], "texts": texts}, ensure_ascii=False) + "\n")
             tf.flush()
+            if free_compiled:
+                jax.clear_caches()
             bar.set_postfix_str(f"{spec['key']} ret {cell['retention']:.2f} WER {100 * cell['wer']:.1f}")
             bar.update(1)
     bar.close()
