@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("sweeps", nargs="+", metavar="[LABEL=]JSON[,JSON...]",
                    help="one model's sweep JSONs, comma-joined (merged); the first model sets the ceiling")
     p.add_argument("--margin", type=float, default=1.0, help="WER points above the first model's unpooled WER")
+    p.add_argument("--own", action="store_true",
+                   help="each model's ceiling is its own unpooled WER + margin (tolerance of pooling)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
 
     p = sub.add_parser("eval", help="accuracy jobs: Whisper asr (WER; with no --pooling, unpooled and the default "

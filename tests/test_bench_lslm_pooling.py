@@ -334,6 +334,12 @@ def test_compare_cuts_at_one_ceiling(tmp_path, capsys):
     assert rows["Affinity Pooling + proportional"].endswith("| 80.0 %, 0.9, 30.90 % | none | - |")
     assert "uniform average" not in rows  # run by neither
 
+    own = bl.compare_cuts([bl.merge_docs(j("free")), bl.merge_docs(j("ft"))], 0.01, own=True)
+    assert "each model's own unpooled WER + 1.0" in own[0]
+    # against its own 32 %: the 60 % cell (31.1) is within 33 %; 0.4 removed vs 0.1: 4x, kept 1.5x
+    assert [line for line in own if "| Affinity Pooling |" in line] == [
+        "| input embeddings | Affinity Pooling | 90.0 %, 0.95, 30.50 % | 60.0 %, 0.8, 31.10 % | 4.00x, 1.50x |"]
+
     with pytest.raises(ValueError, match="another ckpt"):
         bl.merge_docs(f"{j('free')},{j('other')}")
     out = tmp_path / "cmp.md"

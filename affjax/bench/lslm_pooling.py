@@ -463,18 +463,22 @@ def merge_docs(arg: str) -> tuple[str, dict]:
     return label or "+".join(p.stem for p, _ in docs), {**d0, "cells": cells}
 
 
-def compare_cuts(models: list[tuple[str, dict]], margin: float = GOAL_MARGIN) -> list[str]:
+def compare_cuts(models: list[tuple[str, dict]], margin: float = GOAL_MARGIN, own: bool = False) -> list[str]:
     """Markdown lines: per stage and method, each model's largest cut at a WER no higher than the
     first model's unpooled + ``margin`` (on the manifest's items): the same WER ceiling for all, so a
-    model whose own unpooled WER is higher gets no credit for it. For the later models, how much
-    deeper the cut is: removed tokens / the first model's removed tokens, and the first model's kept
-    tokens / its kept tokens."""
+    model whose own unpooled WER is higher gets no credit for it (``own``: each model's own unpooled
+    + ``margin`` instead: how well it tolerates pooling, whatever it costs unpooled). For the later
+    models, how much deeper the cut is: removed tokens / the first model's removed tokens, and the
+    first model's kept tokens / its kept tokens."""
     base_label, base = models[0]
     field = "wer_manifest" if base["unpooled"].get("wer_manifest") is not None else "wer"
-    ceiling = base["unpooled"][field] + margin
-    lines = [f"WER ceiling: {pct(ceiling, 2)} % (unpooled {base_label} {pct(base['unpooled'][field], 2)} % + "
-             f"{100 * margin:.1f}; {'the manifest items' if field == 'wer_manifest' else 'all items'}). "
-             f"Unpooled: " + ", ".join(f"{label} {pct(d['unpooled'][field], 2)} %" for label, d in models) + ".", "",
+    where = "the manifest items" if field == "wer_manifest" else "all items"
+    unpooled = ", ".join(f"{label} {pct(d['unpooled'][field], 2)} %" for label, d in models)
+    ceilings = [(d if own else base)["unpooled"][field] + margin for _, d in models]
+    head = (f"WER ceiling: each model's own unpooled WER + {100 * margin:.1f} ({where}). Unpooled: {unpooled}."
+            if own else f"WER ceiling: {pct(ceilings[0], 2)} % (unpooled {base_label} "
+            f"{pct(base['unpooled'][field], 2)} % + {100 * margin:.1f}; {where}). Unpooled: {unpooled}.")
+    lines = [head, "",
              "| stage | method | " + " | ".join(f"{label}: retention, tau, WER" for label, _ in models)
              + "".join(f" | deeper ({label}): removed x, kept /" for label, _ in models[1:]) + " |",
              "|---" * (2 + 2 * len(models) - 1) + "|"]
@@ -484,7 +488,7 @@ def compare_cuts(models: list[tuple[str, dict]], margin: float = GOAL_MARGIN) ->
     for stage, label in stages.items():
         for method, prop in METHODS:
             best = []
-            for _, d in models:
+            for (_, d), ceiling in zip(models, ceilings):
                 ok = [c for c in d["cells"].values() if c["stage"] == stage and c["method"] == method
                       and c["proportional"] == prop and c[field] is not None and c[field] <= ceiling]
                 ran = any(c["stage"] == stage and c["method"] == method and c["proportional"] == prop
@@ -531,7 +535,7 @@ def main_compare_cuts(args) -> int:
         except (OSError, ValueError, KeyError) as e:
             print(f"compare-cuts: {arg}: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
-    text = "\n".join(compare_cuts(models, args.margin / 100)) + "\n"
+    text = "\n".join(compare_cuts(models, args.margin / 100, own=args.own)) + "\n"
     print(text, end="")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
