@@ -486,14 +486,15 @@ def compare_cuts(models: list[tuple[str, dict]], margin: float = GOAL_MARGIN, ow
     for _, d in models:
         stages.update(d["setup"]["stages"])
     for stage, label in stages.items():
+        per_model = [{(r["method"], r["proportional"]): r["cell"]
+                      for r in sweep.largest_cuts(d, field=field, stage=stage, ceiling=ceiling)}
+                     for (_, d), ceiling in zip(models, ceilings)]
         for method, prop in METHODS:
             best = []
-            for (_, d), ceiling in zip(models, ceilings):
-                ok = [c for c in d["cells"].values() if c["stage"] == stage and c["method"] == method
-                      and c["proportional"] == prop and c[field] is not None and c[field] <= ceiling]
+            for (_, d), found in zip(models, per_model):
                 ran = any(c["stage"] == stage and c["method"] == method and c["proportional"] == prop
                           for c in d["cells"].values())
-                best.append(min(ok, key=lambda c: (c["retention"], c[field]), default=None) if ran else "n/a")
+                best.append(found[(method, prop)] if ran else "n/a")
             if all(b == "n/a" for b in best):
                 continue
             row = [label, sweep.method_name(method, prop)]

@@ -156,16 +156,17 @@ def main(run_sweep, cfg, errors=(FileNotFoundError, ValueError)) -> int:
     return 0
 
 
-def largest_cuts(doc: dict, margin: float = WER_MARGIN, *, field: str = "wer", stage: str | None = None) -> list[dict]:
+def largest_cuts(doc: dict, margin: float = WER_MARGIN, *, field: str = "wer", stage: str | None = None,
+                 ceiling: float | None = None) -> list[dict]:
     """Per (method, proportional): the cell (of ``stage``, or any) with the lowest retention whose
     WER ``field`` (``wer``, or one source's ``wer_<source>``) is within ``margin`` (absolute) of
-    unpooled's."""
-    base = doc["unpooled"][field]
+    unpooled's (or at most ``ceiling``, a WER fixed from outside)."""
+    limit = doc["unpooled"][field] + margin if ceiling is None else ceiling
     out = []
     for method, prop in METHODS:
         ok = [c for c in doc["cells"].values()
               if c["method"] == method and c["proportional"] == prop and (stage is None or c["stage"] == stage)
-              and c[field] is not None and c[field] <= base + margin]
+              and c[field] is not None and c[field] <= limit]
         best = min(ok, key=lambda c: (c["retention"], c["wer"]), default=None)
         out.append({"method": method, "proportional": prop, "cell": best})
     return out
