@@ -92,17 +92,21 @@ def _primary(s: dict) -> tuple[str | None, float | None]:
     return None, None
 
 
-def run_rows(run_dir: Path, summary: dict) -> list[dict]:
-    """Table rows (dicts keyed by COLUMNS' keys) for one summary; several for the {"runs": [...]} form."""
+def _sub_runs(run_dir: Path, summary: dict) -> list[tuple[str | None, dict]]:
+    """(setting, run summary) pairs: one (None, summary), or one per run of the {"runs": [...]} form."""
     runs = summary.get("runs")
     if isinstance(runs, list) and runs:
         subs = [(r.get("setting") or str(k), r) for k, r in enumerate(runs) if isinstance(r, dict)]
         if not subs:
             raise SummaryError(f"{run_dir}: summary.json 'runs' holds no run objects")
-    else:
-        subs = [(None, summary)]
+        return subs
+    return [(None, summary)]
+
+
+def run_rows(run_dir: Path, summary: dict) -> list[dict]:
+    """Table rows (dicts keyed by COLUMNS' keys) for one summary; several for the {"runs": [...]} form."""
     rows = []
-    for setting, s in subs:
+    for setting, s in _sub_runs(run_dir, summary):
         name, value = _primary(s)
         flops = s.get("lm_prefill_flops_ratio_analytic", s.get("flops_rel"))
         row = {
@@ -208,20 +212,16 @@ def plot_runs(rows: list[dict], path) -> Path:
 
 def _manifest_field(path: Path, field: str) -> dict[str, str]:
     """id -> the field's value (``-`` where an item lacks it); a bad line is an error naming it."""
-    out = {}
+    from affjax.data.manifest import read_manifest
+
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        rows = read_manifest(path, required=("id",))
+    except OSError as e:
         raise SummaryError(f"--manifest {path}: cannot read ({type(e).__name__}: {e})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            out[str(item["id"])] = str(item.get(field, "-"))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SummaryError(f"--manifest {path} line {n}: not an item with an id ({type(e).__name__})") from None
-    return out
+    bad = next((r for r in rows if r.item is None), None)
+    if bad is not None:
+        raise SummaryError(f"--manifest {path} line {bad.index}: {bad.error}")
+    return {r.id: str(r.item.get(field, "-")) for r in rows}
 
 
 def _score_groups(results: Path, groups: dict[str, str], normalizer: str) -> dict[str, dict]:
@@ -262,17 +262,15 @@ def breakdown(run_dirs, manifest, field: str) -> tuple[list[dict], list[str]]:
     for d in map(Path, run_dirs):
         try:
             summary = _read_summary(d)
-            for r in run_rows(d, summary):
-                sub = summary if "/" not in r["run"] else next(
-                    s for s in summary["runs"] if f"{d.name}/{s.get('setting')}" == r["run"])
-                results = d / "results.jsonl" if sub is summary else d / str(sub.get("setting")) / "results.jsonl"
+            for setting, sub in _sub_runs(d, summary):
+                results = d / "results.jsonl" if setting is None else d / setting / "results.jsonl"
                 if not results.is_file():
                     raise SummaryError(f"{d}: no {results.relative_to(d)} to break down")
                 normalizer = sub.get("normalizer") or (sub.get("metrics") or {}).get("normalizer") or "english"
                 acc = _score_groups(results, groups, normalizer)
                 for value in sorted(acc, key=lambda v: (v == "all", v)):
                     g = acc[value]
-                    rows.append({"run": r["run"], "value": value, **g,
+                    rows.append({"run": d.name if setting is None else f"{d.name}/{setting}", "value": value, **g,
                                  "wer": g["errors"] / g["words"] if g["words"] else None})
         except SummaryError as e:
             errors.append(str(e))
